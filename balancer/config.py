@@ -1,0 +1,142 @@
+"""One frozen, validated dataclass: the single source of option defaults and CLI help."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+
+DEFAULT_BACKEND = "workers.examples.hello:handler"
+# 9100 is node_exporter and 9090 Prometheus; 9359 is free in the exporter port registry.
+DEFAULT_METRICS_BIND = "127.0.0.1:9359"
+LOOPS = ("auto", "asyncio", "uvloop")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(ValueError):
+    """An option value that cannot work."""
+
+
+def opt(default, help: str, *, metavar: str | None = None, repeat: bool = False, choices=None, flag=None):
+    """Declare a Config field together with what its CLI flag needs."""
+    meta = {"help": help, "metavar": metavar, "repeat": repeat, "choices": choices, "flag": flag}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A parsed listen address: tcp (host, port) or a unix path."""
+
+    family: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.family == "unix":
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_bind(text: str) -> Bind:
+    """Parse HOST:PORT, [V6]:PORT, :PORT or unix:/path."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ConfigError(f"bad bind {text!r}: unix: needs a path")
+        return Bind("unix", path=path)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.%a-zA-Z]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
+    if not m:
+        raise ConfigError(f"bad bind {text!r}: expected HOST:PORT, [IPV6]:PORT or unix:/path")
+    host = m.group(1) if m.group(1) is not None else (m.group(3) or "0.0.0.0")
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bad bind {text!r}: port {port} out of range")
+    return Bind("tcp", host=host, port=port)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the master and its workers are told; validated once, never mutated."""
+
+    backend: str = opt(DEFAULT_BACKEND, "the app to serve, module:attr (handler, Application or factory)",
+                       metavar="MODULE:ATTR")
+    app_dir: str = opt("", "directory put first on the workers' import path (default: current directory)",
+                       metavar="DIR")
+    bind: tuple[str, ...] = opt(("127.0.0.1:8000",), "listen address; repeatable: HOST:PORT, [::1]:PORT, unix:/path",
+                                metavar="ADDR", repeat=True)
+    workers: int = opt(os.cpu_count() or 1, "number of worker processes (default: CPU count)", metavar="N")
+    worker_connections: int = opt(1000, "open connections per worker before the master stops giving it more",
+                                  metavar="N")
+    backlog: int = opt(2048, "listen backlog: where connections wait while every worker is at its cap", metavar="N")
+    graceful_timeout: float = opt(30.0, "seconds a draining worker gets to finish in-flight requests",
+                                  metavar="SECONDS")
+    timeout: float = opt(30.0, "seconds without a heartbeat from a worker's event loop before it is killed",
+                         metavar="SECONDS")
+    boot_timeout: float = opt(30.0, "seconds a new worker gets to load the backend and report ready",
+                              metavar="SECONDS")
+    keepalive_timeout: float = opt(5.0, "seconds an idle keep-alive connection is kept open", metavar="SECONDS")
+    header_timeout: float = opt(10.0, "seconds a client gets to send complete request headers", metavar="SECONDS")
+    client_max_size: int = opt(1024 ** 2, "largest request body in bytes, streamed or not", metavar="BYTES")
+    max_requests: int = opt(0, "recycle a worker after this many requests (0: never)", metavar="N")
+    max_requests_jitter: int = opt(0, "add up to this many to --max-requests per worker", metavar="N")
+    max_memory: int = opt(0, "recycle a worker whose resident memory passes this many MiB (0: never)",
+                          metavar="MB")
+    tcp_keepalive: bool = opt(True, "enable TCP keepalive probes so half-open connections die")
+    loop: str = opt("auto", "event loop in the workers: auto = uvloop when installed", choices=LOOPS)
+    log_level: str = opt("info", "log level", choices=LOG_LEVELS)
+    access_log: bool = opt(False, "log every request from the workers")
+    metrics_bind: str = opt(DEFAULT_METRICS_BIND, "HOST:PORT for /metrics, /healthz, /readyz; 'none' disables",
+                            metavar="ADDR")
+    control_socket: str = opt("", "path of the 0600 control socket (default: $XDG_RUNTIME_DIR or /tmp, per port)",
+                              metavar="PATH")
+    pid_file: str = opt("", "write the master's pid here", metavar="PATH")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first option that cannot work."""
+        if ":" not in self.backend or not all(self.backend.split(":", 1)):
+            raise ConfigError(f"bad --backend {self.backend!r}: expected MODULE:ATTR, e.g. myapp:handler")
+        if not self.bind:
+            raise ConfigError("at least one --bind is required")
+        for text in self.bind:
+            parse_bind(text)
+        if self.metrics_bind != "none":
+            b = parse_bind(self.metrics_bind)
+            if b.family != "tcp":
+                raise ConfigError("--metrics-bind must be HOST:PORT or none")
+        for name in ("workers", "worker_connections", "backlog", "client_max_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_requests", "max_requests_jitter", "max_memory"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        for name in ("graceful_timeout", "timeout", "boot_timeout", "keepalive_timeout", "header_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.loop not in LOOPS:
+            raise ConfigError(f"--loop must be one of {', '.join(LOOPS)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+
+    @property
+    def binds(self) -> list[Bind]:
+        """The parsed --bind addresses."""
+        return [parse_bind(b) for b in self.bind]
+
+    def worker_settings(self) -> dict:
+        """The subset of options a worker needs, as plain JSON-able values."""
+        keys = ("backend", "app_dir", "keepalive_timeout", "header_timeout", "client_max_size", "graceful_timeout",
+                "loop", "log_level", "access_log", "tcp_keepalive", "max_requests", "max_requests_jitter")
+        out = {k: getattr(self, k) for k in keys}
+        out["beat_interval"] = min(1.0, self.timeout / 4)  # several beats fit in one --timeout
+        return out
+
+
+def option_fields():
+    """The Config fields, in declaration order, for the CLI generator."""
+    return fields(Config)

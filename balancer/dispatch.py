@@ -1,0 +1,173 @@
+"""Round-robin over ready workers, fds held until acknowledged, and re-dispatch of refused ones."""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+from collections import deque
+from typing import Callable
+
+from balancer import wire
+
+
+class State(enum.Enum):
+    """Where a worker is in its life, as the dispatcher sees it."""
+
+    BOOTING = "booting"
+    READY = "ready"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+class Route:
+    """The dispatcher's view of one worker: its channel, its load, and the fds it has not acked."""
+
+    def __init__(self, slot: int, channel: socket.socket | None) -> None:
+        self.slot = slot
+        self.channel = channel
+        self.state = State.BOOTING
+        self.open_conns = 0  # acked and not yet reported closed
+        self.unacked: dict[int, tuple[int, int]] = {}  # conn id -> (master's fd copy, family)
+        self.send_blocked = False  # channel full: the worker is not reading (stalled or stopped)
+        self.dispatched = 0  # connections handed to this worker, for metrics
+
+    @property
+    def load(self) -> int:
+        """Connections this worker holds or is about to."""
+        return self.open_conns + len(self.unacked)
+
+
+class Dispatcher:
+    """Chooses the next ready worker under its cap, in round-robin order, and hands fds to it."""
+
+    def __init__(self, cap: int, max_unacked: int = 256, on_blocked: Callable[[Route], None] | None = None) -> None:
+        self.cap = cap
+        # A worker that stops acking (SIGSTOP, a hung loop) gets at most this many fds in limbo.
+        self.max_unacked = max_unacked
+        self.routes: list[Route | None] = []  # index = slot; the worker currently serving that slot
+        self.homeless: deque[tuple[int, int]] = deque()  # accepted fds no worker could take yet
+        self.redispatched = 0
+        self._next = 0
+        self._next_id = 0
+        self._on_blocked = on_blocked or (lambda route: None)
+
+    def set_route(self, slot: int, route: Route | None) -> None:
+        """Make route the one serving slot (None: the slot is empty)."""
+        while len(self.routes) <= slot:
+            self.routes.append(None)
+        self.routes[slot] = route
+
+    def truncate(self, size: int) -> None:
+        """Forget slots at or beyond size (after scaling down)."""
+        del self.routes[size:]
+        if self._next >= max(size, 1):
+            self._next = 0
+
+    def eligible(self, route: Route | None) -> bool:
+        """True when route may be given one more connection now."""
+        return (
+            route is not None
+            and route.state is State.READY
+            and not route.send_blocked
+            and route.load < self.cap
+            and len(route.unacked) < self.max_unacked
+        )
+
+    def pick(self) -> Route | None:
+        """The next eligible route after the last one picked, or None when all are full."""
+        routes = self.routes
+        n = len(routes)
+        start = self._next
+        for i in range(n):
+            idx = (start + i) % n
+            route = routes[idx]
+            if self.eligible(route):
+                self._next = (idx + 1) % n
+                return route
+        return None
+
+    def free_capacity(self) -> int:
+        """How many more connections the ready workers can take right now."""
+        return sum(
+            min(self.cap - r.load, self.max_unacked - len(r.unacked))
+            for r in self.routes
+            if self.eligible(r)
+        )
+
+    def dispatch(self, items: list[tuple[int, int]]) -> None:
+        """Hand each (fd, family) to a worker; what no worker can take waits in homeless."""
+        batches: dict[Route, tuple[list[int], list[int], list[int]]] = {}
+        for fd, family in items:
+            route = self.pick()
+            if route is None:
+                self.homeless.append((fd, family))
+                continue
+            conn_id = self._next_id
+            self._next_id = (conn_id + 1) & 0xFFFFFFFF
+            route.unacked[conn_id] = (fd, family)
+            batch = batches.get(route)
+            if batch is None:
+                batch = batches[route] = ([], [], [])
+            batch[0].append(conn_id)
+            batch[1].append(fd)
+            batch[2].append(family)
+            if len(batch[0]) >= wire.MAX_FDS_PER_MSG:
+                self._send(route, *batches.pop(route))
+        for route, batch in batches.items():
+            self._send(route, *batch)
+
+    def _send(self, route: Route, ids: list[int], fds: list[int], families: list[int]) -> None:
+        """Send one handoff message; on a full or broken channel take the fds back and re-route them."""
+        try:
+            wire.send_fds(route.channel, wire.encode_handoff(ids, families), fds)
+            route.dispatched += len(ids)
+            return
+        except BlockingIOError:
+            route.send_blocked = True
+            self._on_blocked(route)
+        except OSError:
+            route.state = State.DEAD  # the supervisor reaps it; its fds must not wait for that
+        taken = [route.unacked.pop(i) for i in ids]
+        self.redispatched += len(taken)
+        self.dispatch(taken)
+
+    def retry_homeless(self) -> None:
+        """Give waiting fds to workers that have room again."""
+        if self.homeless:
+            items = list(self.homeless)
+            self.homeless.clear()
+            self.dispatch(items)
+
+    def on_ack(self, route: Route, ids: list[int]) -> None:
+        """The worker owns these connections now: close the master's copies."""
+        unacked = route.unacked
+        for conn_id in ids:
+            item = unacked.pop(conn_id, None)
+            if item is not None:
+                os.close(item[0])
+                route.open_conns += 1
+
+    def on_refuse(self, route: Route, ids: list[int]) -> None:
+        """The worker did not take these: give them to another worker."""
+        taken = [item for item in (route.unacked.pop(i, None) for i in ids) if item is not None]
+        self.redispatched += len(taken)
+        self.dispatch(taken)
+
+    def on_closed(self, route: Route, count: int) -> None:
+        """The worker reports connections closed."""
+        route.open_conns = max(0, route.open_conns - count)
+
+    def evict(self, route: Route) -> None:
+        """The worker is gone or going: its unacked fds go to other workers."""
+        taken = list(route.unacked.values())
+        route.unacked.clear()
+        route.open_conns = 0
+        if taken:
+            self.redispatched += len(taken)
+            self.dispatch(taken)
+
+    def close_homeless(self) -> None:
+        """At shutdown, close the fds no worker will ever take."""
+        wire.close_all([fd for fd, _ in self.homeless])
+        self.homeless.clear()

@@ -1,0 +1,254 @@
+"""The master process: listeners, dispatcher, supervisor, metrics and control wired into one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import time
+
+from balancer.config import Config, ConfigError
+from balancer.dispatch import Dispatcher, Route
+from balancer.listeners import Listener, open_listeners
+from balancer.supervisor import BootError, Supervisor
+
+log = logging.getLogger("balancer")
+
+ACCEPT_BATCH = 64  # connections accepted per readable event: fair to other listeners and to the loop
+TICK = 0.25  # seconds between supervision checks (heartbeats, deadlines, memory)
+# accept() errors that concern one connection only: skip it and keep accepting (see trio's list).
+SKIP_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+                         errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH))
+# accept() errors that mean the process or system is out of resources: back off, keep serving.
+RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGQUIT)
+
+
+class Master:
+    """Owns the listening sockets and the worker pool; acts on signals recorded by its handlers."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.listeners: list[Listener] = []
+        self.dispatcher = Dispatcher(config.worker_connections, on_blocked=self._on_blocked)
+        self.supervisor: Supervisor | None = None
+        self.signals: asyncio.Queue[int] = asyncio.Queue()
+        self.paused = True  # not reading the listeners: no worker ready yet, or all at their caps
+        self.stopping = False
+        self.accepted = 0
+        self.accept_errors: dict[str, int] = {}
+        self.paused_seconds = 0.0
+        self._paused_since = time.monotonic()
+        self._accept_backoff = 0.0
+        self._accept_retry: asyncio.TimerHandle | None = None
+        self._tick: asyncio.TimerHandle | None = None
+        self.started = time.time()
+        self.services: list = []  # metrics endpoint, control socket: objects with async close()
+
+    # ---- accepting ------------------------------------------------------------------------------
+
+    def _on_readable(self, listener: Listener) -> None:
+        """Accept a bounded batch and hand it out; stop reading when no worker has room."""
+        dispatcher = self.dispatcher
+        room = dispatcher.free_capacity()
+        if room <= 0 or dispatcher.homeless:
+            self._pause()
+            return
+        accept = listener.sock._accept  # the raw fd: the master never needs a socket object for it
+        family = listener.family
+        items = []
+        for _ in range(min(room, ACCEPT_BATCH)):
+            try:
+                fd, _addr = accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in SKIP_ERRNOS:
+                    continue
+                self._accept_failed(exc)
+                break
+            items.append((fd, family))
+        if items:
+            self._accept_backoff = 0.0
+            self.accepted += len(items)
+            dispatcher.dispatch(items)
+            if dispatcher.homeless or dispatcher.free_capacity() <= 0:
+                self._pause()
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of fds or memory: pause accepting with a growing delay instead of spinning a core."""
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        self.accept_errors[name] = self.accept_errors.get(name, 0) + 1
+        if exc.errno not in RESOURCE_ERRNOS:
+            log.error("accept failed: %s", exc)
+        self._accept_backoff = min(1.0, max(0.01, self._accept_backoff * 2))
+        if self.accept_errors[name] in (1, 10, 100) or self.accept_errors[name] % 1000 == 0:
+            log.warning("accept: %s (%d so far); backing off %.2fs", exc.strerror, self.accept_errors[name],
+                        self._accept_backoff)
+        self._pause()
+        if self._accept_retry is None:
+            self._accept_retry = asyncio.get_running_loop().call_later(self._accept_backoff, self._retry_accept)
+
+    def _retry_accept(self) -> None:
+        """The accept back-off is over."""
+        self._accept_retry = None
+        self._on_capacity()
+
+    def _pause(self) -> None:
+        """Stop reading the listeners; the kernel backlog holds new connections meanwhile."""
+        if not self.paused:
+            loop = asyncio.get_running_loop()
+            for listener in self.listeners:
+                loop.remove_reader(listener.sock.fileno())
+            self.paused = True
+            self._paused_since = time.monotonic()
+
+    def _resume(self) -> None:
+        """Read the listeners again."""
+        if self.paused:
+            loop = asyncio.get_running_loop()
+            for listener in self.listeners:
+                loop.add_reader(listener.sock.fileno(), self._on_readable, listener)
+            self.paused = False
+            self.paused_seconds += time.monotonic() - self._paused_since
+
+    def paused_total(self) -> float:
+        """Seconds spent with accepting paused, including the current pause."""
+        extra = time.monotonic() - self._paused_since if self.paused and not self.stopping else 0.0
+        return self.paused_seconds + extra
+
+    def _on_capacity(self) -> None:
+        """A worker got ready, acked, closed or refused: place waiting fds, maybe resume accepting."""
+        dispatcher = self.dispatcher
+        if dispatcher.homeless:
+            dispatcher.retry_homeless()
+        if (self.paused and not self.stopping and self._accept_retry is None and not dispatcher.homeless
+                and dispatcher.free_capacity() > 0):
+            self._resume()
+
+    def _on_blocked(self, route: Route) -> None:
+        """A worker's channel is full: it gets nothing until the kernel says it drained."""
+        loop = asyncio.get_running_loop()
+
+        def writable() -> None:
+            loop.remove_writer(route.channel.fileno())
+            route.send_blocked = False
+            self._on_capacity()
+
+        loop.add_writer(route.channel.fileno(), writable)
+
+    # ---- running --------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; return the exit code."""
+        loop = asyncio.get_running_loop()
+        self.listeners = open_listeners(self.config.binds, self.config.backlog)
+        for sig in HANDLED_SIGNALS:
+            # The handler only records the signal; the loop below acts on it.
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity)
+        try:
+            await self._start_services()
+            boot = asyncio.ensure_future(self.supervisor.start())
+            first_signal = asyncio.ensure_future(self.signals.get())
+            await asyncio.wait((boot, first_signal), return_when=asyncio.FIRST_COMPLETED)
+            if first_signal.done():
+                boot.cancel()
+                self.signals.put_nowait(first_signal.result())
+            else:
+                first_signal.cancel()
+                boot.result()
+                log.info("balancer %d workers serving on %s (pid %d)", self.config.workers,
+                         ", ".join(listener.label for listener in self.listeners), os.getpid())
+            self._schedule_tick()
+            while True:
+                sig = await self.signals.get()
+                if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                    log.info("%s: graceful shutdown", signal.Signals(sig).name)
+                    await self.shutdown()
+                    return 0
+                self.handle_signal(sig)
+        except BootError as exc:
+            log.debug("boot failed", exc_info=True)
+            await self.shutdown()
+            raise
+        finally:
+            self._close_listeners()
+
+    def handle_signal(self, sig: int) -> None:
+        """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer."""
+        sup = self.supervisor
+        if sig == signal.SIGHUP:
+            asyncio.ensure_future(sup.rolling_reload())
+        elif sig == signal.SIGTTIN:
+            sup.scale(sup.target + 1)
+        elif sig == signal.SIGTTOU:
+            sup.scale(max(1, sup.target - 1))
+
+    async def _start_services(self) -> None:
+        """Start the metrics endpoint and the control socket (each optional)."""
+
+    def _schedule_tick(self) -> None:
+        """Run supervision checks every TICK seconds."""
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            self.supervisor.tick()
+            self._on_capacity()  # a ready worker may have been missed while all were blocked
+            self._tick = loop.call_later(TICK, tick)
+
+        self._tick = loop.call_later(TICK, tick)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain every worker, close what is left."""
+        if self.stopping:
+            return
+        self._pause()
+        self.stopping = True
+        if self._tick is not None:
+            self._tick.cancel()
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+        self._close_listeners()
+        if self.supervisor is not None:
+            self._schedule_shutdown_tick()
+            await self.supervisor.shutdown()
+        self.dispatcher.close_homeless()
+        for service in self.services:
+            await service.close()
+
+    def _schedule_shutdown_tick(self) -> None:
+        """Keep enforcing kill deadlines while draining."""
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            self.supervisor.tick()
+            self._tick = loop.call_later(TICK, tick)
+
+        self._tick = loop.call_later(TICK, tick)
+
+    def _close_listeners(self) -> None:
+        """Close every listening socket (and remove unix paths we created)."""
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
+
+
+def run_master(config: Config, loop_choice: str = "auto") -> int:
+    """Run a master to completion; returns its exit code."""
+    master = Master(config)
+    factory = asyncio.new_event_loop
+    if loop_choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(master.run())
+
+
+__all__ = ["Master", "run_master", "BootError", "ConfigError"]

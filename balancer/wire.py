@@ -1,0 +1,129 @@
+"""Control-channel message format shared by the master and its workers."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import struct
+
+# One message is one SOCK_SEQPACKET datagram: a type byte, then a type-specific body.
+# Hot-path messages (handoff, ack, refuse, closed) are packed binary; rare ones are JSON.
+HANDOFF = 0x48  # 'H' master->worker: ids + families, fds attached via SCM_RIGHTS
+DRAIN = 0x44  # 'D' master->worker: stop taking connections, finish in-flight, exit
+READY = 0x59  # 'Y' worker->master: backend loaded, serving
+ACK = 0x41  # 'A' worker->master: these ids are mine now; master may close its copies
+REFUSE = 0x52  # 'R' worker->master: these ids were not taken; master re-dispatches them
+CLOSED = 0x43  # 'C' worker->master: this many connections have closed
+BEAT = 0x42  # 'B' worker->master: heartbeat carrying a stats snapshot (JSON)
+BOOT_ERROR = 0x45  # 'E' worker->master: the backend could not be loaded (JSON text)
+
+# Both ends size their buffers from these; the receiver's fd room must cover the sender's batch,
+# otherwise the kernel truncates (MSG_CTRUNC) and closes the surplus fds.
+MAX_FDS_PER_MSG = 64
+MAX_MSG_BYTES = 256 * 1024
+FD_ROOM = socket.CMSG_SPACE(MAX_FDS_PER_MSG * array.array("i").itemsize)
+
+_COUNT = struct.Struct("<BH")
+_CLOSED = struct.Struct("<BI")
+
+
+class ProtocolError(ValueError):
+    """A control message that does not parse."""
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """Return (master_end, worker_end) of a non-blocking SEQPACKET socketpair."""
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master_end.setblocking(False)
+    return master_end, worker_end
+
+
+def encode_handoff(ids: list[int], families: list[int]) -> bytes:
+    """Pack the ids and address families of a batch of fds."""
+    n = len(ids)
+    return _COUNT.pack(HANDOFF, n) + array.array("I", ids).tobytes() + bytes(families)
+
+
+def decode_handoff(msg: bytes) -> tuple[list[int], list[int]]:
+    """Unpack a handoff body into ids and families."""
+    if len(msg) < _COUNT.size:
+        raise ProtocolError("short handoff")
+    _, n = _COUNT.unpack_from(msg)
+    end = _COUNT.size + 4 * n
+    if len(msg) != end + n:
+        raise ProtocolError(f"handoff of {n} ids has {len(msg)} bytes")
+    ids = array.array("I")
+    ids.frombytes(msg[_COUNT.size:end])
+    return ids.tolist(), list(msg[end:])
+
+
+def encode_ids(kind: int, ids: list[int]) -> bytes:
+    """Pack an ACK or REFUSE message."""
+    return _COUNT.pack(kind, len(ids)) + array.array("I", ids).tobytes()
+
+
+def decode_ids(msg: bytes) -> list[int]:
+    """Unpack an ACK or REFUSE message."""
+    if len(msg) < _COUNT.size:
+        raise ProtocolError("short id list")
+    _, n = _COUNT.unpack_from(msg)
+    if len(msg) != _COUNT.size + 4 * n:
+        raise ProtocolError(f"id list of {n} has {len(msg)} bytes")
+    ids = array.array("I")
+    ids.frombytes(msg[_COUNT.size:])
+    return ids.tolist()
+
+
+def encode_closed(count: int) -> bytes:
+    """Pack a CLOSED report."""
+    return _CLOSED.pack(CLOSED, count)
+
+
+def decode_closed(msg: bytes) -> int:
+    """Unpack a CLOSED report."""
+    if len(msg) != _CLOSED.size:
+        raise ProtocolError("bad closed report")
+    return _CLOSED.unpack(msg)[1]
+
+
+def encode_json(kind: int, body: object) -> bytes:
+    """Pack a rare message whose body is JSON."""
+    return bytes((kind,)) + json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_json(msg: bytes) -> object:
+    """Unpack a JSON-bodied message."""
+    try:
+        return json.loads(msg[1:])
+    except ValueError as exc:
+        raise ProtocolError(f"bad json body: {exc}") from None
+
+
+def send_fds(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
+    """Send one message with fds attached; raises BlockingIOError when the channel is full."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([payload], anc, socket.MSG_DONTWAIT)
+
+
+def recv_message(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """Receive one message: (payload, fds, truncated). Fds arrive close-on-exec."""
+    msg, anc, flags, _ = sock.recvmsg(MAX_MSG_BYTES, FD_ROOM, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    truncated = bool(flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC))
+    return msg, fds, truncated
+
+
+def close_all(fds: list[int]) -> None:
+    """Close every fd, ignoring ones already gone."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,1 @@
+"""The worker runtime: serves connections handed over by the balancer master."""

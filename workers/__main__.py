@@ -1,0 +1,72 @@
+"""Entry point of a worker process: `python -m workers --channel-fd N --master-pid P --settings JSON`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_master(master_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the master dies, covering a loop too blocked to see EOF."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != master_pid:  # it died before prctl took effect
+        sys.exit(0)
+
+
+def loop_factory(choice: str):
+    """The event loop constructor for --loop (auto = uvloop when installed)."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("balancer worker: --loop uvloop but uvloop is not installed")
+            return asyncio.new_event_loop
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def main() -> int:
+    """Parse the master's arguments, then run the worker until it drains."""
+    parser = argparse.ArgumentParser(prog="python -m workers")
+    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--master-pid", type=int, required=True)
+    parser.add_argument("--settings", required=True)
+    args = parser.parse_args()
+    settings = json.loads(args.settings)
+    # Ctrl-C reaches the whole process group; the master decides, and drains us with DRAIN.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_master(args.master_pid)
+    os.environ["BALANCER_WORKER_SLOT"] = str(settings["slot"])  # for the backend: which slot am I
+    logging.basicConfig(
+        level=settings.get("log_level", "info").upper(),
+        format=f"%(asctime)s [worker slot={settings['slot']} pid={os.getpid()}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, args.channel_fd)
+
+    from workers.worker import Worker
+
+    async def run() -> int:
+        return await Worker(channel, settings).run()
+
+    with asyncio.Runner(loop_factory=loop_factory(settings.get("loop", "auto"))) as runner:
+        return runner.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Turn "module:attr" into an aiohttp Application, with one-line errors naming what is wrong."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+
+from aiohttp import web
+
+
+class BackendError(Exception):
+    """The backend cannot be loaded; str() is a one-line reason for the user."""
+
+
+def import_target(spec: str, app_dir: str = ""):
+    """Import module:attr (dotted attr allowed) with app_dir (or cwd) first on sys.path."""
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise BackendError(f"bad backend {spec!r}: expected MODULE:ATTR")
+    path = os.path.abspath(app_dir or os.getcwd())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise BackendError(f"cannot import module {module_name!r}: no module named {missing!r}"
+                               f" (searched {path} and sys.path)") from None
+        raise BackendError(f"module {module_name!r} raised at import: ModuleNotFoundError: {exc}") from exc
+    except BaseException as exc:  # SystemExit in a module body is a boot error too
+        raise BackendError(f"module {module_name!r} raised at import: {type(exc).__name__}: {exc}") from exc
+    obj = module
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise BackendError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    return obj
+
+
+def _required_positional(fn) -> int | None:
+    """How many positional arguments fn requires, None when it has no inspectable signature."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in sig.parameters.values() if p.kind in kinds and p.default is p.empty)
+
+
+def _is_async(fn) -> bool:
+    """True for coroutine functions and objects with an async __call__."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def handler_app(handler, client_max_size: int = 1024 ** 2) -> web.Application:
+    """Wrap a bare request handler in an Application that routes every method and path to it."""
+    app = web.Application(client_max_size=client_max_size)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 2) -> web.Application:
+    """Resolve spec to an Application: given directly, built by a (sync or async) factory, or a handler."""
+    obj = import_target(spec, app_dir)
+    if isinstance(obj, web.Application):
+        return obj
+    if not callable(obj) or isinstance(obj, type):
+        raise BackendError(f"{spec!r} is {_kind(obj)}; expected an async handler (request) -> Response, "
+                           "an aiohttp.web.Application, or a factory returning one")
+    required = _required_positional(obj)
+    if required == 1:
+        if not _is_async(obj):
+            raise BackendError(f"{spec!r} is a plain function taking a request; handlers must be async "
+                               "(async def handler(request))")
+        return handler_app(obj, client_max_size)
+    if required not in (0, None):
+        raise BackendError(f"{spec!r} takes {required} arguments; expected a handler taking the request "
+                           "or a factory taking none")
+    try:
+        result = obj()
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception as exc:
+        raise BackendError(f"factory {spec!r} raised: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, web.Application):
+        raise BackendError(f"factory {spec!r} returned {_kind(result)}; expected an aiohttp.web.Application")
+    return result
+
+
+def _kind(obj) -> str:
+    """A short description of what obj is, for error messages."""
+    if isinstance(obj, type):
+        return f"the class {obj.__name__}"
+    name = type(obj).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"

@@ -1,0 +1,1 @@
+"""Small real backends shipped with balancer."""

@@ -1,0 +1,308 @@
+"""Receive connection fds from the master, serve them with aiohttp, drain, heartbeat, report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+from collections import deque
+
+from aiohttp import http_parser, web
+
+from balancer import wire
+from workers.backend import BackendError, load_app
+from workers.stats import RequestStats
+
+log = logging.getLogger("balancer.worker")
+
+BOOT_ERROR_EXIT = 3
+
+
+def c_parser_in_use() -> bool:
+    """True when aiohttp parses requests with its C parser (the pure-Python one is laxer)."""
+    return http_parser.HttpRequestParser is not getattr(http_parser, "HttpRequestParserPy", None)
+
+
+class Worker:
+    """One worker process's runtime: channel to the master, the aiohttp runner, drain and stats."""
+
+    def __init__(self, channel: socket.socket, settings: dict) -> None:
+        self.channel = channel
+        self.settings = settings
+        self.slot = settings["slot"]
+        self.loop = asyncio.get_running_loop()
+        self.stats = RequestStats()
+        self.open = 0
+        self.draining = False
+        self.master_gone = False
+        self.stopped = self.loop.create_future()  # set when it is time to drain
+        self.idle = asyncio.Event()  # set while draining once no connection is open
+        self.runner: web.AppRunner | None = None
+        self.server = None
+        self._closed_pending = 0
+        self._outbox: deque[bytes] = deque()
+        self._deadlines: dict = {}  # protocol -> header deadline handle, until its first request
+        limit = settings.get("max_requests", 0)
+        self.request_limit = limit + random.randint(0, settings.get("max_requests_jitter", 0)) if limit else 0
+        self._recycle_asked = False
+
+    # ---- boot ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Load the backend, report READY, serve until told to stop, drain, and return an exit code."""
+        channel = self.channel
+        channel.setblocking(False)
+        try:
+            app = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
+                                 client_max_size=self.settings["client_max_size"])
+            app.middlewares.insert(0, self._observe)
+            self.runner = web.AppRunner(
+                app,
+                handle_signals=False,
+                access_log=logging.getLogger("aiohttp.access") if self.settings.get("access_log") else None,
+                keepalive_timeout=self.settings["keepalive_timeout"],
+                tcp_keepalive=self.settings.get("tcp_keepalive", True),
+                shutdown_timeout=1.0,  # only what is still running at the graceful deadline waits this
+            )
+            await self.runner.setup()
+        except BackendError as exc:
+            return self._boot_failed(str(exc))
+        except Exception as exc:  # on_startup hooks are the user's code too
+            log.debug("backend startup failed", exc_info=True)
+            return self._boot_failed(f"backend startup failed: {type(exc).__name__}: {exc}")
+        self._hook_server(self.runner.server)
+        self.loop.add_reader(channel.fileno(), self._on_channel)
+        self.loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
+        if not c_parser_in_use():
+            log.warning("aiohttp's C HTTP parser is not in use; the pure-Python parser is slower and laxer")
+        self._send(wire.encode_json(wire.READY, {"pid": os.getpid(), "c_parser": c_parser_in_use()}))
+        self._beat()
+        await self.stopped
+        await self._drain()
+        return 0
+
+    def _boot_failed(self, text: str) -> int:
+        """Tell the master why we cannot serve, then exit with the boot-error code."""
+        try:
+            self.channel.setblocking(True)
+            self.channel.send(wire.encode_json(wire.BOOT_ERROR, text))
+        except OSError:
+            print(f"balancer worker: {text}", file=sys.stderr)
+        return BOOT_ERROR_EXIT
+
+    def _hook_server(self, server) -> None:
+        """Count connections in and out of aiohttp's Server (it has no public callbacks for this)."""
+        self.server = server
+        made, lost = server.connection_made, server.connection_lost
+        header_timeout = self.settings["header_timeout"]
+        call_later = self.loop.call_later
+
+        def connection_made(handler, transport):
+            made(handler, transport)
+            self._deadlines[handler] = call_later(header_timeout, self._header_deadline, handler)
+
+        def connection_lost(handler, exc=None):
+            lost(handler, exc)
+            deadline = self._deadlines.pop(handler, None)
+            if deadline is not None:
+                deadline.cancel()
+            self.open -= 1
+            self._report_closed(1)
+
+        server.connection_made = connection_made
+        server.connection_lost = connection_lost
+
+    def _header_deadline(self, handler) -> None:
+        """A client that has not completed its first request's headers in time is cut off (slowloris)."""
+        if self._deadlines.pop(handler, None) is not None:
+            self.stats.header_timeouts += 1
+            handler.force_close()
+
+    # ---- the hot path ------------------------------------------------------------------------
+
+    def _on_channel(self) -> None:
+        """Take every waiting message from the master."""
+        while True:
+            try:
+                msg, fds, truncated = wire.recv_message(self.channel)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, fds, truncated = b"", [], False
+            if not msg and not fds:
+                self._master_gone()
+                return
+            try:
+                self._on_message(msg, fds, truncated)
+            except wire.ProtocolError as exc:
+                wire.close_all(fds)
+                log.error("bad message from master: %s", exc)
+
+    def _on_message(self, msg: bytes, fds: list[int], truncated: bool) -> None:
+        """Act on one message: a handoff is acknowledged before any byte of it is read."""
+        kind = msg[0]
+        if kind == wire.HANDOFF:
+            ids, families = wire.decode_handoff(msg)
+            if truncated or len(fds) != len(ids) or self.draining:
+                # Some fds were lost in transit (MSG_CTRUNC) or we are leaving: the master still holds
+                # its copies and gives every one of them to another worker.
+                wire.close_all(fds)
+                self._send(wire.encode_ids(wire.REFUSE, ids))
+                return
+            self._send(wire.encode_ids(wire.ACK, ids))
+            self._serve(fds, families)
+        elif kind == wire.DRAIN:
+            wire.close_all(fds)
+            self.stop("master")
+        else:
+            wire.close_all(fds)
+            raise wire.ProtocolError(f"unknown message type {kind:#x}")
+
+    def _serve(self, fds: list[int], families: list[int]) -> None:
+        """Wrap each fd (family known, so no getsockopt probing) and serve the batch in one task."""
+        socks = []
+        self.open += len(fds)  # counted from the ack, so a drain never misses one still connecting
+        for fd, family in zip(fds, families):
+            try:
+                socks.append(socket.socket(family, socket.SOCK_STREAM, 0, fd))
+            except OSError:
+                os.close(fd)
+                self._lost_before_serving()
+        if socks:
+            self.loop.create_task(self._connect(socks))
+
+    async def _connect(self, socks: list[socket.socket]) -> None:
+        """Attach each socket to a transport with aiohttp's protocol."""
+        connect = self.loop.connect_accepted_socket
+        server = self.server
+        for sock in socks:
+            try:
+                await connect(server, sock)
+            except OSError:
+                sock.close()
+                self._lost_before_serving()
+
+    def _lost_before_serving(self) -> None:
+        """A handed-over connection died before aiohttp got it: still report it closed."""
+        self.open -= 1
+        self._report_closed(1)
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler):
+        """Time and count each request; answer with Connection: close while draining."""
+        deadline = self._deadlines.pop(request.protocol, None)
+        if deadline is not None:
+            deadline.cancel()
+        stats = self.stats
+        stats.inflight += 1
+        start = self.loop.time()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            if self.draining:
+                response.force_close()
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # client went away mid-request
+            raise
+        finally:
+            stats.inflight -= 1
+            stats.observe(request.method, status, self.loop.time() - start)
+            if self.request_limit and stats.count >= self.request_limit and not self._recycle_asked:
+                self._recycle_asked = True
+                self._beat(reschedule=False)
+
+    # ---- reports to the master -----------------------------------------------------------------
+
+    def _send(self, msg: bytes) -> None:
+        """Queue msg for the master, in order; never block the loop and never drop an ack."""
+        if self.master_gone:
+            return
+        if not self._outbox:
+            try:
+                self.channel.send(msg)
+                return
+            except BlockingIOError:
+                self.loop.add_writer(self.channel.fileno(), self._flush_outbox)
+            except OSError:
+                self._master_gone()
+                return
+        self._outbox.append(msg)
+
+    def _flush_outbox(self) -> None:
+        """Send what queued up while the channel was full."""
+        while self._outbox:
+            try:
+                self.channel.send(self._outbox[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._outbox.clear()
+                self._master_gone()
+                break
+            self._outbox.popleft()
+        self.loop.remove_writer(self.channel.fileno())
+
+    def _report_closed(self, n: int) -> None:
+        """Batch close reports: one message per loop iteration, however many connections closed."""
+        if not self._closed_pending:
+            self.loop.call_soon(self._flush_closed)
+        self._closed_pending += n
+        if self.draining and self.open == 0:
+            self.idle.set()
+
+    def _flush_closed(self) -> None:
+        """Send the batched close count."""
+        n, self._closed_pending = self._closed_pending, 0
+        if n:
+            self._send(wire.encode_closed(n))
+
+    def _beat(self, reschedule: bool = True) -> None:
+        """Heartbeat from the event loop itself: if the loop is blocked, no beat goes out."""
+        body = self.stats.snapshot()
+        body["open"] = self.open
+        if self._recycle_asked:
+            body["recycle"] = True
+        self._send(wire.encode_json(wire.BEAT, body))
+        if reschedule and not self.master_gone:
+            self.loop.call_later(self.settings.get("beat_interval", 1.0), self._beat)
+
+    # ---- leaving -------------------------------------------------------------------------------
+
+    def stop(self, why: str) -> None:
+        """Begin draining (DRAIN from the master, SIGTERM, or the master gone)."""
+        if not self.stopped.done():
+            log.debug("draining (%s)", why)
+            self.stopped.set_result(why)
+
+    def _master_gone(self) -> None:
+        """The channel closed: the master died. Finish what we have and exit."""
+        if not self.master_gone:
+            self.master_gone = True
+            try:
+                self.loop.remove_reader(self.channel.fileno())
+                self.loop.remove_writer(self.channel.fileno())
+            except (ValueError, OSError):
+                pass
+            self.stop("master gone")
+
+    async def _drain(self) -> None:
+        """No new connections; each open one closes after its next response or keep-alive expiry."""
+        self.draining = True
+        if self.open:
+            self.idle.clear()
+            try:
+                await asyncio.wait_for(self.idle.wait(), self.settings["graceful_timeout"])
+            except asyncio.TimeoutError:
+                log.warning("graceful timeout with %d connections open; closing them", self.open)
+        await self.runner.cleanup()
+        self._flush_closed()
+        self._flush_outbox()
