@@ -189,6 +189,17 @@ class Master:
 
     async def _start_services(self) -> None:
         """Start the metrics endpoint and the control socket (each optional)."""
+        if self.config.metrics_bind != "none":
+            from balancer.metrics import MetricsServer
+
+            metrics = MetricsServer(self)
+            await metrics.start()  # logs "metrics on http://HOST:PORT/metrics"
+            self.services.append(metrics)
+        from balancer.control import ControlServer
+
+        control = ControlServer(self)
+        await control.start()
+        self.services.append(control)
 
     def _schedule_tick(self) -> None:
         """Run supervision checks every TICK seconds."""

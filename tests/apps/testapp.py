@@ -1,0 +1,67 @@
+"""Backends used by the integration tests: slow, crashing, blocking and identifying handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from aiohttp import web
+
+
+def _ident() -> dict:
+    return {"X-Worker-Slot": os.environ.get("BALANCER_WORKER_SLOT", "-"), "X-Worker-Pid": str(os.getpid())}
+
+
+async def whoami(request: web.Request) -> web.Response:
+    return web.Response(text=f"{os.environ.get('BALANCER_WORKER_SLOT')} {os.getpid()}\n", headers=_ident())
+
+
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(float(request.query.get("s", "2")))
+    return web.Response(text="slow done\n", headers=_ident())
+
+
+async def crash(request: web.Request) -> web.Response:
+    raise RuntimeError("handler crashed on purpose")
+
+
+async def block(request: web.Request) -> web.Response:
+    time.sleep(float(request.query.get("s", "60")))  # blocks the event loop: heartbeats stop
+    return web.Response(text="unblocked\n")
+
+
+async def exit_worker(request: web.Request) -> web.Response:
+    os._exit(1)
+
+
+async def echo(request: web.Request) -> web.Response:
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+    return web.Response(text=f"{total}\n", headers=_ident())
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/", whoami)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/crash", crash)
+    app.router.add_get("/block", block)
+    app.router.add_get("/exit", exit_worker)
+    app.router.add_post("/echo", echo)
+    return app
+
+
+app = create_app  # a factory under another name
+
+
+async def async_factory() -> web.Application:
+    return create_app()
+
+
+not_callable = 42
+
+
+def two_args(a, b):
+    return None
