@@ -1,0 +1,208 @@
+"""Protocol tests: a real worker process driven over a real SEQPACKET socketpair by the test as master."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from balancer import wire
+from balancer.config import Config
+from tests.harness import HERE, fd_count
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeMaster:
+    """The test plays the master: owns the channel and a listening socket whose fds it hands over."""
+
+    def __init__(self, backend: str = "testapp:create_app", **overrides) -> None:
+        self.channel, worker_end = wire.channel_pair()
+        settings = dict(Config(backend=backend, app_dir=str(HERE / "apps"), **overrides).worker_settings(), slot=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()),
+             "--master-pid", str(os.getpid()), "--settings", json.dumps(settings)],
+            pass_fds=(worker_end.fileno(),), stderr=subprocess.PIPE, text=True,
+        )
+        worker_end.close()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.next_id = 100
+        self.closed = 0  # connections the worker reported closed, from every CLOSED seen
+
+    def recv(self, kinds=(wire.ACK, wire.REFUSE, wire.READY, wire.BOOT_ERROR), timeout=15.0) -> bytes:
+        """The next message of one of kinds (heartbeats and others are skipped); b'' on EOF."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no message of {kinds} within {timeout}s"
+            if not select.select([self.channel], [], [], left)[0]:
+                continue
+            msg, fds, _ = wire.recv_message(self.channel)
+            wire.close_all(fds)
+            if msg and msg[0] == wire.CLOSED:
+                self.closed += wire.decode_closed(msg)
+            if not msg or msg[0] in kinds:
+                return msg
+
+    def wait_ready(self) -> dict:
+        msg = self.recv((wire.READY, wire.BOOT_ERROR))
+        assert msg[0] == wire.READY, wire.decode_json(msg)
+        return wire.decode_json(msg)
+
+    def connection(self) -> tuple[socket.socket, socket.socket]:
+        """(client, accepted server side) of a fresh loopback TCP connection."""
+        client = socket.create_connection(self.listener.getsockname(), timeout=10)
+        server, _ = self.listener.accept()
+        return client, server
+
+    def handoff(self, socks: list[socket.socket]) -> list[int]:
+        ids = list(range(self.next_id, self.next_id + len(socks)))
+        self.next_id += len(socks)
+        wire.send_fds(self.channel, wire.encode_handoff(ids, [s.family for s in socks]), [s.fileno() for s in socks])
+        return ids
+
+    def close(self) -> None:
+        self.channel.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def master():
+    m = FakeMaster()
+    m.wait_ready()
+    yield m
+    m.close()
+
+
+def get(client: socket.socket, path: str = "/") -> bytes:
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    chunks = []
+    while chunk := client.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_handoff_is_acked_then_served(master):
+    client, server = master.connection()
+    client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")  # bytes waiting before handoff
+    ids = master.handoff([server])
+    msg = master.recv()
+    assert msg[0] == wire.ACK and wire.decode_ids(msg) == ids
+    server.close()  # the master closes its copy on ack; the worker's copy serves the client
+    data = b"".join(iter(lambda: client.recv(65536), b""))
+    assert data.startswith(b"HTTP/1.1 200") and f"X-Worker-Pid: {master.proc.pid}".encode() in data
+    while master.closed < 1:
+        master.recv((wire.CLOSED,))
+    assert master.closed == 1
+    client.close()
+
+
+def test_batch_of_fds_in_one_message(master):
+    pairs = [master.connection() for _ in range(wire.MAX_FDS_PER_MSG)]
+    ids = master.handoff([s for _, s in pairs])
+    assert wire.decode_ids(master.recv()) == ids
+    for client, server in pairs:
+        server.close()
+    for client, _ in pairs:
+        assert get(client).startswith(b"HTTP/1.1 200")
+        client.close()
+
+
+def test_refuses_while_draining_and_master_keeps_the_fd(master):
+    busy_client, busy_server = master.connection()
+    assert master.recv()[0] == wire.ACK if master.handoff([busy_server]) else False
+    busy_server.close()
+    busy_client.sendall(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")  # keep-alive request in flight
+    master.recv((wire.BEAT,))  # the worker's loop has taken the request by its next heartbeat
+    master.channel.send(bytes((wire.DRAIN,)))
+    client, server = master.connection()
+    ids = master.handoff([server])
+    msg = master.recv((wire.ACK, wire.REFUSE))
+    assert msg[0] == wire.REFUSE and wire.decode_ids(msg) == ids
+    client.sendall(b"ping")  # our copy is intact: another worker could serve it
+    assert server.recv(4) == b"ping"
+    client.close()
+    server.close()
+    data = b"".join(iter(lambda: busy_client.recv(65536), b""))  # in-flight request finishes, then close
+    assert data.startswith(b"HTTP/1.1 200") and b"Connection: close" in data and data.endswith(b"slow done\n")
+    busy_client.close()
+    assert master.proc.wait(10) == 0
+
+
+def test_truncated_fds_are_all_closed_and_refused(master):
+    baseline = fd_count(master.proc.pid)
+    pairs = [master.connection() for _ in range(wire.MAX_FDS_PER_MSG + 6)]
+    ids = master.handoff([s for _, s in pairs])  # more fds than the worker has room for: MSG_CTRUNC
+    msg = master.recv()
+    assert msg[0] == wire.REFUSE and wire.decode_ids(msg) == ids
+    assert fd_count(master.proc.pid) == baseline
+    for client, server in pairs:  # still ours: the worker never touched them
+        client.sendall(b"x")
+        assert server.recv(1) == b"x"
+        client.close()
+        server.close()
+
+
+def test_garbage_message_does_not_kill_the_worker(master):
+    master.channel.send(b"\x7fgarbage")
+    wire.send_fds(master.channel, b"H\x05", [os.open("/dev/null", os.O_RDONLY)])  # short handoff with an fd
+    client, server = master.connection()
+    ids = master.handoff([server])
+    assert wire.decode_ids(master.recv()) == ids
+    server.close()
+    assert get(client).startswith(b"HTTP/1.1 200")
+    client.close()
+    assert master.proc.poll() is None
+
+
+def test_no_fd_leaks_after_many_connections(master):
+    def batch():
+        pairs = [master.connection() for _ in range(40)]
+        ids = master.handoff([s for _, s in pairs])
+        assert wire.decode_ids(master.recv()) == ids
+        for client, server in pairs:
+            server.close()
+        for client, _ in pairs:
+            assert get(client).startswith(b"HTTP/1.1 200")
+            client.close()
+
+    batch()  # warm-up: the loop opens one /dev/null fd lazily on first use, once
+    while master.closed < 40:
+        master.recv((wire.CLOSED,))
+    test_before = fd_count(os.getpid())
+    worker_before = fd_count(master.proc.pid)
+    for _ in range(5):
+        batch()
+    while master.closed < 240:
+        master.recv((wire.CLOSED,))
+    assert master.closed == 240
+    assert fd_count(os.getpid()) == test_before
+    deadline = time.monotonic() + 10
+    while fd_count(master.proc.pid) != worker_before and time.monotonic() < deadline:
+        master.recv((wire.BEAT,))  # wait a heartbeat, not a fixed sleep
+    assert fd_count(master.proc.pid) == worker_before
+
+
+def test_worker_exits_when_channel_closes(master):
+    master.channel.close()
+    assert master.proc.wait(10) == 0
+
+
+def test_boot_error_message_and_exit_code():
+    m = FakeMaster(backend="broken_import:app")
+    msg = m.recv((wire.READY, wire.BOOT_ERROR))
+    assert msg[0] == wire.BOOT_ERROR
+    assert "RuntimeError: database URL not configured" in wire.decode_json(msg)
+    assert m.proc.wait(10) == 3
+    m.close()

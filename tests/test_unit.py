@@ -1,0 +1,220 @@
+"""Pure-logic tests: dispatcher selection, backoff, config validation, CLI generation, wire codecs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+import pytest
+
+from balancer import wire
+from balancer.backoff import Backoff
+from balancer.cli import build_parser, parse_config
+from balancer.config import Config, ConfigError, parse_bind
+from balancer.dispatch import Dispatcher, Route, State
+
+
+def ready_routes(d: Dispatcher, n: int) -> list[Route]:
+    """n READY routes whose channels are real socketpairs (drained by the caller if needed)."""
+    routes = []
+    for slot in range(n):
+        master_end, worker_end = wire.channel_pair()
+        r = Route(slot, master_end)
+        r.peer = worker_end
+        r.state = State.READY
+        d.set_route(slot, r)
+        routes.append(r)
+    return routes
+
+
+def close_routes(routes):
+    for r in routes:
+        r.channel.close()
+        r.peer.close()
+
+
+def test_round_robin_order():
+    d = Dispatcher(cap=10)
+    routes = ready_routes(d, 3)
+    assert [d.pick().slot for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    close_routes(routes)
+
+
+@pytest.mark.parametrize("skip", ["busy", "draining", "dead", "booting", "blocked", "empty"])
+def test_pick_skips_unavailable(skip):
+    d = Dispatcher(cap=2)
+    routes = ready_routes(d, 3)
+    r = routes[1]
+    if skip == "busy":
+        r.open_conns = 2
+    elif skip == "draining":
+        r.state = State.DRAINING
+    elif skip == "dead":
+        r.state = State.DEAD
+    elif skip == "booting":
+        r.state = State.BOOTING
+    elif skip == "blocked":
+        r.send_blocked = True
+    else:
+        d.set_route(1, None)
+    assert [d.pick().slot for _ in range(4)] == [0, 2, 0, 2]
+    close_routes(routes)
+
+
+def test_unacked_count_toward_cap_and_stall_limit():
+    d = Dispatcher(cap=100, max_unacked=3)
+    routes = ready_routes(d, 1)
+    r = routes[0]
+    r.unacked = {i: (-1, socket.AF_INET) for i in range(3)}
+    assert d.pick() is None
+    assert d.free_capacity() == 0
+    r.unacked.pop(0)
+    assert d.free_capacity() == 1
+    close_routes(routes)
+
+
+def test_backpressure_all_full_goes_homeless_then_retried():
+    d = Dispatcher(cap=1)
+    routes = ready_routes(d, 2)
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
+    d.dispatch([(fd, socket.AF_INET) for fd in fds])
+    assert [r.load for r in routes] == [1, 1]
+    assert len(d.homeless) == 1 and d.free_capacity() == 0
+    # worker 0 acks and then reports its connection closed: room for the homeless fd
+    (conn_id,) = routes[0].unacked
+    d.on_ack(routes[0], [conn_id])
+    d.on_closed(routes[0], 1)
+    d.retry_homeless()
+    assert not d.homeless and routes[0].load == 1
+    for r in routes:
+        d.evict(r)
+    d.set_route(0, None)
+    d.set_route(1, None)
+    d.close_homeless()
+    close_routes(routes)
+
+
+def test_refuse_and_evict_redispatch_elsewhere():
+    d = Dispatcher(cap=10)
+    routes = ready_routes(d, 2)
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
+    d.dispatch([(fd, socket.AF_INET) for fd in fds])
+    assert [len(r.unacked) for r in routes] == [2, 2]
+    routes[0].state = State.DRAINING
+    d.on_refuse(routes[0], list(routes[0].unacked))
+    assert len(routes[1].unacked) == 4 and d.redispatched == 2
+    routes[0].state = State.READY
+    routes[1].state = State.DEAD
+    d.evict(routes[1])
+    assert len(routes[0].unacked) == 4 and d.redispatched == 6
+    d.on_ack(routes[0], list(routes[0].unacked))  # closes the master's copies
+    assert routes[0].open_conns == 4
+    close_routes(routes)
+
+
+def test_full_channel_reroutes_without_blocking():
+    blocked = []
+    d = Dispatcher(cap=10_000, max_unacked=10_000, on_blocked=blocked.append)
+    routes = ready_routes(d, 2)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    sent = 0
+    while not blocked:  # nobody reads routes[*].peer: the SEQPACKET buffer fills up
+        d.dispatch([(os.dup(fd), socket.AF_INET)])
+        sent += 1
+        assert sent < 10_000
+    assert blocked[0].send_blocked and not d.eligible(blocked[0])
+    other = routes[1 - blocked[0].slot]
+    other.peer.setblocking(False)
+    while True:  # the other worker reads its messages: its channel has room again
+        try:
+            wire.close_all(wire.recv_message(other.peer)[1])
+        except BlockingIOError:
+            break
+    other.send_blocked = False
+    before = len(other.unacked)
+    d.dispatch([(os.dup(fd), socket.AF_INET)])
+    assert len(other.unacked) == before + 1
+    for r in routes:
+        wire.close_all([f for f, _ in r.unacked.values()])
+    os.close(fd)
+    close_routes(routes)
+
+
+def test_backoff_grows_caps_and_forgives():
+    b = Backoff(base=0.1, factor=2, cap=1.0, stable_after=10)
+    assert [b.failure(0.5) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert b.looping
+    assert b.failure(60) == 0.1  # stayed up long enough: start over
+    assert not b.looping
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("127.0.0.1:8000", ("tcp", "127.0.0.1", 8000)),
+    ("[::1]:9000", ("tcp", "::1", 9000)),
+    (":80", ("tcp", "0.0.0.0", 80)),
+    ("localhost:0", ("tcp", "localhost", 0)),
+    ("unix:/tmp/x.sock", ("unix", "", 0)),
+])
+def test_parse_bind_ok(text, expect):
+    b = parse_bind(text)
+    assert (b.family, b.host, b.port) == expect
+
+
+@pytest.mark.parametrize("text", ["foo", "1.2.3.4", "::1:80", "host:99999", "unix:", "[::1]", "a:b"])
+def test_parse_bind_bad(text):
+    with pytest.raises(ConfigError, match="bad bind"):
+        parse_bind(text)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"workers": 0}, "--workers must be at least 1"),
+    ({"backend": "nocolon"}, "expected MODULE:ATTR"),
+    ({"backend": "mod:"}, "expected MODULE:ATTR"),
+    ({"graceful_timeout": 0}, "--graceful-timeout must be positive"),
+    ({"max_requests": -1}, "--max-requests must be 0 or more"),
+    ({"loop": "tokio"}, "--loop must be one of"),
+    ({"bind": ()}, "at least one --bind"),
+    ({"metrics_bind": "unix:/x"}, "--metrics-bind must be HOST:PORT"),
+])
+def test_config_rejects(kwargs, msg):
+    with pytest.raises(ConfigError, match=msg):
+        Config(**kwargs)
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().workers = 3
+
+
+def test_cli_has_a_flag_for_every_field_and_defaults_match():
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions}
+    for f in dataclasses.fields(Config):
+        assert f.name in dests, f.name
+    assert parse_config([]) == Config()
+
+
+def test_cli_parses_repeated_binds_and_bools():
+    c = parse_config(["--bind", "127.0.0.1:1", "--bind", "[::1]:2", "--workers", "3", "--no-tcp-keepalive"])
+    assert c.bind == ("127.0.0.1:1", "[::1]:2") and c.workers == 3 and c.tcp_keepalive is False
+
+
+def test_cli_bad_value_raises_config_error():
+    with pytest.raises(ConfigError):
+        parse_config(["--workers", "0"])
+
+
+def test_wire_codecs_roundtrip_and_reject_garbage():
+    ids, fams = [1, 2, 4_000_000_000], [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX]
+    assert wire.decode_handoff(wire.encode_handoff(ids, fams)) == (ids, fams)
+    assert wire.decode_ids(wire.encode_ids(wire.ACK, ids)) == ids
+    assert wire.decode_closed(wire.encode_closed(7)) == 7
+    assert wire.decode_json(wire.encode_json(wire.BEAT, {"a": 1})) == {"a": 1}
+    for bad in (b"H", wire.encode_handoff(ids, fams)[:-1], b"H\x05\x00"):
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_handoff(bad)
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_ids(b"A\x02\x00\x01")
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_json(b"B{nope")
