@@ -176,7 +176,11 @@ class Supervisor:
         self.loop.remove_reader(w.channel.fileno())
         self.loop.remove_writer(w.channel.fileno())
         w.route.state = State.DEAD
+        pending = len(w.route.unacked)
         self.dispatcher.evict(w.route)
+        if pending:
+            log.info("re-dispatched %d unacknowledged connections of worker slot=%d pid=%d",
+                     pending, w.slot, w.pid)
         w.channel.close()
         self.on_capacity()
 
@@ -357,8 +361,7 @@ class Supervisor:
     def _abort(self, w: WorkerProcess, reason: str) -> None:
         """SIGABRT now (a traceback-worthy death), SIGKILL if that does not do it."""
         w.reason = reason
-        w.route.state = State.DRAINING
-        self.dispatcher.evict(w.route)
+        w.route.state = State.DRAINING  # its unacked fds are re-dispatched when it is reaped
         w.kill_at = time.monotonic() + KILL_GRACE
         w.signal(signal.SIGABRT)
 

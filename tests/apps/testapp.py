@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 
 from aiohttp import web
@@ -18,6 +19,7 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def slow(request: web.Request) -> web.Response:
+    print(f"slow request started in pid {os.getpid()}", file=sys.stderr, flush=True)
     await asyncio.sleep(float(request.query.get("s", "2")))
     return web.Response(text="slow done\n", headers=_ident())
 

@@ -1,0 +1,235 @@
+"""Real-process tests: the `balancer` CLI, real workers, real sockets and HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import aiohttp
+import pytest
+
+from tests.harness import HERE, Balancer, pid_alive
+
+pytestmark = pytest.mark.timeout(90)
+APP = ("--backend", "testapp:create_app")
+
+
+def fetch(b: Balancer, path: str = "/", close: bool = True, timeout: float = 10) -> http.client.HTTPResponse:
+    """One request on a new connection; returns the response with its body read."""
+    conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=timeout)
+    conn.request("GET", path, headers={"Connection": "close"} if close else {})
+    resp = conn.getresponse()
+    resp.body = resp.read()
+    conn.close()
+    return resp
+
+
+def test_default_backend_names_the_worker_and_round_robins_exactly():
+    with Balancer("--workers", "2") as b:
+        slots = [fetch(b).getheader("X-Worker-Slot") for _ in range(20)]
+        assert sorted(set(slots)) == ["0", "1"]
+        assert all(slots[i] != slots[i + 1] for i in range(19)), slots  # strictly alternating
+        body = fetch(b).body.decode()
+        assert body.startswith("Hello from balancer worker slot ") and "pid" in body
+
+
+def test_keep_alive_reuses_one_connection():
+    with Balancer("--workers", "2", *APP) as b:
+        conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+        pids = set()
+        for _ in range(20):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200 and resp.getheader("Connection") != "close"
+            pids.add(resp.getheader("X-Worker-Pid"))
+        sock = conn.sock
+        assert sock is not None and len(pids) == 1  # one connection, one worker, 20 requests
+        conn.close()
+
+
+@pytest.mark.parametrize("backend", ["testapp:create_app", "testapp:app", "testapp:async_factory",
+                                     "testapp:whoami", "workers.examples.template:handler",
+                                     "workers.examples.template:create_app"])
+def test_backend_kinds(backend):
+    with Balancer("--workers", "1", "--backend", backend) as b:
+        resp = fetch(b)
+        assert resp.status == 200 and resp.getheader("X-Worker-Slot") == "0"
+
+
+def test_crashing_handler_costs_one_request_not_the_worker():
+    with Balancer("--workers", "1", *APP) as b:
+        pid = fetch(b).getheader("X-Worker-Pid")
+        assert fetch(b, "/crash").status == 500
+        assert fetch(b).getheader("X-Worker-Pid") == pid
+
+
+async def _load(url: str, clients: int, stop: threading.Event, results: list, new_conn: bool) -> None:
+    """Closed-loop clients until stop is set; each appends (ok, slot) per request."""
+    async def client() -> None:
+        conn = aiohttp.TCPConnector(force_close=new_conn, limit=1)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=10)) as s:
+            while not stop.is_set():
+                try:
+                    async with s.get(url) as r:
+                        await r.read()
+                        results.append((r.status == 200, r.headers.get("X-Worker-Slot")))
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    results.append((False, None))
+    await asyncio.gather(*(client() for _ in range(clients)))
+
+
+def run_load(url: str, clients: int, new_conn: bool = True):
+    """Start background load; returns (stop event, results list, thread)."""
+    stop, results = threading.Event(), []
+    t = threading.Thread(target=lambda: asyncio.run(_load(url, clients, stop, results, new_conn)), daemon=True)
+    t.start()
+    return stop, results, t
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_kill_9_worker_under_load_only_its_inflight_requests_fail():
+    clients = 16
+    with Balancer("--workers", "2", *APP) as b:
+        stop, results, t = run_load(b.url + "/", clients, new_conn=True)
+        wait_until(lambda: len(results) > 300, 20, "load to start")
+        victim = b.worker_pids()[0]
+        mark = b.mark()
+        before_kill = len(results)
+        os.kill(victim, signal.SIGKILL)
+        b.wait_for(rf"worker slot=\d pid=\d+ ready", 20, start=mark)  # the slot comes back
+        after_ready = len(results)
+        wait_until(lambda: len(results) > after_ready + 300, 20, "load after respawn")
+        stop.set()
+        t.join(20)
+        failed = [r for r in results[before_kill:] if not r[0]]
+        # each client had at most one request in flight on the victim when it died
+        assert len(failed) <= clients, f"{len(failed)} failures"
+        assert not [r for r in results[:before_kill] if not r[0]]
+        tail = results[after_ready:]
+        assert all(ok for ok, _ in tail[-200:])
+        assert {slot for _, slot in tail} == {"0", "1"}  # both slots serve again
+        assert victim not in b.worker_pids() and len(b.worker_pids()) == 2
+
+
+def test_sigstopped_worker_connections_are_redispatched_when_it_dies():
+    with Balancer("--workers", "2", *APP) as b:
+        pids = b.worker_pids()
+        victim = pids[0]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            results: list = []
+
+            def one(i):
+                try:
+                    results.append(fetch(b, f"/?n={i}", timeout=20).status)
+                except OSError as exc:
+                    results.append(repr(exc))
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+            for th in threads:
+                th.start()
+            # Round robin gives about half to the stopped worker; they wait in its channel, unacked.
+            mark = b.mark()
+            wait_until(lambda: len(results) >= 5, 20, "the live worker's half")
+            assert len(results) < 10, "nothing went to the stopped worker"
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        b.wait_for(rf"re-dispatched \d+ unacknowledged connections of worker slot=\d pid={victim}", 10, start=mark)
+        for th in threads:
+            th.join(20)
+        assert results == [200] * 10
+
+
+def test_sigterm_lets_slow_request_finish_and_exits_zero():
+    with Balancer("--workers", "2", "--graceful-timeout", "10", *APP) as b:
+        out = {}
+        th = threading.Thread(target=lambda: out.update(resp=fetch(b, "/slow?s=2", timeout=20)))
+        th.start()
+        b.wait_for("slow request started", 10)
+        started = time.monotonic()
+        b.signal(signal.SIGTERM)
+        assert b.wait(15) == 0
+        th.join(10)
+        assert out["resp"].status == 200 and out["resp"].body == b"slow done\n"
+        assert time.monotonic() - started < 10
+        with pytest.raises(OSError):  # the listener is gone
+            socket.create_connection(("127.0.0.1", b.port), timeout=2)
+
+
+def test_master_kill_9_leaves_no_worker_after_2s():
+    with Balancer("--workers", "2") as b:
+        pids = b.worker_pids()
+        assert len(pids) == 2
+        os.kill(b.pid, signal.SIGKILL)
+        b.wait(5)
+        deadline = time.monotonic() + 2
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if pid_alive(p)]
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "balancer", "--metrics-bind", "none", "--workers", "2",
+                           "--app-dir", str(HERE / "apps"), *args],
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (("--backend", "nosuchmodule:handler"), 3, "cannot import module 'nosuchmodule'"),
+    (("--backend", "testapp:nosuchattr"), 3, "module 'testapp' has no attribute 'nosuchattr'"),
+    (("--backend", "testapp:not_callable"), 3, "'testapp:not_callable' is an int; expected an async handler"),
+    (("--backend", "testapp:two_args"), 3, "takes 2 arguments"),
+    (("--backend", "broken_import:app"), 3, "raised at import: RuntimeError: database URL not configured"),
+    (("--backend", "no_colon"), 2, "expected MODULE:ATTR"),
+    (("--bind", "nonsense"), 2, "bad bind 'nonsense'"),
+    (("--workers", "0"), 2, "--workers must be at least 1"),
+    (("--loop", "nope"), 2, "invalid choice"),
+])
+def test_bad_input_clear_error_and_exit_code(args, code, message):
+    r = run_cli(*args)
+    assert r.returncode == code, r.stderr
+    assert message in r.stderr
+    assert "serving on" not in r.stderr
+    last = [line for line in r.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("balancer: error:") and message in last, last  # one clear line, last
+
+
+def test_address_in_use_is_a_clear_error():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = run_cli("--bind", f"127.0.0.1:{port}")
+    assert r.returncode == 2
+    assert f"cannot bind 127.0.0.1:{port}: Address already in use" in r.stderr
+
+
+def test_ipv6_and_unix_binds(tmp_path):
+    path = tmp_path / "b.sock"
+    with Balancer("--workers", "1", "--bind", "[::1]:0", "--bind", f"unix:{path}", *APP) as b:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b"".join(iter(lambda: sock.recv(65536), b""))
+        sock.close()
+        assert data.startswith(b"HTTP/1.1 200")
+        v6 = [line for line in b.lines if "serving on" in line][0]
+        port6 = int(v6.split("[::1]:")[1].split()[0].rstrip(","))
+        conn = http.client.HTTPConnection("::1", port6, timeout=10)
+        conn.request("GET", "/")
+        assert conn.getresponse().status == 200
+        conn.close()
+    assert not path.exists()
