@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import time
 from collections import deque
 from typing import Callable
 
@@ -30,6 +31,8 @@ class Route:
         self.open_conns = 0  # acked and not yet reported closed
         self.unacked: dict[int, tuple[int, int]] = {}  # conn id -> (master's fd copy, family)
         self.send_blocked = False  # channel full: the worker is not reading (stalled or stopped)
+        self.stalled = False  # fds have waited too long for an ack: its loop is blocked or stopped
+        self.ack_progress = 0.0  # monotonic time of the last ack, or of the first fd sent since
         self.dispatched = 0  # connections handed to this worker, for metrics
 
     @property
@@ -70,6 +73,7 @@ class Dispatcher:
             route is not None
             and route.state is State.READY
             and not route.send_blocked
+            and not route.stalled
             and route.load < self.cap
             and len(route.unacked) < self.max_unacked
         )
@@ -105,6 +109,8 @@ class Dispatcher:
                 continue
             conn_id = self._next_id
             self._next_id = (conn_id + 1) & 0xFFFFFFFF
+            if not route.unacked:
+                route.ack_progress = time.monotonic()
             route.unacked[conn_id] = (fd, family)
             batch = batches.get(route)
             if batch is None:
@@ -132,6 +138,16 @@ class Dispatcher:
         self.redispatched += len(taken)
         self.dispatch(taken)
 
+    def mark_stalled(self, now: float, after: float) -> None:
+        """Stop choosing workers whose oldest unacked fd has waited more than `after` seconds.
+
+        A worker whose loop is blocked still looks READY until its heartbeat times out; without this,
+        round robin would keep parking new connections on it for the whole --timeout.
+        """
+        for route in self.routes:
+            if route is not None and route.unacked and now - route.ack_progress > after:
+                route.stalled = True
+
     def retry_homeless(self) -> None:
         """Give waiting fds to workers that have room again."""
         if self.homeless:
@@ -142,6 +158,8 @@ class Dispatcher:
     def on_ack(self, route: Route, ids: list[int]) -> None:
         """The worker owns these connections now: close the master's copies."""
         unacked = route.unacked
+        route.ack_progress = time.monotonic()
+        route.stalled = False
         for conn_id in ids:
             item = unacked.pop(conn_id, None)
             if item is not None:

@@ -9,6 +9,8 @@ import stat
 from balancer.config import Bind, ConfigError
 
 SD_LISTEN_FDS_START = 3
+# TCP keepalive timings: a peer that vanished without a FIN is found dead after IDLE + INTVL * CNT seconds.
+KEEPALIVE_IDLE, KEEPALIVE_INTVL, KEEPALIVE_CNT = 60, 10, 6
 
 
 class Listener:
@@ -31,7 +33,17 @@ class Listener:
                 pass
 
 
-def bind_tcp(bind: Bind, backlog: int) -> Listener:
+def set_inherited_options(sock: socket.socket, keepalive: bool) -> None:
+    """Options Linux copies from a listener to every accepted socket: set once here, not per connection."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTVL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)
+
+
+def bind_tcp(bind: Bind, backlog: int, keepalive: bool = True) -> Listener:
     """Bind a TCP listener, choosing the family from the host."""
     try:
         infos = socket.getaddrinfo(bind.host, bind.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -43,6 +55,7 @@ def bind_tcp(bind: Bind, backlog: int) -> Listener:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        set_inherited_options(sock, keepalive)
         sock.bind(addr)
         sock.listen(backlog)
     except OSError as exc:
@@ -79,13 +92,15 @@ def systemd_listeners() -> list[Listener]:
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
         os.set_inheritable(fd, False)
         sock = socket.socket(fileno=fd)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            set_inherited_options(sock, True)
         out.append(Listener(sock, f"systemd fd {fd}"))
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(key, None)
     return out
 
 
-def open_listeners(binds: list[Bind], backlog: int) -> list[Listener]:
+def open_listeners(binds: list[Bind], backlog: int, keepalive: bool = True) -> list[Listener]:
     """Bind every address (or adopt systemd's), closing what was opened if one fails."""
     inherited = systemd_listeners()
     if inherited:
@@ -93,7 +108,7 @@ def open_listeners(binds: list[Bind], backlog: int) -> list[Listener]:
     out: list[Listener] = []
     try:
         for bind in binds:
-            out.append(bind_unix(bind, backlog) if bind.family == "unix" else bind_tcp(bind, backlog))
+            out.append(bind_unix(bind, backlog) if bind.family == "unix" else bind_tcp(bind, backlog, keepalive))
     except ConfigError:
         for listener in out:
             listener.close()

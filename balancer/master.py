@@ -18,6 +18,7 @@ log = logging.getLogger("balancer")
 
 ACCEPT_BATCH = 64  # connections accepted per readable event: fair to other listeners and to the loop
 TICK = 0.25  # seconds between supervision checks (heartbeats, deadlines, memory)
+STALL_AFTER = 0.5  # seconds without an ack before a worker gets no new connections (an ack takes microseconds)
 # accept() errors that concern one connection only: skip it and keep accepting (see trio's list).
 SKIP_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH))
@@ -144,7 +145,7 @@ class Master:
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code."""
         loop = asyncio.get_running_loop()
-        self.listeners = open_listeners(self.config.binds, self.config.backlog)
+        self.listeners = open_listeners(self.config.binds, self.config.backlog, self.config.tcp_keepalive)
         for sig in HANDLED_SIGNALS:
             # The handler only records the signal; the loop below acts on it.
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
@@ -207,6 +208,7 @@ class Master:
 
         def tick() -> None:
             self.supervisor.tick()
+            self.dispatcher.mark_stalled(time.monotonic(), STALL_AFTER)
             self._on_capacity()  # a ready worker may have been missed while all were blocked
             self._tick = loop.call_later(TICK, tick)
 

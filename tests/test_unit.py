@@ -41,7 +41,7 @@ def test_round_robin_order():
     close_routes(routes)
 
 
-@pytest.mark.parametrize("skip", ["busy", "draining", "dead", "booting", "blocked", "empty"])
+@pytest.mark.parametrize("skip", ["busy", "draining", "dead", "booting", "blocked", "stalled", "empty"])
 def test_pick_skips_unavailable(skip):
     d = Dispatcher(cap=2)
     routes = ready_routes(d, 3)
@@ -56,6 +56,12 @@ def test_pick_skips_unavailable(skip):
         r.state = State.BOOTING
     elif skip == "blocked":
         r.send_blocked = True
+    elif skip == "stalled":
+        r.unacked = {1: (-1, socket.AF_INET)}
+        r.ack_progress = 100.0
+        d.mark_stalled(now=100.4, after=0.5)
+        assert d.eligible(r)
+        d.mark_stalled(now=100.6, after=0.5)
     else:
         d.set_route(1, None)
     assert [d.pick().slot for _ in range(4)] == [0, 2, 0, 2]

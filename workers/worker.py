@@ -11,7 +11,7 @@ import socket
 import sys
 from collections import deque
 
-from aiohttp import http_parser, web
+from aiohttp import http_parser, streams, web
 
 from balancer import wire
 from workers.backend import BackendError, load_app
@@ -49,6 +49,7 @@ class Worker:
         limit = settings.get("max_requests", 0)
         self.request_limit = limit + random.randint(0, settings.get("max_requests_jitter", 0)) if limit else 0
         self._recycle_asked = False
+        self._pumps: set[asyncio.Task] = set()  # body-limit pumps, referenced until done
 
     # ---- boot ------------------------------------------------------------------------------
 
@@ -65,7 +66,7 @@ class Worker:
                 handle_signals=False,
                 access_log=logging.getLogger("aiohttp.access") if self.settings.get("access_log") else None,
                 keepalive_timeout=self.settings["keepalive_timeout"],
-                tcp_keepalive=self.settings.get("tcp_keepalive", True),
+                tcp_keepalive=False,  # SO_KEEPALIVE and its timings are inherited from the master's listener
                 shutdown_timeout=1.0,  # only what is still running at the graceful deadline waits this
             )
             await self.runner.setup()
@@ -202,6 +203,8 @@ class Worker:
         start = self.loop.time()
         status = 500
         try:
+            if request.body_exists:
+                request = self._limit_body(request)
             response = await handler(request)
             status = response.status
             if self.draining:
@@ -219,6 +222,37 @@ class Worker:
             if self.request_limit and stats.count >= self.request_limit and not self._recycle_asked:
                 self._recycle_asked = True
                 self._beat(reschedule=False)
+
+    def _limit_body(self, request: web.Request) -> web.Request:
+        """Enforce --client-max-size on every body: by Content-Length up front, by counting when chunked."""
+        limit = self.settings["client_max_size"]
+        length = request.content_length
+        if length is not None:
+            if length > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+            return request  # the parser never reads past Content-Length
+        source = request.content
+        limited = streams.StreamReader(request.protocol, 2 ** 16, loop=self.loop)
+
+        async def pump() -> None:
+            total = 0
+            try:
+                async for chunk in source.iter_any():
+                    total += len(chunk)
+                    if total > limit:
+                        limited.set_exception(web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total))
+                        return
+                    limited.feed_data(chunk)
+                limited.feed_eof()
+            except Exception as exc:
+                limited.set_exception(exc)
+
+        task = self.loop.create_task(pump())
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+        # aiohttp has no public way to swap a request's body stream; only chunked uploads pay for this.
+        request._payload = limited
+        return request
 
     # ---- reports to the master -----------------------------------------------------------------
 

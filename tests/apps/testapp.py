@@ -29,6 +29,7 @@ async def crash(request: web.Request) -> web.Response:
 
 
 async def block(request: web.Request) -> web.Response:
+    print(f"blocking pid {os.getpid()}", file=sys.stderr, flush=True)
     time.sleep(float(request.query.get("s", "60")))  # blocks the event loop: heartbeats stop
     return web.Response(text="unblocked\n")
 
@@ -67,3 +68,17 @@ not_callable = 42
 
 def two_args(a, b):
     return None
+
+
+_hoard: list[bytes] = []
+
+
+async def hog(request: web.Request) -> web.Response:
+    _hoard.append(b"x" * int(request.query.get("mb", "64")) * 1024 * 1024)
+    return web.Response(text="hoarded\n", headers=_ident())
+
+
+def create_app_with_hog() -> web.Application:
+    app = create_app()
+    app.router.add_get("/hog", hog)
+    return app

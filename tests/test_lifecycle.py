@@ -1,0 +1,147 @@
+"""Reloads, timeouts, recycling, scaling and the connection cap, on real processes under real load."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.harness import Balancer
+from tests.test_integration import APP, fetch, run_load, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def slots_pids(b: Balancer) -> set[int]:
+    return set(b.worker_pids())
+
+
+def test_five_rolling_reloads_under_keepalive_load_lose_nothing():
+    with Balancer("--workers", "2", "--graceful-timeout", "10", *APP) as b:
+        first = slots_pids(b)
+        stop, results, t = run_load(b.url + "/", 32, new_conn=False)
+        wait_until(lambda: len(results) > 500, 20, "load to start")
+        for i in range(5):
+            mark = b.mark()
+            b.signal(signal.SIGHUP)
+            b.wait_for("rolling reload done", 30, start=mark)
+            seen = len(results)
+            wait_until(lambda: len(results) > seen + 200, 20, "requests after a reload")
+        stop.set()
+        t.join(20)
+        failed = [r for r in results if not r[0]]
+        print(f"5 reloads: {len(results)} requests, {len(failed)} failed")
+        assert not failed, f"{len(failed)} of {len(results)} requests failed across 5 reloads"
+        wait_until(lambda: len(b.worker_pids()) == 2, 20, "old workers to exit")
+        assert not first & slots_pids(b), "every worker pid changed"
+
+
+def test_reload_to_broken_code_keeps_old_workers(tmp_path):
+    app = tmp_path / "editable.py"
+    app.write_text("from aiohttp import web\nasync def handler(request):\n    return web.Response(text='v1')\n")
+    with Balancer("--workers", "2", "--app-dir", str(tmp_path), "--backend", "editable:handler") as b:
+        pids = slots_pids(b)
+        app.write_text("raise ImportError('half-deployed release')\n")
+        mark = b.mark()
+        b.signal(signal.SIGHUP)
+        b.wait_for("reload stopped at slot=0; old workers keep serving", 30, start=mark)
+        assert "half-deployed release" in b.log()
+        assert fetch(b).body == b"v1" and b.proc.poll() is None
+        wait_until(lambda: slots_pids(b) == pids, 10, "the failed replacement to be reaped")
+        # fixed code on disk: the next reload picks it up
+        app.write_text("from aiohttp import web\nasync def handler(request):\n    return web.Response(text='v2')\n")
+        mark = b.mark()
+        b.signal(signal.SIGHUP)
+        b.wait_for("rolling reload done", 30, start=mark)
+        assert {fetch(b).body for _ in range(4)} == {b"v2"}
+
+
+def test_blocked_loop_is_replaced_within_timeout_and_others_keep_serving():
+    with Balancer("--workers", "2", "--timeout", "2", *APP) as b:
+        out = {}
+        th = threading.Thread(target=lambda: out.update(r=_try_fetch(b, "/block?s=60")))
+        th.start()
+        m = b.wait_for(r"blocking pid (\d+)", 10)
+        blocked_pid = int(m.group(1))
+        started = time.monotonic()
+        served = 0
+        while blocked_pid in b.worker_pids():
+            assert time.monotonic() - started < 2 + 2 + 1, "hung worker not replaced within --timeout + 2 s"
+            resp = fetch(b, timeout=5)
+            assert resp.status == 200 and resp.getheader("X-Worker-Pid") != str(blocked_pid)
+            served += 1
+        replaced_after = time.monotonic() - started
+        assert served > 0
+        b.wait_for(r"sent no heartbeat for [\d.]+s \(--timeout 2\); aborting it", 5)
+        wait_until(lambda: len(b.worker_pids()) == 2, 10, "the replacement")
+        th.join(10)
+        assert out["r"] is None  # the blocked request itself is lost with its worker
+        print(f"hung worker replaced after {replaced_after:.2f}s")
+
+
+def _try_fetch(b, path):
+    try:
+        return fetch(b, path, timeout=20).status
+    except OSError:
+        return None
+
+
+def test_max_requests_recycles_gracefully():
+    with Balancer("--workers", "1", "--max-requests", "50", *APP) as b:
+        first = slots_pids(b)
+        mark = b.mark()
+        statuses = [fetch(b).status for _ in range(60)]
+        assert statuses == [200] * 60
+        b.wait_for(r"worker slot=0 pid=\d+ exited \(recycle\)", 20, start=mark)
+        assert not first & slots_pids(b)
+
+
+def test_max_memory_recycles():
+    with Balancer("--workers", "1", "--max-memory", "100", "--backend", "testapp:create_app_with_hog") as b:
+        pid = b.worker_pids()[0]
+        mark = b.mark()
+        assert fetch(b, "/hog?mb=160").status == 200
+        b.wait_for(rf"worker slot=0 pid={pid} passed --max-memory 100 MiB; recycling", 10, start=mark)
+        b.wait_for(rf"worker slot=0 pid={pid} exited \(recycle\)", 20, start=mark)
+        assert fetch(b).status == 200
+
+
+def test_ttin_ttou_scale_at_runtime():
+    with Balancer("--workers", "1", *APP) as b:
+        mark = b.mark()
+        b.signal(signal.SIGTTIN)
+        b.wait_for(r"worker slot=1 pid=\d+ ready", 20, start=mark)
+        assert {fetch(b).getheader("X-Worker-Slot") for _ in range(4)} == {"0", "1"}
+        mark = b.mark()
+        b.signal(signal.SIGTTOU)
+        b.wait_for(r"worker slot=1 pid=\d+ exited \(scale\)", 20, start=mark)
+        assert {fetch(b).getheader("X-Worker-Slot") for _ in range(4)} == {"0"}
+        assert len(b.worker_pids()) == 1
+
+
+def test_worker_connection_cap_pauses_accepting_until_one_frees():
+    with Balancer("--workers", "1", "--worker-connections", "2", *APP) as b:
+        held = []
+        for _ in range(2):
+            c = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+            c.request("GET", "/")
+            assert c.getresponse().read()
+            held.append(c)  # keep-alive: each holds one of the worker's 2 slots
+        third = socket.create_connection(("127.0.0.1", b.port), timeout=10)  # the kernel backlog takes it
+        third.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        third.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            third.recv(1)  # not served while the worker is at its cap
+        held.pop().close()
+        third.settimeout(10)
+        data = b"".join(iter(lambda: third.recv(65536), b""))
+        assert data.startswith(b"HTTP/1.1 200")
+        third.close()
+        for c in held:
+            c.close()
