@@ -80,46 +80,56 @@ class Dispatcher:
 
     def pick(self) -> Route | None:
         """The next eligible route after the last one picked, or None when all are full."""
+        # eligible() inlined: this runs once per connection.
         routes = self.routes
         n = len(routes)
-        start = self._next
-        for i in range(n):
-            idx = (start + i) % n
+        idx = self._next
+        cap, max_unacked, ready = self.cap, self.max_unacked, State.READY
+        for _ in range(n):
+            if idx >= n:
+                idx = 0
             route = routes[idx]
-            if self.eligible(route):
-                self._next = (idx + 1) % n
+            idx += 1
+            if (route is not None and route.state is ready and not route.send_blocked and not route.stalled
+                    and route.open_conns + len(route.unacked) < cap and len(route.unacked) < max_unacked):
+                self._next = idx
                 return route
         return None
 
     def free_capacity(self) -> int:
         """How many more connections the ready workers can take right now."""
-        return sum(
-            min(self.cap - r.load, self.max_unacked - len(r.unacked))
-            for r in self.routes
-            if self.eligible(r)
-        )
+        room = 0
+        for r in self.routes:
+            if self.eligible(r):
+                room += min(self.cap - r.open_conns - len(r.unacked), self.max_unacked - len(r.unacked))
+        return room
 
     def dispatch(self, items: list[tuple[int, int]]) -> None:
         """Hand each (fd, family) to a worker; what no worker can take waits in homeless."""
         batches: dict[Route, tuple[list[int], list[int], list[int]]] = {}
-        for fd, family in items:
-            route = self.pick()
+        pick = self.pick
+        conn_id = self._next_id
+        for item in items:
+            route = pick()
             if route is None:
-                self.homeless.append((fd, family))
+                self.homeless.append(item)
                 continue
-            conn_id = self._next_id
-            self._next_id = (conn_id + 1) & 0xFFFFFFFF
-            if not route.unacked:
+            conn_id = (conn_id + 1) & 0xFFFFFFFF
+            unacked = route.unacked
+            if not unacked:
                 route.ack_progress = time.monotonic()
-            route.unacked[conn_id] = (fd, family)
+            unacked[conn_id] = item
             batch = batches.get(route)
             if batch is None:
                 batch = batches[route] = ([], [], [])
             batch[0].append(conn_id)
-            batch[1].append(fd)
-            batch[2].append(family)
+            batch[1].append(item[0])
+            batch[2].append(item[1])
             if len(batch[0]) >= wire.MAX_FDS_PER_MSG:
+                self._next_id = conn_id
                 self._send(route, *batches.pop(route))
+                conn_id = self._next_id
+        self._next_id = conn_id
         for route, batch in batches.items():
             self._send(route, *batch)
 
@@ -155,16 +165,19 @@ class Dispatcher:
             self.homeless.clear()
             self.dispatch(items)
 
-    def on_ack(self, route: Route, ids: list[int]) -> None:
-        """The worker owns these connections now: close the master's copies."""
+    def on_ack(self, route: Route, ids: list[int], closed: int = 0) -> None:
+        """The worker owns these connections now: close the master's copies; count its reported closes."""
         unacked = route.unacked
         route.ack_progress = time.monotonic()
         route.stalled = False
+        close = os.close
+        taken = 0
         for conn_id in ids:
             item = unacked.pop(conn_id, None)
             if item is not None:
-                os.close(item[0])
-                route.open_conns += 1
+                close(item[0])
+                taken += 1
+        route.open_conns = max(0, route.open_conns + taken - closed)
 
     def on_refuse(self, route: Route, ids: list[int]) -> None:
         """The worker did not take these: give them to another worker."""

@@ -140,7 +140,10 @@ class Supervisor:
         """Act on one message from a worker."""
         kind = msg[0]
         if kind == wire.ACK:
-            self.dispatcher.on_ack(w.route, wire.decode_ids(msg))
+            ids, closed = wire.decode_ids(msg)
+            self.dispatcher.on_ack(w.route, ids, closed)
+            if closed:
+                self.on_capacity()
         elif kind == wire.CLOSED:
             self.dispatcher.on_closed(w.route, wire.decode_closed(msg))
             self.on_capacity()
@@ -158,7 +161,7 @@ class Supervisor:
             log.info("worker slot=%d pid=%d ready", w.slot, w.pid)
             self.on_capacity()
         elif kind == wire.REFUSE:
-            self.dispatcher.on_refuse(w.route, wire.decode_ids(msg))
+            self.dispatcher.on_refuse(w.route, wire.decode_ids(msg)[0])
             self.on_capacity()
         elif kind == wire.BOOT_ERROR:
             text = str(wire.decode_json(msg))

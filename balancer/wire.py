@@ -13,7 +13,7 @@ import struct
 HANDOFF = 0x48  # 'H' master->worker: ids + families, fds attached via SCM_RIGHTS
 DRAIN = 0x44  # 'D' master->worker: stop taking connections, finish in-flight, exit
 READY = 0x59  # 'Y' worker->master: backend loaded, serving
-ACK = 0x41  # 'A' worker->master: these ids are mine now; master may close its copies
+ACK = 0x41  # 'A' worker->master: these ids are mine now (and this many of mine closed since the last report)
 REFUSE = 0x52  # 'R' worker->master: these ids were not taken; master re-dispatches them
 CLOSED = 0x43  # 'C' worker->master: this many connections have closed
 BEAT = 0x42  # 'B' worker->master: heartbeat carrying a stats snapshot (JSON)
@@ -26,6 +26,7 @@ MAX_MSG_BYTES = 256 * 1024
 FD_ROOM = socket.CMSG_SPACE(MAX_FDS_PER_MSG * array.array("i").itemsize)
 
 _COUNT = struct.Struct("<BH")
+_IDS = struct.Struct("<BHI")  # type, id count, connections closed since the last report
 _CLOSED = struct.Struct("<BI")
 
 
@@ -59,21 +60,21 @@ def decode_handoff(msg: bytes) -> tuple[list[int], list[int]]:
     return ids.tolist(), list(msg[end:])
 
 
-def encode_ids(kind: int, ids: list[int]) -> bytes:
-    """Pack an ACK or REFUSE message."""
-    return _COUNT.pack(kind, len(ids)) + array.array("I", ids).tobytes()
+def encode_ids(kind: int, ids: list[int], closed: int = 0) -> bytes:
+    """Pack an ACK or REFUSE message; an ACK carries the close count so closes rarely need their own."""
+    return _IDS.pack(kind, len(ids), closed) + array.array("I", ids).tobytes()
 
 
-def decode_ids(msg: bytes) -> list[int]:
-    """Unpack an ACK or REFUSE message."""
-    if len(msg) < _COUNT.size:
+def decode_ids(msg: bytes) -> tuple[list[int], int]:
+    """Unpack an ACK or REFUSE message into (ids, closed)."""
+    if len(msg) < _IDS.size:
         raise ProtocolError("short id list")
-    _, n = _COUNT.unpack_from(msg)
-    if len(msg) != _COUNT.size + 4 * n:
+    _, n, closed = _IDS.unpack_from(msg)
+    if len(msg) != _IDS.size + 4 * n:
         raise ProtocolError(f"id list of {n} has {len(msg)} bytes")
     ids = array.array("I")
-    ids.frombytes(msg[_COUNT.size:])
-    return ids.tolist()
+    ids.frombytes(msg[_IDS.size:])
+    return ids.tolist(), closed
 
 
 def encode_closed(count: int) -> bytes:

@@ -47,6 +47,8 @@ class FakeMaster:
             wire.close_all(fds)
             if msg and msg[0] == wire.CLOSED:
                 self.closed += wire.decode_closed(msg)
+            elif msg and msg[0] == wire.ACK:
+                self.closed += wire.decode_ids(msg)[1]
             if not msg or msg[0] in kinds:
                 return msg
 
@@ -98,7 +100,7 @@ def test_handoff_is_acked_then_served(master):
     client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")  # bytes waiting before handoff
     ids = master.handoff([server])
     msg = master.recv()
-    assert msg[0] == wire.ACK and wire.decode_ids(msg) == ids
+    assert msg[0] == wire.ACK and wire.decode_ids(msg)[0] == ids
     server.close()  # the master closes its copy on ack; the worker's copy serves the client
     data = b"".join(iter(lambda: client.recv(65536), b""))
     assert data.startswith(b"HTTP/1.1 200") and f"X-Worker-Pid: {master.proc.pid}".encode() in data
@@ -111,7 +113,7 @@ def test_handoff_is_acked_then_served(master):
 def test_batch_of_fds_in_one_message(master):
     pairs = [master.connection() for _ in range(wire.MAX_FDS_PER_MSG)]
     ids = master.handoff([s for _, s in pairs])
-    assert wire.decode_ids(master.recv()) == ids
+    assert wire.decode_ids(master.recv())[0] == ids
     for client, server in pairs:
         server.close()
     for client, _ in pairs:
@@ -129,7 +131,7 @@ def test_refuses_while_draining_and_master_keeps_the_fd(master):
     client, server = master.connection()
     ids = master.handoff([server])
     msg = master.recv((wire.ACK, wire.REFUSE))
-    assert msg[0] == wire.REFUSE and wire.decode_ids(msg) == ids
+    assert msg[0] == wire.REFUSE and wire.decode_ids(msg)[0] == ids
     client.sendall(b"ping")  # our copy is intact: another worker could serve it
     assert server.recv(4) == b"ping"
     client.close()
@@ -145,7 +147,7 @@ def test_truncated_fds_are_all_closed_and_refused(master):
     pairs = [master.connection() for _ in range(wire.MAX_FDS_PER_MSG + 6)]
     ids = master.handoff([s for _, s in pairs])  # more fds than the worker has room for: MSG_CTRUNC
     msg = master.recv()
-    assert msg[0] == wire.REFUSE and wire.decode_ids(msg) == ids
+    assert msg[0] == wire.REFUSE and wire.decode_ids(msg)[0] == ids
     assert fd_count(master.proc.pid) == baseline
     for client, server in pairs:  # still ours: the worker never touched them
         client.sendall(b"x")
@@ -159,7 +161,7 @@ def test_garbage_message_does_not_kill_the_worker(master):
     wire.send_fds(master.channel, b"H\x05", [os.open("/dev/null", os.O_RDONLY)])  # short handoff with an fd
     client, server = master.connection()
     ids = master.handoff([server])
-    assert wire.decode_ids(master.recv()) == ids
+    assert wire.decode_ids(master.recv())[0] == ids
     server.close()
     assert get(client).startswith(b"HTTP/1.1 200")
     client.close()
@@ -170,7 +172,7 @@ def test_no_fd_leaks_after_many_connections(master):
     def batch():
         pairs = [master.connection() for _ in range(40)]
         ids = master.handoff([s for _, s in pairs])
-        assert wire.decode_ids(master.recv()) == ids
+        assert wire.decode_ids(master.recv())[0] == ids
         for client, server in pairs:
             server.close()
         for client, _ in pairs:

@@ -214,7 +214,7 @@ def test_cli_bad_value_raises_config_error():
 def test_wire_codecs_roundtrip_and_reject_garbage():
     ids, fams = [1, 2, 4_000_000_000], [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX]
     assert wire.decode_handoff(wire.encode_handoff(ids, fams)) == (ids, fams)
-    assert wire.decode_ids(wire.encode_ids(wire.ACK, ids)) == ids
+    assert wire.decode_ids(wire.encode_ids(wire.ACK, ids, 5)) == (ids, 5)
     assert wire.decode_closed(wire.encode_closed(7)) == 7
     assert wire.decode_json(wire.encode_json(wire.BEAT, {"a": 1})) == {"a": 1}
     for bad in (b"H", wire.encode_handoff(ids, fams)[:-1], b"H\x05\x00"):

@@ -20,6 +20,9 @@ from workers.stats import RequestStats
 log = logging.getLogger("balancer.worker")
 
 BOOT_ERROR_EXIT = 3
+# Closes not carried by an ack go to the master after this long: the master's view of each worker's load
+# may lag by this much, and in return it reads one message per many closes instead of one per close.
+CLOSED_FLUSH_DELAY = 0.002
 
 
 def c_parser_in_use() -> bool:
@@ -44,6 +47,7 @@ class Worker:
         self.runner: web.AppRunner | None = None
         self.server = None
         self._closed_pending = 0
+        self._close_timer: asyncio.TimerHandle | None = None
         self._outbox: deque[bytes] = deque()
         self._deadlines: dict = {}  # protocol -> header deadline handle, until its first request
         limit = settings.get("max_requests", 0)
@@ -154,7 +158,8 @@ class Worker:
                 wire.close_all(fds)
                 self._send(wire.encode_ids(wire.REFUSE, ids))
                 return
-            self._send(wire.encode_ids(wire.ACK, ids))
+            closed, self._closed_pending = self._closed_pending, 0  # closes ride along with the ack
+            self._send(wire.encode_ids(wire.ACK, ids, closed))
             self._serve(fds, families)
         elif kind == wire.DRAIN:
             wire.close_all(fds)
@@ -286,15 +291,18 @@ class Worker:
         self.loop.remove_writer(self.channel.fileno())
 
     def _report_closed(self, n: int) -> None:
-        """Batch close reports: one message per loop iteration, however many connections closed."""
-        if not self._closed_pending:
-            self.loop.call_soon(self._flush_closed)
+        """Batch close reports: they ride on the next ack, or go alone after CLOSED_FLUSH_DELAY."""
+        if self._close_timer is None:
+            self._close_timer = self.loop.call_later(CLOSED_FLUSH_DELAY, self._flush_closed)
         self._closed_pending += n
         if self.draining and self.open == 0:
             self.idle.set()
 
     def _flush_closed(self) -> None:
         """Send the batched close count."""
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         n, self._closed_pending = self._closed_pending, 0
         if n:
             self._send(wire.encode_closed(n))
