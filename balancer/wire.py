@@ -25,6 +25,12 @@ MAX_FDS_PER_MSG = 64
 MAX_MSG_BYTES = 256 * 1024
 FD_ROOM = socket.CMSG_SPACE(MAX_FDS_PER_MSG * array.array("i").itemsize)
 
+# Plain ints: IntFlag arithmetic on every call showed up in profiles of the master's hot path.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_SEND_FLAGS = int(socket.MSG_DONTWAIT)
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
+
 _COUNT = struct.Struct("<BH")
 _IDS = struct.Struct("<BHI")  # type, id count, connections closed since the last report
 _CLOSED = struct.Struct("<BI")
@@ -104,21 +110,22 @@ def decode_json(msg: bytes) -> object:
 
 def send_fds(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
     """Send one message with fds attached; raises BlockingIOError when the channel is full."""
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sock.sendmsg([payload], anc, socket.MSG_DONTWAIT)
+    anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([payload], anc, _SEND_FLAGS)
 
 
 def recv_message(sock: socket.socket) -> tuple[bytes, list[int], bool]:
     """Receive one message: (payload, fds, truncated). Fds arrive close-on-exec."""
-    msg, anc, flags, _ = sock.recvmsg(MAX_MSG_BYTES, FD_ROOM, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+    msg, anc, flags, _ = sock.recvmsg(MAX_MSG_BYTES, FD_ROOM, _RECV_FLAGS)
+    if not anc:
+        return msg, [], bool(flags & _TRUNCATED)
     fds: list[int] = []
     for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             arr = array.array("i")
             arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
             fds.extend(arr)
-    truncated = bool(flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC))
-    return msg, fds, truncated
+    return msg, fds, bool(flags & _TRUNCATED)
 
 
 def close_all(fds: list[int]) -> None:
