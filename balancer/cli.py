@@ -25,20 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="balancer",
         description="Master-dispatch load balancer and process supervisor for aiohttp apps. "
                     "Subcommands: run (default), reload, scale N, stop, status.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"balancer {__version__}")
     for f in option_fields():
         meta = f.metadata
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         default = _default(f)
+        shown = " ".join(default) if isinstance(default, tuple) else default
         kwargs = {"dest": f.name, "help": meta["help"]}
+        if "default" not in meta["help"] and shown not in ("", None):
+            kwargs["help"] += f" (default: {shown})"
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["default"] = default
         elif meta.get("repeat"):
             kwargs.update(action="append", default=None, metavar=meta.get("metavar"))
-            kwargs["help"] += f" (default: {' '.join(default)})"
         else:
             kwargs.update(type=type(default), default=default, metavar=meta.get("metavar"))
             if meta.get("choices"):
