@@ -253,6 +253,8 @@ class Supervisor:
         try:
             await asyncio.wait_for(asyncio.shield(new.ready), self.config.boot_timeout)
         except (BootError, asyncio.TimeoutError) as exc:
+            if self.stopping:
+                return False  # shutdown interrupted the reload: nothing failed
             log.error("replacement for slot=%d failed (%s); keeping the old worker",
                       slot, exc or "not ready within --boot-timeout")
             self._kill_now(new)
@@ -320,7 +322,7 @@ class Supervisor:
         self.retiring.add(w)
         w.kill_at = time.monotonic() + self.config.graceful_timeout + KILL_GRACE
         try:
-            w.channel.send(bytes((wire.DRAIN,)), socket_flags())
+            wire.send_fds(w.channel, bytes((wire.DRAIN,)), [])
         except OSError:
             w.signal(signal.SIGTERM)  # channel full or gone: the signal does the same
 
@@ -392,11 +394,6 @@ class Supervisor:
             for w in self.processes():
                 w.signal(signal.SIGKILL)
             await asyncio.wait_for(self._all_gone.wait(), 5)
-
-
-def socket_flags() -> int:
-    """Flags for control sends from the master: never block."""
-    return wire.socket.MSG_DONTWAIT
 
 
 def rss_bytes(pid: int) -> int:
