@@ -24,6 +24,11 @@ async def slow(request: web.Request) -> web.Response:
     return web.Response(text="slow done\n", headers=_ident())
 
 
+async def nap(request: web.Request) -> web.Response:
+    await asyncio.sleep(float(request.query.get("s", "0.05")))
+    return web.Response(text="rested\n", headers=_ident())
+
+
 async def crash(request: web.Request) -> web.Response:
     raise RuntimeError("handler crashed on purpose")
 
@@ -49,6 +54,7 @@ def create_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", whoami)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/nap", nap)
     app.router.add_get("/crash", crash)
     app.router.add_get("/block", block)
     app.router.add_get("/exit", exit_worker)
