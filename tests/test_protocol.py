@@ -208,3 +208,11 @@ def test_boot_error_message_and_exit_code():
     assert "RuntimeError: database URL not configured" in wire.decode_json(msg)
     assert m.proc.wait(10) == 3
     m.close()
+
+
+def test_ready_reports_the_c_http_parser():
+    m = FakeMaster()
+    body = m.wait_ready()
+    assert body["pid"] == m.proc.pid
+    assert body["c_parser"] is True, "aiohttp's C parser must be in use (the Python one accepts 'chunked, chunked')"
+    m.close()
