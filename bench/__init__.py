@@ -1,0 +1,1 @@
+"""Benchmark harness: balancer against its peers (see bench/README.md). Run with `python -m bench`."""
