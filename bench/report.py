@@ -1,0 +1,277 @@
+"""Turn the cells of a run into a markdown table, a PNG chart and PASS/MISS lines for the targets."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+# (label, short label for the chart, workload, figure, peer, comparison, threshold).
+# figure: rps | p99 | leader_us (balancer master CPU per request: per new connection in hello-close).
+TARGETS = [
+    ("hello keep-alive req/s >= 1.05x gunicorn-uvloop", "keep-alive / gunicorn-uvloop",
+     "hello-keepalive", "rps", "gunicorn-uvloop", ">=", 1.05),
+    ("hello keep-alive req/s >= 1.0x reuseport", "keep-alive / reuseport",
+     "hello-keepalive", "rps", "reuseport", ">=", 1.0),
+    ("hello new-connection req/s >= 1.10x gunicorn-uvloop", "new-conn / gunicorn-uvloop",
+     "hello-close", "rps", "gunicorn-uvloop", ">=", 1.10),
+    ("hello new-connection req/s >= 1.4x node-cluster", "new-conn / node-cluster",
+     "hello-close", "rps", "node-cluster", ">=", 1.4),
+    ("template req/s >= 1.9x single", "template / single", "template", "rps", "single", ">=", 1.9),
+    ("skewed p99 <= 0.7x gunicorn", "skewed p99 / gunicorn", "skewed", "p99", "gunicorn", "<=", 0.7),
+    ("master CPU <= 15 us per new connection", "master us / new conn",
+     "hello-close", "leader_us", None, "<=", 15.0),
+]
+SUBJECT = "balancer"
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def aggregate(data: dict) -> dict[tuple[str, str], dict]:
+    """Per (system, workload): medians over the rounds that ran, error totals, CPU per process position."""
+    out: dict[tuple[str, str], dict] = {}
+    for system in data["systems"]:
+        for w in data["workloads"]:
+            cells = [c for c in data["cells"] if c["system"] == system and c["workload"] == w["name"]]
+            ok = [c for c in cells if c["ok"]]
+            agg = {"runs": len(cells), "ok": len(ok), "crashed": any(c.get("crashed") for c in cells),
+                   "failed": len(cells) - len(ok), "notes": sorted({c.get("note", "") for c in cells} - {""}),
+                   "errors_list": [c["error"] for c in cells if not c["ok"] and c.get("error")]}
+            if ok:
+                rps = [c["rps"] for c in ok]
+                agg.update(
+                    rps=_median(rps), rps_min=min(rps), rps_max=max(rps),
+                    p50=_median([c["latency_us"]["p50"] for c in ok]),
+                    p99=_median([c["latency_us"]["p99"] for c in ok]),
+                    p99_list=[c["latency_us"]["p99"] for c in ok],
+                    socket_errors=sum(c["errors"]["socket"] for c in ok),
+                    non2xx=sum(c["errors"]["non2xx"] for c in ok),
+                    requests=sum(c["requests"] for c in ok),
+                    leader_us=_median([c["leader_us_per_request"] for c in ok if "leader_us_per_request" in c]),
+                    loadgen_pct=_median([100 * c["loadgen_cpu_s"] / c["duration_s"] for c in ok if c["duration_s"]]),
+                )
+                # CPU by position: leader first, then workers busiest first; median per position over rounds.
+                width = max(len(c["processes"]) for c in ok)
+                cpu = []
+                for i in range(width):
+                    vals = [c["processes"][i]["cpu_pct"] for c in ok if i < len(c["processes"])]
+                    role = next(c["processes"][i]["role"] for c in ok if i < len(c["processes"]))
+                    cpu.append((role, _median(vals)))
+                agg["cpu"] = cpu
+                agg["cpu_total"] = _median([sum(p["cpu_pct"] for p in c["processes"]) for c in ok])
+            out[(system, w["name"])] = agg
+    return out
+
+
+def _figure(agg: dict, figure: str) -> float | None:
+    return agg.get(figure) if agg else None
+
+
+def targets(data: dict) -> list[dict]:
+    agg = aggregate(data)
+    rows = []
+    for label, short, workload, figure, peer, op, threshold in TARGETS:
+        mine = _figure(agg.get((SUBJECT, workload)), figure)
+        row = {"label": label, "short": short, "workload": workload, "figure": figure, "peer": peer, "op": op,
+               "threshold": threshold, "value": None, "status": "n/a", "detail": ""}
+        if peer is None:
+            if mine is not None:
+                row["value"] = mine
+                row["detail"] = f"{mine:.1f} us"
+        else:
+            theirs = _figure(agg.get((peer, workload)), figure)
+            if mine is not None and theirs:
+                row["value"] = mine / theirs
+                unit = " req/s" if figure == "rps" else " ms"
+                scale = 1 if figure == "rps" else 1e-3
+                row["detail"] = (f"{row['value']:.2f}x ({SUBJECT} {mine * scale:,.{0 if figure == 'rps' else 2}f} vs "
+                                 f"{peer} {theirs * scale:,.{0 if figure == 'rps' else 2}f}{unit})")
+        if row["value"] is not None:
+            passed = row["value"] >= threshold if op == ">=" else row["value"] <= threshold
+            row["status"] = "PASS" if passed else "MISS"
+        rows.append(row)
+    return rows
+
+
+def target_lines(data: dict) -> list[str]:
+    return [f"{t['status']:4} {t['label']}: {t['detail'] or 'not measured in this run'}" for t in targets(data)]
+
+
+def _ms(us: float | None) -> str:
+    return "-" if us is None else f"{us / 1000:.2f}"
+
+
+def _cpu(agg: dict) -> str:
+    if not agg.get("cpu"):
+        return "-"
+    leaders = [f"{role} {pct:.0f}" for role, pct in agg["cpu"] if role != "worker"]
+    workers = [f"{pct:.0f}" for role, pct in agg["cpu"] if role == "worker"]
+    parts = leaders + ([("worker " if len(workers) == 1 else "workers ") + " + ".join(workers)] if workers else [])
+    return " / ".join(parts)
+
+
+def _header(data: dict) -> list[str]:
+    env = data["env"]
+    return [
+        f"Command: `{env['command']}` ({env['mode']} run: {env['rounds']} round(s) x {env['duration_s']} s per cell, "
+        f"{env['workers']} workers per system, wrk -t{env['threads']} -c{env['connections']}; "
+        f"{env['elapsed_s'] / 60:.1f} min, {env['started']}).",
+        f"Machine: {env['cpu']}, {env['cores']} cores, Linux {env['kernel']}; Python {env['python']}, "
+        f"aiohttp {env['aiohttp']}, {env['gunicorn']}, node {env['node']}, {env['wrk']}; commit {env['commit']}.",
+        "Load generator and servers share the same cores (loopback).",
+    ]
+
+
+def _targets_table(data: dict) -> list[str]:
+    lines = ["| target | result | measured |", "|---|---|---|"]
+    for t in targets(data):
+        lines.append(f"| {t['label']} | {t['status']} | {t['detail'] or 'not measured'} |")
+    return lines
+
+
+def _summary_table(data: dict, agg: dict) -> list[str]:
+    wls = data["workloads"]
+    head = ["system"] + [f"{w['name']} {'req/s' if w['key'] == 'rps' else 'p99 ms'}" for w in wls] + ["errors", "crashed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for system in data["systems"]:
+        row = [f"**{system}**" if system == SUBJECT else system]
+        errors, crashed = 0, False
+        for w in wls:
+            a = agg[(system, w["name"])]
+            crashed |= a["crashed"] or a["failed"] > 0
+            if a.get("rps") is None:
+                row.append("failed")
+                continue
+            errors += a["socket_errors"] + a["non2xx"]
+            row.append(f"{a['rps']:,.0f}" if w["key"] == "rps" else _ms(a["p99"]))
+        row += [str(errors), "yes" if crashed else "no"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _workload_table(data: dict, agg: dict, w: dict) -> list[str]:
+    lines = ["| system | req/s | range | p50 ms | p99 ms | errors (socket + non-2xx) | CPU % of a core per process "
+             "| total CPU % | leader us/req | load gen CPU % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for system in data["systems"]:
+        a = agg[(system, w["name"])]
+        name = f"**{system}**" if system == SUBJECT else system
+        if a.get("rps") is None:
+            lines.append(f"| {name} | failed: {'; '.join(a['errors_list'])[:120] or '?'} |  |  |  |  |  |  |  |  |")
+            continue
+        flag = " (crashed)" if a["crashed"] else ""
+        leader = "-" if a["leader_us"] is None else f"{a['leader_us']:.1f}"
+        lines.append(
+            f"| {name}{flag} | {a['rps']:,.0f} | {a['rps_min']:,.0f}-{a['rps_max']:,.0f} | {_ms(a['p50'])} | "
+            f"{_ms(a['p99'])} | {a['socket_errors']} + {a['non2xx']} | {_cpu(a)} | {a['cpu_total']:.0f} | "
+            f"{leader} | {a['loadgen_pct']:.0f} |")
+    return lines
+
+
+def markdown(data: dict) -> str:
+    agg = aggregate(data)
+    lines = ["# Benchmark results", "", *_header(data), "",
+             "## Targets (balancer, medians of this run; reported, not asserted)", "", *_targets_table(data),
+             "", "## Summary (median over rounds)", "", *_summary_table(data, agg)]
+    for w in data["workloads"]:
+        lines += ["", f"## {w['name']}: {w['title']}", "", *_workload_table(data, agg, w)]
+    notes = sorted({n for a in agg.values() for n in a["notes"]})
+    lines += [
+        "",
+        "Columns: req/s = requests completed / run time (median; range = min-max over rounds). Latency is per "
+        "request (wrk's coordinated-omission correction undone; open loop: from each request's scheduled send "
+        "time). CPU = utime+stime from /proc of every process of the system during the cell, % of one core; "
+        "leader = balancer master / gunicorn arbiter / node primary / reuseport launcher; leader us/req = its "
+        "CPU microseconds per request, which in hello-close is per new connection.",
+        "",
+        "Systems: " + "; ".join(f"{n} = {d}" for n, d in data["descriptions"].items()) + ".",
+    ]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(data: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(data)
+    wls = data["workloads"]
+    systems = data["systems"]
+    n = len(wls) + 1
+    cols = 3
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(15, 4.2 * rows), squeeze=False)
+    colors = ["#d62728" if s == SUBJECT else "#7f7f7f" for s in systems]
+    for ax, w in zip(axes.flat, wls):
+        key = w["key"]
+        vals, lo, hi = [], [], []
+        for s in systems:
+            a = agg[(s, w["name"])]
+            if key == "rps":
+                v = a.get("rps") or 0.0
+                vals.append(v)
+                lo.append(v - (a.get("rps_min") or v))
+                hi.append((a.get("rps_max") or v) - v)
+            else:
+                ps = [p / 1000 for p in a.get("p99_list", [])]
+                v = (a.get("p99") or 0) / 1000
+                vals.append(v)
+                lo.append(v - min(ps) if ps else 0)
+                hi.append(max(ps) - v if ps else 0)
+        ax.bar(range(len(systems)), vals, color=colors, yerr=[lo, hi], capsize=3)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:,.0f}" if key == "rps" else f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(systems)))
+        ax.set_xticklabels(systems, rotation=25, ha="right", fontsize=8)
+        ax.set_title(f"{w['name']}: " + ("req/s (higher is better)" if key == "rps" else "p99 ms (lower is better)"),
+                     fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes.flat[len(wls)]
+    rows_t = [t for t in targets(data) if t["value"] is not None]
+    margins = [(t["value"] / t["threshold"]) if t["op"] == ">=" else (t["threshold"] / t["value"] if t["value"] else 0)
+               for t in rows_t]
+    ax.barh(range(len(rows_t)), margins, color=["#2ca02c" if t["status"] == "PASS" else "#ff7f0e" for t in rows_t])
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_yticks(range(len(rows_t)))
+    ax.set_yticklabels([f"{t['short']} {t['op']} {t['threshold']:g}" for t in rows_t], fontsize=8)
+    ax.invert_yaxis()
+    for i, t in enumerate(rows_t):
+        ax.text(margins[i], i, f" {t['value']:.2f}{'x' if t['peer'] else ' us'}", va="center", fontsize=8)
+    ax.set_xlim(0, max(margins + [1.0]) * 1.25)
+    ax.set_title("balancer targets: margin (>= 1 is PASS)", fontsize=10)
+    for extra in axes.flat[len(wls) + 1:]:
+        extra.axis("off")
+    env = data["env"]
+    fig.suptitle(f"balancer vs peers: {env['workers']} workers, {env['rounds']} round(s) x {env['duration_s']} s, "
+                 f"{env['cores']} cores, `{env['command']}`", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(data: dict, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, png = out / "results.md", out / "results.png"
+    md.write_text(markdown(data))
+    chart(data, png)
+    return md, png
+
+
+START, END = "<!-- latest-results:start -->", "<!-- latest-results:end -->"
+
+
+def update_readme(data: dict, readme: Path) -> bool:
+    """Replace the block between the latest-results markers in bench/README.md with this run's
+    command, targets and summary; the per-workload tables stay in results/results.md."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    body = [START, *_header(data), "", "### Targets", "", *_targets_table(data), "",
+            "### Summary (median over rounds)", "", *_summary_table(data, aggregate(data)), "",
+            "![benchmark chart](results/results.png)", "",
+            "Per-workload tables (p50/p99, errors, CPU per process): [results/results.md](results/results.md).", END]
+    head, rest = text.split(START, 1)
+    readme.write_text(head + "\n".join(body) + rest.split(END, 1)[1])
+    return True

@@ -1,0 +1,243 @@
+"""Benchmark balancer against its peers; see bench/README.md.
+
+  python -m bench                 # full run: 3 rounds x 10 s per cell, writes bench/results/results.{md,png}
+  python -m bench --quick         # 1 round x 5 s, writes bench/results/tmp/quick/
+  python -m bench --smoke         # 1 round x 1 s, no warm-up, writes bench/results/tmp/smoke/ (the test suite)
+
+Each round starts every system (own process group, own free port in 18000-18999), waits until each worker
+answers, warms up, then runs every workload on every system (system order rotated each round to spread
+noise), then stops them all. Progress goes to stderr; the table, chart and raw JSON to the output directory.
+Targets are reported as PASS/MISS; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+from bench.procstat import cpu_delta
+from bench.systems import REPO, SPECS, Running
+from bench.workloads import all_workloads
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1 round x 5 s per cell, output under results/tmp/quick")
+    mode.add_argument("--smoke", action="store_true",
+                      help="1 round x 1 s per cell, no warm-up, output under results/tmp/smoke")
+    p.add_argument("--rounds", type=int, help="rounds (default 3; quick/smoke 1)")
+    p.add_argument("--duration", type=int, help="seconds per cell (default 10; quick 5; smoke 1)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes for every system (default 2)")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to servers)")
+    p.add_argument("--systems", default=",".join(SPECS), help=f"comma list (default all: {','.join(SPECS)})")
+    p.add_argument("--workloads", default="", help="comma list of workload names (default all)")
+    p.add_argument("--slow-share", type=float, default=0.005,
+                   help="skewed mix: share of requests that sleep (default 0.005, see README)")
+    p.add_argument("--slow-ms", default="50-100", help="skewed mix: sleep range in ms (default 50-100)")
+    p.add_argument("--open-rate", type=float, default=500.0,
+                   help="open-loop workload: requests per second of the template page (default 500)")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up per system per round (default 2; smoke 0)")
+    p.add_argument("--out", type=Path, help="output directory (default results/, or results/tmp/<mode>/)")
+    args = p.parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    args.mode = mode
+    args.rounds = args.rounds or {"full": 3, "quick": 1, "smoke": 1}[mode]
+    args.duration = args.duration or {"full": 10, "quick": 5, "smoke": 1}[mode]
+    args.warmup = args.warmup if args.warmup is not None else {"full": 2.0, "quick": 1.0, "smoke": 0.0}[mode]
+    args.out = args.out or (RESULTS if mode == "full" else RESULTS / "tmp" / mode)
+    lo, _, hi = args.slow_ms.partition("-")
+    args.slow_ms = (int(lo), int(hi or lo))
+    args.system_names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in args.system_names if s not in SPECS]
+    if unknown:
+        p.error(f"unknown system(s) {unknown}; known: {list(SPECS)}")
+    names = [w.name for w in all_workloads(args)]
+    args.workload_names = [w.strip() for w in args.workloads.split(",") if w.strip()] or names
+    unknown = [w for w in args.workload_names if w not in names]
+    if unknown:
+        p.error(f"unknown workload(s) {unknown}; known: {names}")
+    return args
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def environment(args: argparse.Namespace, argv: list[str]) -> dict:
+    import aiohttp
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    return {
+        "command": "python -m bench" + ("" if not argv else " " + shlex.join(argv)),
+        "mode": args.mode, "rounds": args.rounds, "duration_s": args.duration, "workers": args.workers,
+        "connections": args.connections, "threads": args.threads, "open_rate": args.open_rate,
+        "slow_share": args.slow_share, "slow_ms": list(args.slow_ms), "warmup_s": args.warmup,
+        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+        "python": platform.python_version(), "aiohttp": aiohttp.__version__,
+        "gunicorn": _version([sys.executable, "-m", "gunicorn", "--version"]),
+        "node": _version(["node", "--version"]), "wrk": _version(["wrk", "--version"]).split(" [")[0],
+        "commit": _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def check_tools() -> None:
+    missing = [t for t in ("wrk", "node") if shutil.which(t) is None]
+    if missing:
+        raise SystemExit(f"missing tool(s) {missing}: apt-get install -y wrk nodejs")
+
+
+def start_all(systems: list[Running]) -> None:
+    for s in systems:
+        s.start()
+    for s in systems:
+        s.wait_ready()
+        note = f" ({s.note})" if s.note else ""
+        progress(f"  {s.name} ready on :{s.port}, pids {sorted(s.processes())}{note}")
+
+
+def warm_up(system: Running, args: argparse.Namespace, workdir: Path) -> None:
+    from bench import loadgen
+    for path in ("/", "/template"):
+        loadgen.run_wrk(f"http://127.0.0.1:{system.port}{path}", max(1, int(args.warmup / 2)), 16, 1, workdir,
+                        f"warmup-{system.name}")
+
+
+def run_cell(system: Running, workload, args: argparse.Namespace, workdir: Path, rnd: int) -> dict:
+    """One workload on one system, with CPU accounting of every process in the system's group."""
+    cell = {"round": rnd, "system": system.name, "workload": workload.name, "ok": False}
+    before = system.processes()
+    t0 = time.monotonic()
+    try:
+        res = workload.run(system.port, args, workdir, f"r{rnd}-{system.name}-{workload.name}")
+    except Exception as exc:  # noqa: BLE001 - a failed cell is reported, not fatal
+        cell["error"] = f"{type(exc).__name__}: {exc}"
+        res = None
+    wall = time.monotonic() - t0
+    after = system.processes()
+    delta = cpu_delta(before, after)
+    gone = sorted(set(before) - set(after))
+    span = res["duration_s"] if res else wall
+    cell["processes"] = [{"pid": pid, "role": system.role(pid), "comm": after[pid][1], "cpu_s": round(d, 3),
+                          "cpu_pct": round(100 * d / span, 1) if span else 0.0}
+                         for pid, d in sorted(delta.items(), key=lambda kv: (system.role(kv[0]) != system.spec.leader, -kv[1]))]
+    cell["exited_pids"] = gone
+    cell["crashed"] = not system.alive() or bool(gone)
+    if res:
+        cell.update(res)
+        cell["ok"] = True
+        leader = [p for p in cell["processes"] if p["role"] == system.spec.leader]
+        if leader and res["requests"]:
+            cell["leader_us_per_request"] = round(leader[0]["cpu_s"] / res["requests"] * 1e6, 2)
+    return cell
+
+
+def describe(cell: dict) -> str:
+    if not cell["ok"]:
+        return "FAILED: " + cell.get("error", "?")
+    lat = cell["latency_us"]
+    err = cell["errors"]["socket"] + cell["errors"]["non2xx"]
+    cpu = " ".join(f"{p['role'][0]}{p['cpu_pct']:.0f}%" for p in cell["processes"])
+    crash = " CRASHED" if cell["crashed"] else ""
+    return (f"{cell['rps']:,.0f} req/s  p50 {lat['p50'] / 1000:.2f} ms  p99 {lat['p99'] / 1000:.2f} ms  "
+            f"errors {err}  cpu {cpu}{crash}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    check_tools()
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = RESULTS / "tmp" / f"work-{args.mode}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = environment(args, argv)
+    workloads = [w for w in all_workloads(args) if w.name in args.workload_names]
+    order = list(args.system_names)
+    cells: list[dict] = []
+    total = args.rounds * len(order) * len(workloads)
+    progress(f"bench: {args.mode} run, {args.rounds} round(s) x {len(workloads)} workload(s) x {len(order)} "
+             f"system(s), {args.duration} s per cell, {args.workers} workers; ~"
+             f"{total * (args.duration + 0.5) / 60:.1f} min of load")
+    started = time.monotonic()
+    done = 0
+    for rnd in range(1, args.rounds + 1):
+        k = (rnd - 1) % len(order)
+        names = order[k:] + order[:k]
+        tag = f"[round {rnd}/{args.rounds}]"
+        progress(f"{tag} starting {', '.join(names)}")
+        systems = [Running(SPECS[n], args.workers, workdir) for n in names]
+        try:
+            try:
+                start_all(systems)
+            except RuntimeError as exc:
+                progress(f"{tag} start failed: {exc}")
+                for s in systems:
+                    for w in workloads:
+                        cells.append({"round": rnd, "system": s.name, "workload": w.name, "ok": False,
+                                      "crashed": not s.alive(), "error": str(exc).splitlines()[0]})
+                continue
+            if args.warmup > 0:
+                for s in systems:
+                    progress(f"{tag} {s.name} warm-up ...")
+                    warm_up(s, args, workdir)
+            for w in workloads:
+                for s in systems:
+                    done += 1
+                    progress(f"{tag} ({done}/{total}) {s.name} {w.name} ...")
+                    if not s.alive():
+                        progress(f"{tag} {s.name} is down; restarting it")
+                        s.stop()
+                        s.start()
+                        s.wait_ready()
+                    cell = run_cell(s, w, args, workdir, rnd)
+                    cell["note"] = s.note
+                    cells.append(cell)
+                    progress(f"{tag}     {describe(cell)}")
+        finally:
+            for s in systems:
+                s.stop()
+    env["elapsed_s"] = round(time.monotonic() - started, 1)
+    data = {"env": env, "workloads": [w.__dict__ for w in workloads], "systems": order,
+            "descriptions": {n: SPECS[n].description for n in order}, "cells": cells}
+    raw = RESULTS / "tmp" / f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    raw.write_text(json.dumps(data, indent=1))
+    md, png = report.write(data, args.out)
+    progress(f"bench: done in {env['elapsed_s'] / 60:.1f} min; table {md}, chart {png}, raw {raw}")
+    if args.out.resolve() == RESULTS.resolve() and report.update_readme(data, HERE / "README.md"):
+        progress("bench: updated the latest-results section of bench/README.md")
+    for line in report.target_lines(data):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

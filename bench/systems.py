@@ -1,0 +1,202 @@
+"""The systems under test: how to start each one, know it is ready, account its processes, stop it.
+
+Every system serves bench.apps (or its Node.js equivalent) on 127.0.0.1:<port in 18000-18999>, runs in its
+own process group (start_new_session=True) and is stopped by signalling that group only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procstat import group_cpu
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+HOST = "127.0.0.1"
+PORTS = range(18000, 19000)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A kind of system: a name, what its first process is called, and its command line."""
+    name: str
+    leader: str                 # role of the process we start: master, arbiter, primary, launcher, server
+    description: str
+    ready_line: str = ""        # a log line that means "serving" (besides answering from every worker)
+
+    def command(self, port: int, workers: int) -> list[str]:
+        py = sys.executable
+        if self.name == "balancer":
+            return [py, "-m", "balancer", "--backend", "bench.apps:handler", "--app-dir", str(REPO),
+                    "--workers", str(workers), "--bind", f"{HOST}:{port}", "--metrics-bind", "none",
+                    "--control-socket", str(REPO / "bench" / "results" / "tmp" / f"balancer-{port}.sock")]
+        if self.name == "single":
+            return [py, "-m", "bench.aiohttp_server", "--host", HOST, "--port", str(port)]
+        if self.name == "reuseport":
+            return [py, "-m", "bench.aiohttp_server", "--host", HOST, "--port", str(port),
+                    "--reuseport", str(workers)]
+        if self.name in ("gunicorn", "gunicorn-uvloop"):
+            worker = "aiohttp.GunicornUVLoopWebWorker" if self.name.endswith("uvloop") else "aiohttp.GunicornWebWorker"
+            return [py, "-m", "gunicorn", "bench.gunicorn_app:app", "--bind", f"{HOST}:{port}",
+                    "--workers", str(workers), "--worker-class", worker, "--log-level", "warning"]
+        if self.name == "node-cluster":
+            return ["node", str(HERE / "node_cluster.js"), "--host", HOST, "--port", str(port),
+                    "--workers", str(workers)]
+        raise ValueError(self.name)
+
+    def worker_count(self, workers: int) -> int:
+        return 1 if self.name == "single" else workers
+
+
+SPECS = {s.name: s for s in [
+    Spec("balancer", "master", "balancer master + N aiohttp workers (uvloop), fds handed over SCM_RIGHTS",
+         ready_line="workers serving on"),
+    Spec("single", "server", "one aiohttp process (uvloop), web.run_app"),
+    Spec("reuseport", "launcher", "N aiohttp processes (uvloop) on one port with SO_REUSEPORT"),
+    Spec("gunicorn", "arbiter", "gunicorn, N x aiohttp.GunicornWebWorker (asyncio loop)"),
+    Spec("gunicorn-uvloop", "arbiter", "gunicorn, N x aiohttp.GunicornUVLoopWebWorker"),
+    Spec("node-cluster", "primary", "Node.js cluster (http, default round-robin scheduling), N workers",
+         ready_line="workers serving on"),
+]}
+
+
+def free_port() -> int:
+    """A port in 18000-18999 nobody is listening on right now (checked by binding it)."""
+    for port in random.sample(PORTS, len(PORTS)):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 18000-18999")
+
+
+def http_get(port: int, path: str = "/", timeout: float = 1.0) -> tuple[int, dict[str, str]]:
+    """One GET on a fresh connection: (status, lower-cased headers)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    if not head or len(head[0].split()) < 2:
+        raise ConnectionError("no HTTP response")
+    headers = {}
+    for line in head[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return int(head[0].split()[1]), headers
+
+
+@dataclass
+class Running:
+    """One started system."""
+    spec: Spec
+    workers: int
+    logdir: Path
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    note: str = ""
+    worker_pids: set[int] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid  # start_new_session: the leader's pid is the group id
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.log = self.logdir / f"{self.name}-{self.port}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(self.spec.command(self.port, self.workers), stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Ready = the ready log line (if the system has one) and an answer from each of its workers.
+
+        Kernel-balanced systems may keep answering from the same worker for a while; after 3 s of answers
+        we settle for the worker processes existing and note it."""
+        deadline = time.monotonic() + timeout
+        want = self.spec.worker_count(self.workers)
+        first_answer = None
+        while True:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting:\n"
+                                   + self.log_tail())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s (answers from "
+                                   f"{len(self.worker_pids)}/{want} workers):\n" + self.log_tail())
+            if self.spec.ready_line and self.spec.ready_line not in self.log_tail(100_000):
+                time.sleep(0.05)
+                continue
+            try:
+                status, headers = http_get(self.port)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            if status == 200 and headers.get("x-worker-pid", "").isdigit():
+                self.worker_pids.add(int(headers["x-worker-pid"]))
+                first_answer = first_answer or time.monotonic()
+            if len(self.worker_pids) >= want:
+                return
+            if first_answer and time.monotonic() - first_answer > 3.0:
+                if len(self.processes()) >= want + (0 if self.name == "single" else 1):
+                    self.note = f"only {len(self.worker_pids)}/{want} workers answered the readiness probe"
+                    return
+            time.sleep(0.01)
+
+    def processes(self) -> dict[int, tuple[float, str]]:
+        """CPU seconds so far of every process in the system's group."""
+        return group_cpu(self.pgid)
+
+    def role(self, pid: int) -> str:
+        return self.spec.leader if pid == self.pgid else "worker"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the group, wait for the leader, SIGKILL the group if anything is left."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 2.0
+        while group_cpu(self.pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if group_cpu(self.pgid):
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)

@@ -1,0 +1,62 @@
+"""The benchmark harness in smoke mode: every system x every workload for ~1 s, one round.
+
+Checks the harness itself works (a table and a chart with a row per system, no crashed or failed system,
+PASS/MISS lines printed); it asserts no speed.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = ["balancer", "single", "reuseport", "gunicorn", "gunicorn-uvloop", "node-cluster"]
+WORKLOADS = ["hello-keepalive", "hello-close", "template", "skewed", "open-loop"]
+
+
+def _missing() -> list[str]:
+    missing = [tool for tool in ("wrk", "node") if shutil.which(tool) is None]
+    for module in ("gunicorn", "matplotlib"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    return missing
+
+
+@pytest.mark.timeout(100)
+def test_bench_smoke(tmp_path: Path) -> None:
+    missing = _missing()
+    if missing:
+        pytest.skip(f"benchmark tools missing: {missing} (apt-get install wrk; pip install -e '.[bench]')")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=85)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[round 1/1]" in proc.stderr  # the progress display
+
+    md = (tmp_path / "results.md").read_text()
+    png = tmp_path / "results.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in summary.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 2 and cells[0].strip("*") in SYSTEMS:
+            rows[cells[0].strip("*")] = cells
+    assert sorted(rows) == sorted(SYSTEMS), summary
+    for system, cells in rows.items():
+        assert cells[-1] == "no", f"{system} crashed or failed a cell:\n{md}"
+        assert "failed" not in cells, f"{system} failed a cell:\n{md}"
+    for workload in WORKLOADS:
+        section = md.split(f"## {workload}:", 1)[1].split("\n## ", 1)[0]
+        for system in SYSTEMS:
+            assert re.search(rf"^\| \**{re.escape(system)}\** \| [\d,]+ \|", section, re.M), (workload, system, section)
+
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(("PASS ", "MISS ", "n/a "))]
+    assert len(lines) == 7, proc.stdout
