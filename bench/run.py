@@ -85,6 +85,17 @@ def _version(cmd: list[str]) -> str:
         return "?"
 
 
+def _dirty() -> str:
+    """' + uncommitted changes in ...' when the code under test differs from the commit."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "balancer", "workers"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    paths = sorted({line[3:].strip() for line in out.splitlines() if line.strip()})
+    return f" + uncommitted changes in {', '.join(paths)}" if paths else ""
+
+
 def environment(args: argparse.Namespace, argv: list[str]) -> dict:
     import aiohttp
     cpu = "?"
@@ -105,7 +116,7 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict:
         "python": platform.python_version(), "aiohttp": aiohttp.__version__,
         "gunicorn": _version([sys.executable, "-m", "gunicorn", "--version"]),
         "node": _version(["node", "--version"]), "wrk": _version(["wrk", "--version"]).split(" [")[0],
-        "commit": _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "commit": _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]) + _dirty(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
 
