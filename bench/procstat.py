@@ -37,3 +37,12 @@ def cpu_delta(before: dict[int, tuple[float, str]], after: dict[int, tuple[float
     """CPU seconds each process used between two snapshots (a process born in between counts from zero;
     one that died in between is missing: its last interval cannot be read)."""
     return {pid: cpu - before.get(pid, (0.0, ""))[0] for pid, (cpu, _) in after.items()}
+
+
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, idle, steal) CPU seconds of the whole machine so far, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / TICK, (idle + iowait) / TICK, steal / TICK

@@ -48,7 +48,9 @@ def aggregate(data: dict) -> dict[tuple[str, str], dict]:
                     socket_errors=sum(c["errors"]["socket"] for c in ok),
                     non2xx=sum(c["errors"]["non2xx"] for c in ok),
                     requests=sum(c["requests"] for c in ok),
-                    leader_us=_median([c["leader_us_per_request"] for c in ok if "leader_us_per_request" in c]),
+                    leader_us=_median([c["leader_us_per_request"] for c in ok if "leader_us_per_request" in c
+                                       and c["processes"] and c["processes"][0]["role"] != "server"]),
+                    other_pct=_median([c["machine"]["other_pct"] for c in ok if "other_pct" in c.get("machine", {})]),
                     loadgen_pct=_median([100 * c["loadgen_cpu_s"] / c["duration_s"] for c in ok if c["duration_s"]]),
                 )
                 # CPU by position: leader first, then workers busiest first; median per position over rounds.
@@ -152,19 +154,20 @@ def _summary_table(data: dict, agg: dict) -> list[str]:
 
 def _workload_table(data: dict, agg: dict, w: dict) -> list[str]:
     lines = ["| system | req/s | range | p50 ms | p99 ms | errors (socket + non-2xx) | CPU % of a core per process "
-             "| total CPU % | leader us/req | load gen CPU % |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| total CPU % | leader us/req | load gen CPU % | other CPU % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for system in data["systems"]:
         a = agg[(system, w["name"])]
         name = f"**{system}**" if system == SUBJECT else system
         if a.get("rps") is None:
-            lines.append(f"| {name} | failed: {'; '.join(a['errors_list'])[:120] or '?'} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {name} | failed: {'; '.join(a['errors_list'])[:120] or '?'} |  |  |  |  |  |  |  |  |  |")
             continue
         flag = " (crashed)" if a["crashed"] else ""
         leader = "-" if a["leader_us"] is None else f"{a['leader_us']:.1f}"
+        other = "-" if a["other_pct"] is None else f"{a['other_pct']:.0f}"
         lines.append(
             f"| {name}{flag} | {a['rps']:,.0f} | {a['rps_min']:,.0f}-{a['rps_max']:,.0f} | {_ms(a['p50'])} | "
             f"{_ms(a['p99'])} | {a['socket_errors']} + {a['non2xx']} | {_cpu(a)} | {a['cpu_total']:.0f} | "
-            f"{leader} | {a['loadgen_pct']:.0f} |")
+            f"{leader} | {a['loadgen_pct']:.0f} | {other} |")
     return lines
 
 
@@ -182,7 +185,10 @@ def markdown(data: dict) -> str:
         "request (wrk's coordinated-omission correction undone; open loop: from each request's scheduled send "
         "time). CPU = utime+stime from /proc of every process of the system during the cell, % of one core; "
         "leader = balancer master / gunicorn arbiter / node primary / reuseport launcher; leader us/req = its "
-        "CPU microseconds per request, which in hello-close is per new connection.",
+        "CPU microseconds per request, which in hello-close is per new connection. other CPU = whole-machine "
+        "busy time (/proc/stat) minus the system's and the load generator's: interference from outside the "
+        "benchmark (this is a VM: time the host takes away does not show as steal, it slows everything "
+        "down; the per-round ranges show it).",
         "",
         "Systems: " + "; ".join(f"{n} = {d}" for n, d in data["descriptions"].items()) + ".",
     ]

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench import report
-from bench.procstat import cpu_delta
+from bench.procstat import cpu_delta, machine_cpu
 from bench.systems import REPO, SPECS, Running
 from bench.workloads import all_workloads
 
@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="open-loop workload: requests per second of the template page (default 500)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per system per round (default 2; smoke 0)")
     p.add_argument("--out", type=Path, help="output directory (default results/, or results/tmp/<mode>/)")
+    p.add_argument("--report", type=Path, metavar="RAW.json",
+                   help="run nothing: redo the table and chart from a raw JSON of an earlier run "
+                        "(into --out, default results/tmp/report/)")
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.mode = mode
@@ -147,6 +150,7 @@ def run_cell(system: Running, workload, args: argparse.Namespace, workdir: Path,
     """One workload on one system, with CPU accounting of every process in the system's group."""
     cell = {"round": rnd, "system": system.name, "workload": workload.name, "ok": False}
     before = system.processes()
+    m0 = machine_cpu()
     t0 = time.monotonic()
     try:
         res = workload.run(system.port, args, workdir, f"r{rnd}-{system.name}-{workload.name}")
@@ -154,6 +158,7 @@ def run_cell(system: Running, workload, args: argparse.Namespace, workdir: Path,
         cell["error"] = f"{type(exc).__name__}: {exc}"
         res = None
     wall = time.monotonic() - t0
+    m1 = machine_cpu()
     after = system.processes()
     delta = cpu_delta(before, after)
     gone = sorted(set(before) - set(after))
@@ -162,12 +167,20 @@ def run_cell(system: Running, workload, args: argparse.Namespace, workdir: Path,
                           "cpu_pct": round(100 * d / span, 1) if span else 0.0}
                          for pid, d in sorted(delta.items(), key=lambda kv: (system.role(kv[0]) != system.spec.leader, -kv[1]))]
     cell["exited_pids"] = gone
+    # Whole-machine CPU over the cell (% of one core): what neither the system nor the load generator used
+    # ("other") is interference from outside the benchmark.
+    cell["machine"] = {"busy_pct": round(100 * (m1[0] - m0[0]) / wall, 1),
+                       "idle_pct": round(100 * (m1[1] - m0[1]) / wall, 1),
+                       "steal_pct": round(100 * (m1[2] - m0[2]) / wall, 1)}
     cell["crashed"] = not system.alive() or bool(gone)
     if res:
         cell.update(res)
         cell["ok"] = True
+        cell["machine"]["other_pct"] = round(
+            cell["machine"]["busy_pct"] - sum(p["cpu_s"] for p in cell["processes"]) * 100 / wall
+            - 100 * res["loadgen_cpu_s"] / wall, 1)
         leader = [p for p in cell["processes"] if p["role"] == system.spec.leader]
-        if leader and res["requests"]:
+        if leader and res["requests"] and system.spec.leader != "server":  # "server" is also the worker
             cell["leader_us_per_request"] = round(leader[0]["cpu_s"] / res["requests"] * 1e6, 2)
     return cell
 
@@ -186,6 +199,14 @@ def describe(cell: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.report:
+        data = json.loads(args.report.read_text())
+        out = args.out if "--out" in argv else RESULTS / "tmp" / "report"
+        md, png = report.write(data, out)
+        progress(f"bench: table {md}, chart {png} (from {args.report})")
+        for line in report.target_lines(data):
+            print(line)
+        return 0
     check_tools()
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = RESULTS / "tmp" / f"work-{args.mode}"
