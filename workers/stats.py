@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from bisect import bisect_left
+
+log = logging.getLogger("balancer.worker")
 
 # Upper bounds in seconds, shared with the master's histogram (Prometheus le labels).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
+# A heartbeat is one datagram (wire.MAX_MSG_BYTES); this many user samples stay well inside it.
+MAX_USER_SAMPLES = 2000
 
 
 class RequestStats:
@@ -19,6 +25,8 @@ class RequestStats:
         self.count = 0
         self.inflight = 0
         self.header_timeouts = 0
+        self._default_names: frozenset[str] | None = None
+        self._warned_cap = False
 
     def observe(self, method: str, status: int, seconds: float) -> None:
         """Record one finished request."""
@@ -31,8 +39,8 @@ class RequestStats:
         self.count += 1
 
     def snapshot(self) -> dict:
-        """A JSON-able copy of the figures."""
-        return {
+        """A JSON-able copy of the figures, with the backend's own prometheus_client metrics if it has any."""
+        body = {
             "requests": [[m, s, n] for (m, s), n in self.requests.items()],
             "buckets": list(self.buckets),
             "sum": self.duration_sum,
@@ -40,3 +48,47 @@ class RequestStats:
             "inflight": self.inflight,
             "header_timeouts": self.header_timeouts,
         }
+        # A backend that never imported prometheus_client registered nothing: don't pay for the import.
+        if "prometheus_client" in sys.modules:
+            metrics = self.user_metrics()
+            if metrics:
+                body["metrics"] = metrics
+        return body
+
+    def user_metrics(self) -> list:
+        """The default REGISTRY's families as [name, type, help, [[suffix, labels, value], ...]].
+
+        The process/platform/gc collectors are left out: the master reads those figures from /proc itself.
+        Suffixes (_total, _bucket, ...) are relative to the family name to keep the heartbeat small;
+        _created samples are dropped because the master's per-slot totals outlive any one worker.
+        """
+        from prometheus_client import REGISTRY
+
+        skip = self._defaults()
+        out = []
+        room = MAX_USER_SAMPLES
+        for family in REGISTRY.collect():
+            name = family.name
+            if name in skip:
+                continue
+            cut = len(name)
+            samples = [[s.name[cut:], s.labels, s.value] for s in family.samples if not s.name.endswith("_created")]
+            room -= len(samples)
+            if room < 0:
+                if not self._warned_cap:
+                    self._warned_cap = True
+                    log.warning("more than %d prometheus_client samples; the master sees only the first ones",
+                                MAX_USER_SAMPLES)
+                break
+            out.append([name, family.type, family.documentation, samples])
+        return out
+
+    def _defaults(self) -> frozenset[str]:
+        """Family names of prometheus_client's default collectors, found once."""
+        if self._default_names is None:
+            import prometheus_client
+
+            defaults = (prometheus_client.PROCESS_COLLECTOR, prometheus_client.PLATFORM_COLLECTOR,
+                        prometheus_client.GC_COLLECTOR)
+            self._default_names = frozenset(f.name for c in defaults for f in c.collect())
+        return self._default_names
