@@ -1,14 +1,296 @@
-"""Prometheus endpoint of the master (placeholder until the metrics work lands)."""
+"""Prometheus endpoint of the master: per-slot worker series that survive restarts, /healthz and /readyz."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                            Metric)
+from prometheus_client.utils import floatToGoString
+
+from balancer import __version__
+from balancer.config import parse_bind
+from balancer.dispatch import State
+from workers.stats import BUCKETS
+
+log = logging.getLogger("balancer")
+
+RESTART_REASONS = ("crash", "timeout", "reload", "recycle", "scale")
+# Created at zero so that rate() and increase() see the very first one.
+RESOURCE_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+# Samples of the backend's own metrics that only grow: folded into the slot's base when a worker exits.
+FOLDED = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
+LE = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def read_proc(pid: int) -> tuple[float, int, int] | None:
+    """(CPU seconds, resident bytes, open fds) of pid from /proc, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, IndexError):
+        return None
+    # fields[0] is stat field 3 (state): utime is field 14, stime 15, rss 24 (in pages).
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[21]) * PAGE_SIZE, fds
+
+
+class SlotFigures:
+    """One slot's figures: counters of its exited workers plus whatever its live workers report."""
+
+    def __init__(self) -> None:
+        self.dispatched = 0
+        self.requests: dict[tuple[str, str], int] = {}
+        self.buckets = [0] * len(LE)
+        self.duration_sum = 0.0
+        self.header_timeouts = 0
+        self.cpu = 0.0
+        self.user: dict[str, dict[tuple, float]] = {}  # family -> (sample name, labels) -> value
+        # Gauges: live workers only, never folded.
+        self.open = 0
+        self.inflight = 0
+        self.rss = 0
+        self.fds = 0
+        self.up = 0
+        self.start_time = 0.0
+
+    def copy(self) -> SlotFigures:
+        """A fresh figures object starting from these counters (a base is never changed by a scrape)."""
+        out = SlotFigures()
+        out.dispatched, out.duration_sum = self.dispatched, self.duration_sum
+        out.header_timeouts, out.cpu = self.header_timeouts, self.cpu
+        out.requests = dict(self.requests)
+        out.buckets = list(self.buckets)
+        out.user = {name: dict(samples) for name, samples in self.user.items()}
+        return out
+
+    def add(self, stats: dict, dispatched: int, cpu: float, families: dict, live: bool) -> None:
+        """Add one worker's counters (and its gauges when live) to the slot; families learns type and help."""
+        self.dispatched += dispatched
+        self.cpu += cpu
+        requests = self.requests
+        for method, status, n in stats.get("requests", ()):
+            key = (method, str(status))
+            requests[key] = requests.get(key, 0) + n
+        buckets = stats.get("buckets")
+        if buckets and len(buckets) == len(self.buckets):
+            running = 0
+            for i, n in enumerate(buckets):  # the worker counts per bucket; Prometheus wants cumulative
+                running += n
+                self.buckets[i] += running
+        self.duration_sum += stats.get("sum", 0.0)
+        self.header_timeouts += stats.get("header_timeouts", 0)
+        if live:
+            self.inflight += stats.get("inflight", 0)
+        for name, typ, doc, samples in stats.get("metrics", ()):
+            families[name] = (typ, doc)
+            folded = FOLDED.get(typ, ())
+            merged = self.user.setdefault(name, {})
+            for suffix, labels, value in samples:
+                if not live and suffix not in folded:
+                    continue
+                key = (name + suffix, tuple(labels.items()))
+                merged[key] = merged.get(key, 0.0) + value
 
 
 class MetricsServer:
-    """Placeholder: accepts the master and does nothing."""
+    """Serves /metrics, /healthz and /readyz from the master's own event loop."""
 
     def __init__(self, master) -> None:
         self.master = master
+        self.bases: dict[int, SlotFigures] = {}  # slot -> counters of its workers that have exited
+        self.families: dict[str, tuple[str, str]] = {}  # backend family -> (type, help), last seen
+        self._cpu_seen: dict[int, float] = {}  # pid -> CPU seconds at the last scrape, folded on exit
+        self._skipped: set[str] = set()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)  # the master's own CPU and memory: it is the dispatch path
+        self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        """Nothing to start yet."""
+        """Hook worker exits, bind, and log the real address."""
+        self.master.supervisor.on_exit_hooks.append(self.fold)
+        app = web.Application()
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/healthz", self.handle_healthz)
+        app.router.add_get("/readyz", self.handle_readyz)
+        # Scrapers keep their connection; a short idle timeout and shutdown grace keep exit quick.
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=15,
+                                    shutdown_timeout=1.0)
+        await self.runner.setup()
+        bind = parse_bind(self.master.config.metrics_bind)
+        await web.TCPSite(self.runner, bind.host, bind.port).start()
+        host, port = self.runner.addresses[0][:2]
+        shown = f"[{host}]" if ":" in host else host
+        log.info("metrics on http://%s:%d/metrics", shown, port)
 
     async def close(self) -> None:
-        """Nothing to close yet."""
+        """Stop serving."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    # ---- HTTP ---------------------------------------------------------------------------------
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        """Collect now and answer in the format the Accept header asks for."""
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        """The master's loop answers: it is alive."""
+        return web.Response(text="ok\n")
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        """200 while at least one worker is ready and the master is not shutting down, else 503."""
+        sup = self.master.supervisor
+        ready = sum(1 for w in sup.processes() if w.route.state is State.READY)
+        if ready and not self.master.stopping:
+            return web.Response(text=f"ready: {ready} workers\n")
+        return web.Response(status=503, text="not ready\n")
+
+    # ---- folding ------------------------------------------------------------------------------
+
+    def fold(self, w) -> None:
+        """A worker was reaped: keep its last counters in its slot's base so the slot never goes back."""
+        cpu = self._cpu_seen.pop(w.pid, 0.0)
+        base = self.bases.setdefault(w.slot, SlotFigures())
+        base.add(w.stats, w.route.dispatched, cpu, self.families, live=False)
+
+    def figures(self) -> dict[int, SlotFigures]:
+        """Every slot's figures now: its base plus its live workers (two of them during a reload)."""
+        sup = self.master.supervisor
+        out = {slot: base.copy() for slot, base in self.bases.items()}
+        for slot in range(len(sup.slots)):
+            out.setdefault(slot, SlotFigures())
+        seen = {}
+        for w in sup.processes():
+            fig = out.get(w.slot) or out.setdefault(w.slot, SlotFigures())
+            proc = None if w.exited else read_proc(w.pid)
+            if proc is None:
+                cpu = self._cpu_seen.get(w.pid, 0.0)  # a figure it already showed must not vanish
+            else:
+                cpu = proc[0]
+                fig.rss += proc[1]
+                fig.fds += proc[2]
+            seen[w.pid] = cpu
+            fig.add(w.stats, w.route.dispatched, cpu, self.families, live=True)
+            fig.open += w.route.open_conns
+            if w.route.state is State.READY:
+                fig.up = 1
+            fig.start_time = max(fig.start_time, w.started_wall)
+        for slot, w in enumerate(sup.slots):
+            if w is not None:  # the serving worker, not a replacement still booting
+                out[slot].start_time = w.started_wall
+        self._cpu_seen = seen  # only live pids: nothing here grows with worker churn
+        return out
+
+    # ---- collection ---------------------------------------------------------------------------
+
+    def collect(self):
+        """Build every family at scrape time; the hot path only bumps plain ints."""
+        master, sup = self.master, self.master.supervisor
+        figs = sorted(self.figures().items())
+        yield counter("balancer_connections_accepted", "Connections accepted by the master.", master.accepted)
+        errors = CounterMetricFamily("balancer_accept_errors", "accept() failures by errno.", labels=["errno"])
+        for name in sorted(set(RESOURCE_ERRNOS) | set(master.accept_errors)):
+            errors.add_metric([name], master.accept_errors.get(name, 0))
+        yield errors
+        yield counter("balancer_accept_paused_seconds",
+                      "Seconds the master stopped accepting because no worker had room (backpressure).",
+                      master.paused_total())
+        yield counter("balancer_connections_redispatched",
+                      "Handed-off connections given to another worker after a refusal, full channel or death.",
+                      master.dispatcher.redispatched)
+        info = GaugeMetricFamily("balancer_build_info", "Versions in use; always 1.",
+                                 labels=["version", "python", "aiohttp"])
+        info.add_metric([__version__, platform.python_version(), aiohttp.__version__], 1)
+        yield info
+        yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", len(sup.slots))
+        yield gauge("balancer_start_time_seconds", "Unix time the master started.", master.started)
+
+        def per_slot(kind, name, doc, value):
+            fam = kind(name, doc, labels=["worker"])
+            for slot, fig in figs:
+                fam.add_metric([str(slot)], value(fig))
+            return fam
+
+        yield per_slot(GaugeMetricFamily, "balancer_worker_up", "1 while the slot has a ready worker.",
+                       lambda f: f.up)
+        yield per_slot(CounterMetricFamily, "balancer_worker_connections_dispatched",
+                       "Connections handed to the slot's workers.", lambda f: f.dispatched)
+        yield per_slot(GaugeMetricFamily, "balancer_worker_open_connections",
+                       "Connections the slot's workers hold open.", lambda f: f.open)
+        yield per_slot(GaugeMetricFamily, "balancer_worker_requests_in_flight",
+                       "Requests being handled by the slot's workers (as of their last heartbeat).",
+                       lambda f: f.inflight)
+        yield per_slot(CounterMetricFamily, "balancer_worker_header_timeouts",
+                       "Connections cut off for not sending complete headers in time.", lambda f: f.header_timeouts)
+        yield per_slot(CounterMetricFamily, "balancer_worker_cpu_seconds",
+                       "User and system CPU seconds of the slot's workers.", lambda f: f.cpu)
+        yield per_slot(GaugeMetricFamily, "balancer_worker_resident_memory_bytes",
+                       "Resident memory of the slot's workers.", lambda f: f.rss)
+        yield per_slot(GaugeMetricFamily, "balancer_worker_open_fds", "Open file descriptors of the slot's workers.",
+                       lambda f: f.fds)
+        started = GaugeMetricFamily("balancer_worker_start_time_seconds",
+                                    "Unix time the slot's serving worker started.", labels=["worker"])
+        for slot, fig in figs:
+            if fig.start_time:
+                started.add_metric([str(slot)], fig.start_time)
+        yield started
+        restarts = CounterMetricFamily("balancer_worker_restarts", "Worker replacements by reason.",
+                                       labels=["worker", "reason"])
+        reasons = sorted(set(RESTART_REASONS) | {reason for _, reason in sup.restarts})
+        for slot, _ in figs:
+            for reason in reasons:
+                restarts.add_metric([str(slot), reason], sup.restarts.get((slot, reason), 0))
+        yield restarts
+        requests = CounterMetricFamily("balancer_worker_requests", "Requests finished, by method and status code.",
+                                       labels=["worker", "method", "code"])
+        duration = HistogramMetricFamily("balancer_worker_request_duration_seconds",
+                                         "Time from request headers to response, per worker slot.", labels=["worker"])
+        for slot, fig in figs:
+            for (method, code), n in sorted(fig.requests.items()):
+                requests.add_metric([str(slot), method, code], n)
+            if fig.buckets[-1] or fig.duration_sum:
+                duration.add_metric([str(slot)], list(zip(LE, fig.buckets)), fig.duration_sum)
+        yield requests
+        yield duration
+        yield from self.user_families(figs)
+
+    def user_families(self, figs: list[tuple[int, SlotFigures]]):
+        """The backend's own prometheus_client metrics, each sample labelled with its worker slot."""
+        for name in sorted({name for _, fig in figs for name in fig.user}):
+            if name.startswith("balancer_") or name.startswith("process_") or name not in self.families:
+                if name not in self._skipped:  # a clash would make the whole exposition invalid
+                    self._skipped.add(name)
+                    log.warning("backend metric %s clashes with the master's own names; not exported", name)
+                continue
+            typ, doc = self.families[name]
+            try:
+                fam = Metric(name, doc, typ)
+            except ValueError:
+                continue
+            for slot, fig in figs:
+                for (sample, labels), value in fig.user.get(name, {}).items():
+                    labels = {("exported_worker" if k == "worker" else k): v for k, v in labels}
+                    fam.add_sample(sample, {"worker": str(slot), **labels}, value)
+            yield fam
+
+
+def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    """An unlabelled counter family."""
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    """An unlabelled gauge family."""
+    return GaugeMetricFamily(name, doc, value=value)
