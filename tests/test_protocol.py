@@ -123,7 +123,8 @@ def test_batch_of_fds_in_one_message(master):
 
 def test_refuses_while_draining_and_master_keeps_the_fd(master):
     busy_client, busy_server = master.connection()
-    assert master.recv()[0] == wire.ACK if master.handoff([busy_server]) else False
+    busy_ids = master.handoff([busy_server])
+    assert wire.decode_ids(master.recv())[0] == busy_ids
     busy_server.close()
     busy_client.sendall(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")  # keep-alive request in flight
     master.recv((wire.BEAT,))  # the worker's loop has taken the request by its next heartbeat

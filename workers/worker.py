@@ -336,6 +336,8 @@ class Worker:
 
     def stop(self, why: str) -> None:
         """Begin draining (DRAIN from the master, SIGTERM, or the master gone)."""
+        # At once, not when _drain() gets scheduled: a handoff read in the same batch as DRAIN is refused.
+        self.draining = True
         if not self.stopped.done():
             log.debug("draining (%s)", why)
             self.stopped.set_result(why)
