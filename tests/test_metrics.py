@@ -17,9 +17,10 @@ import urllib.request
 import aiohttp
 import pytest
 from prometheus_client import Counter as PromCounter
-from prometheus_client import generate_latest
+from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from balancer import wire
 from balancer.dispatch import State
 from balancer.metrics import MetricsServer
 from tests.harness import Balancer
@@ -317,11 +318,51 @@ def test_readyz_healthz_and_the_log_line(caplog):
 
 def test_worker_snapshot_carries_user_metrics_but_not_default_collectors():
     counter = PromCounter("snapshot_probe", "A probe counter.", ["kind"])
-    counter.labels("x").inc(3)
-    stats = RequestStats()
-    stats.observe("GET", 200, 0.002)
-    snap = stats.snapshot()
-    families = {name: (typ, samples) for name, typ, _, samples in snap["metrics"]}
-    assert families["snapshot_probe"] == ("counter", [["_total", {"kind": "x"}, 3.0]])
-    assert not any(name.startswith(("process_", "python_")) for name in families)
-    assert snap["count"] == 1 and snap["buckets"][1] == 1
+    try:
+        counter.labels("x").inc(3)
+        stats = RequestStats()
+        stats.observe("GET", 200, 0.002)
+        snap = stats.snapshot()
+        families = {name: (typ, samples) for name, typ, _, samples in snap["metrics"]}
+        assert families["snapshot_probe"] == ("counter", [["_total", {"kind": "x"}, 3.0]])
+        assert not any(name.startswith(("process_", "python_")) for name in families)
+        assert snap["count"] == 1 and snap["buckets"][1] == 1
+    finally:
+        REGISTRY.unregister(counter)
+
+
+def test_a_broken_collector_does_not_stop_the_heartbeat(caplog):
+    class Broken:
+        def describe(self):
+            return []  # so that registering does not already call collect()
+
+        def collect(self):
+            raise RuntimeError("collector bug")
+
+    broken = Broken()
+    REGISTRY.register(broken)
+    try:
+        with caplog.at_level(logging.ERROR, logger="balancer.worker"):
+            snap = RequestStats().snapshot()
+        assert "metrics" not in snap and snap["count"] == 0
+        assert any("prometheus_client metrics failed" in r.getMessage() for r in caplog.records)
+    finally:
+        REGISTRY.unregister(broken)
+
+
+def test_worker_snapshot_stays_one_datagram_however_many_user_series(caplog):
+    small = PromCounter("snapshot_small", "Fits.", ["kind"])
+    huge = PromCounter("snapshot_huge", "Does not fit.", ["id", "note"])
+    try:
+        small.labels("a").inc()
+        for i in range(20_000):
+            huge.labels(str(i), "\u00e9\"\x01" * 3).inc()
+        with caplog.at_level(logging.WARNING, logger="balancer.worker"):
+            snap = RequestStats().snapshot()
+        names = [family[0] for family in snap["metrics"]]
+        assert "snapshot_small" in names and "snapshot_huge" not in names
+        assert len(wire.encode_json(wire.BEAT, snap)) < wire.MAX_MSG_BYTES // 2
+        assert any("the master sees only the first" in r.getMessage() for r in caplog.records)
+    finally:
+        REGISTRY.unregister(small)
+        REGISTRY.unregister(huge)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from bisect import bisect_left
@@ -11,8 +12,9 @@ log = logging.getLogger("balancer.worker")
 # Upper bounds in seconds, shared with the master's histogram (Prometheus le labels).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
-# A heartbeat is one datagram (wire.MAX_MSG_BYTES); this many user samples stay well inside it.
-MAX_USER_SAMPLES = 2000
+# A heartbeat is one datagram (wire.MAX_MSG_BYTES, 256 KiB) and a too-big send fails outright: the backend's
+# own metrics get at most this many bytes of JSON.
+MAX_USER_BYTES = 128 * 1024
 
 
 class RequestStats:
@@ -27,6 +29,7 @@ class RequestStats:
         self.header_timeouts = 0
         self._default_names: frozenset[str] | None = None
         self._warned_cap = False
+        self._warned_collect = False
 
     def observe(self, method: str, status: int, seconds: float) -> None:
         """Record one finished request."""
@@ -50,7 +53,13 @@ class RequestStats:
         }
         # A backend that never imported prometheus_client registered nothing: don't pay for the import.
         if "prometheus_client" in sys.modules:
-            metrics = self.user_metrics()
+            try:
+                metrics = self.user_metrics()
+            except Exception:  # a broken custom collector must not stop the heartbeat that carries it
+                metrics = []
+                if not self._warned_collect:
+                    self._warned_collect = True
+                    log.exception("collecting the backend's prometheus_client metrics failed")
             if metrics:
                 body["metrics"] = metrics
         return body
@@ -66,22 +75,31 @@ class RequestStats:
 
         skip = self._defaults()
         out = []
-        room = MAX_USER_SAMPLES
         for family in REGISTRY.collect():
             name = family.name
-            if name in skip:
-                continue
-            cut = len(name)
-            samples = [[s.name[cut:], s.labels, s.value] for s in family.samples if not s.name.endswith("_created")]
-            room -= len(samples)
-            if room < 0:
-                if not self._warned_cap:
-                    self._warned_cap = True
-                    log.warning("more than %d prometheus_client samples; the master sees only the first ones",
-                                MAX_USER_SAMPLES)
-                break
-            out.append([name, family.type, family.documentation, samples])
+            if name not in skip:
+                cut = len(name)
+                samples = [[s.name[cut:], s.labels, s.value] for s in family.samples if not s.name.endswith("_created")]
+                out.append([name, family.type, family.documentation, samples])
+        # Measuring with C json is cheaper than estimating sample by sample in Python; trimming is the rare case.
+        if len(json.dumps(out)) > MAX_USER_BYTES:
+            out = self._trim(out)
         return out
+
+    def _trim(self, families: list) -> list:
+        """The leading families that fit in MAX_USER_BYTES; warn once."""
+        room = MAX_USER_BYTES
+        kept = []
+        for family in families:
+            room -= len(json.dumps(family)) + 1
+            if room < 0:
+                break
+            kept.append(family)
+        if not self._warned_cap:
+            self._warned_cap = True
+            log.warning("prometheus_client metrics past %d KiB; the master sees only the first %d of %d families",
+                        MAX_USER_BYTES // 1024, len(kept), len(families))
+        return kept
 
     def _defaults(self) -> frozenset[str]:
         """Family names of prometheus_client's default collectors, found once."""
