@@ -12,7 +12,8 @@ import time
 from balancer.config import Config, ConfigError
 from balancer.dispatch import Dispatcher, Route
 from balancer.listeners import Listener, open_listeners
-from balancer.supervisor import BootError, Supervisor
+from balancer.process import BootError
+from balancer.supervisor import Supervisor
 
 log = logging.getLogger("balancer")
 
@@ -171,7 +172,7 @@ class Master:
                     await self.shutdown()
                     return 0
                 self.handle_signal(sig)
-        except BootError as exc:
+        except BootError:
             log.debug("boot failed", exc_info=True)
             await self.shutdown()
             raise

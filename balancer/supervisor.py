@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from typing import Callable
@@ -17,54 +13,12 @@ from typing import Callable
 from balancer import wire
 from balancer.backoff import Backoff
 from balancer.config import Config
-from balancer.dispatch import Dispatcher, Route, State
+from balancer.dispatch import Dispatcher, State
+from balancer.process import BootError, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
 
 log = logging.getLogger("balancer")
 
-BOOT_ERROR_EXIT = 3  # a worker that cannot load the backend exits with this
 KILL_GRACE = 2.0  # seconds between SIGABRT/graceful deadline and SIGKILL
-
-
-class BootError(RuntimeError):
-    """A worker could not load the backend; its message is the one-line reason."""
-
-
-class WorkerProcess:
-    """One worker process: its pid, channel, route in the dispatcher, and what it last reported."""
-
-    def __init__(self, slot: int, proc: subprocess.Popen, channel, route: Route) -> None:
-        self.slot = slot
-        self.proc = proc
-        self.pid = proc.pid
-        self.channel = channel
-        self.route = route
-        self.pidfd = os.pidfd_open(proc.pid)
-        self.started = time.monotonic()
-        self.started_wall = time.time()
-        self.last_beat = self.started
-        self.stats: dict = {}  # latest snapshot from the worker's heartbeat
-        self.reason = ""  # why it is leaving: reload, recycle, timeout, shutdown
-        self.kill_at = 0.0  # monotonic deadline for SIGKILL once it has been told to go
-        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.exited = False
-
-    def signal(self, signum: int) -> None:
-        """Send a signal unless the process is already reaped (its pid may be reused)."""
-        if not self.exited:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-
-
-def _worker_env() -> dict:
-    """The environment for a worker: ours, plus the path where the `workers` package lives."""
-    env = dict(os.environ)
-    spec = importlib.util.find_spec("workers")
-    if spec and spec.submodule_search_locations:
-        root = os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0]))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 class Supervisor:
@@ -86,23 +40,15 @@ class Supervisor:
         self.reloading = False
         self._respawns: dict[int, asyncio.TimerHandle] = {}
         self._all_gone = asyncio.Event()
-        self._env = _worker_env()
+        self._env = worker_env()
 
     # ---- process lifecycle ----------------------------------------------------------------------
 
     def spawn_worker(self, slot: int) -> WorkerProcess:
-        """Start a fresh interpreter for slot with its end of a new channel inherited."""
-        master_end, worker_end = wire.channel_pair()
-        settings = dict(self.config.worker_settings(), slot=slot)
-        cmd = [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()),
-               "--master-pid", str(os.getpid()), "--settings", json.dumps(settings)]
-        try:
-            proc = subprocess.Popen(cmd, pass_fds=(worker_end.fileno(),), env=self._env)
-        finally:
-            worker_end.close()
-        w = WorkerProcess(slot, proc, master_end, Route(slot, master_end))
+        """Start a worker for slot and watch its channel and its exit."""
+        w = spawn_process(slot, self.config.worker_settings(), self._env)
         self._all_gone.clear()
-        self.loop.add_reader(master_end.fileno(), self._on_channel, w)
+        self.loop.add_reader(w.channel.fileno(), self._on_channel, w)
         self.loop.add_reader(w.pidfd, self._on_exit, w)
         log.debug("spawned worker slot=%d pid=%d", slot, w.pid)
         return w
@@ -118,11 +64,11 @@ class Supervisor:
         """Read every message waiting on a worker's channel."""
         while True:
             try:
-                msg, fds, truncated = wire.recv_message(w.channel)
+                msg, fds, _ = wire.recv_message(w.channel)
             except BlockingIOError:
                 return
             except OSError:
-                msg, fds, truncated = b"", [], False
+                msg, fds = b"", []
             if fds:  # workers never send fds; never let one leak into the master
                 wire.close_all(fds)
             if not msg:
@@ -199,7 +145,7 @@ class Supervisor:
             self._channel_closed(w)
         code = w.proc.returncode
         if not w.ready.done():
-            w.ready.set_exception(BootError(f"worker exited with {_describe(code)} before it was ready"))
+            w.ready.set_exception(BootError(f"worker exited with {describe_exit(code)} before it was ready"))
             w.ready.exception()
         for hook in self.on_exit_hooks:
             hook(w)
@@ -218,7 +164,7 @@ class Supervisor:
                 uptime = time.monotonic() - w.started
                 delay = self.backoffs.setdefault(slot, Backoff()).failure(uptime)
                 log.warning("worker slot=%d pid=%d died (%s, %s); respawning in %.2fs",
-                            slot, w.pid, reason, _describe(code), delay)
+                            slot, w.pid, reason, describe_exit(code), delay)
                 self._respawns[slot] = self.loop.call_later(delay, self._respawn, slot)
         if not self.processes():
             self._all_gone.set()
@@ -394,24 +340,3 @@ class Supervisor:
             for w in self.processes():
                 w.signal(signal.SIGKILL)
             await asyncio.wait_for(self._all_gone.wait(), 5)
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of pid from /proc, 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _describe(code: int | None) -> str:
-    """'exit code 3' or 'signal SIGKILL'."""
-    if code is None:
-        return "unknown status"
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"

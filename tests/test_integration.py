@@ -132,7 +132,7 @@ def test_kill_9_worker_under_load_only_its_inflight_requests_fail():
         held = _tcp_sockets(victim)  # the client connections the victim holds right now
         before_kill = len(results)
         os.kill(victim, signal.SIGKILL)
-        b.wait_for(rf"worker slot=\d pid=\d+ ready", 20, start=mark)  # the slot comes back
+        b.wait_for(r"worker slot=\d pid=\d+ ready", 20, start=mark)  # the slot comes back
         after_ready = len(results)
         wait_until(lambda: len(results) > after_ready + 200, 20, "load after respawn")
         stop.set()

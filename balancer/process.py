@@ -1,0 +1,92 @@
+"""One worker process as the master sees it: spawn it, signal it, describe how it ended."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from balancer import wire
+from balancer.dispatch import Route
+
+class BootError(RuntimeError):
+    """A worker could not load the backend; its message is the one-line reason."""
+
+
+class WorkerProcess:
+    """One worker process: its pid, channel, route in the dispatcher, and what it last reported."""
+
+    def __init__(self, slot: int, proc: subprocess.Popen, channel, route: Route) -> None:
+        self.slot = slot
+        self.proc = proc
+        self.pid = proc.pid
+        self.channel = channel
+        self.route = route
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.last_beat = self.started
+        self.stats: dict = {}  # latest snapshot from the worker's heartbeat
+        self.reason = ""  # why it is leaving: reload, recycle, timeout, shutdown
+        self.kill_at = 0.0  # monotonic deadline for SIGKILL once it has been told to go
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.exited = False
+
+    def signal(self, signum: int) -> None:
+        """Send a signal unless the process is already reaped (its pid may be reused)."""
+        if not self.exited:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def spawn_process(slot: int, settings: dict, env: dict) -> WorkerProcess:
+    """Start a fresh interpreter for slot with its end of a new channel inherited."""
+    master_end, worker_end = wire.channel_pair()
+    cmd = [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()),
+           "--master-pid", str(os.getpid()), "--settings", json.dumps(dict(settings, slot=slot))]
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=(worker_end.fileno(),), env=env)
+    except BaseException:
+        master_end.close()
+        raise
+    finally:
+        worker_end.close()
+    return WorkerProcess(slot, proc, master_end, Route(slot, master_end))
+
+
+def worker_env() -> dict:
+    """The environment for a worker: ours, plus the path where the `workers` package lives."""
+    env = dict(os.environ)
+    spec = importlib.util.find_spec("workers")
+    if spec and spec.submodule_search_locations:
+        root = os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0]))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of pid from /proc, 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def describe_exit(code: int | None) -> str:
+    """'exit code 3' or 'signal SIGKILL'."""
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
