@@ -46,3 +46,11 @@ def machine_cpu() -> tuple[float, float, float]:
     # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
     user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq) / TICK, (idle + iowait) / TICK, steal / TICK
+
+
+def machine_busy(interval: float) -> float:
+    """Whole-machine busy CPU over the next `interval` seconds, in % of one core."""
+    import time
+    b0, t0 = machine_cpu()[0], time.monotonic()
+    time.sleep(interval)
+    return 100 * (machine_cpu()[0] - b0) / (time.monotonic() - t0)

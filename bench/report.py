@@ -179,6 +179,15 @@ def markdown(data: dict) -> str:
     for w in data["workloads"]:
         lines += ["", f"## {w['name']}: {w['title']}", "", *_workload_table(data, agg, w)]
     notes = sorted({n for a in agg.values() for n in a["notes"]})
+    cells = data["cells"]
+    rerun = sum(c.get("attempts", 1) - 1 for c in cells)
+    disturbed = [f"{c['system']} {c['workload']} round {c['round']} ({c['machine']['other_pct']:.0f}%)"
+                 for c in cells if c.get("disturbed")]
+    if rerun or disturbed:
+        notes.append(f"{rerun} cell run(s) were discarded and re-run because processes outside the benchmark "
+                     f"used more than {data['env'].get('max_other', 25):g}% of a core during them"
+                     + (f"; still disturbed after {data['env'].get('retries', 0)} re-run(s), kept as measured: "
+                        + ", ".join(disturbed) if disturbed else ""))
     lines += [
         "",
         "Columns: req/s = requests completed / run time (median; range = min-max over rounds). Latency is per "
