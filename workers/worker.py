@@ -23,6 +23,7 @@ BOOT_ERROR_EXIT = 3
 # Closes not carried by an ack go to the master after this long: the master's view of each worker's load
 # may lag by this much, and in return it reads one message per many closes instead of one per close.
 CLOSED_FLUSH_DELAY = 0.002
+HEADER_SWEEP = 0.25  # seconds between header-deadline sweeps: the deadline is kept to within this
 
 
 def c_parser_in_use() -> bool:
@@ -49,7 +50,9 @@ class Worker:
         self._closed_pending = 0
         self._close_timer: asyncio.TimerHandle | None = None
         self._outbox: deque[bytes] = deque()
-        self._deadlines: dict = {}  # protocol -> header deadline handle, until its first request
+        # protocol -> monotonic deadline for its first request's headers. Insertion order is deadline order
+        # (one fixed timeout), so a periodic sweep pops expired ones from the front: no timer per connection.
+        self._deadlines: dict = {}
         self._socks: dict = {}  # protocol -> our socket object for its fd, to shut it down on close
         limit = settings.get("max_requests", 0)
         self.request_limit = limit + random.randint(0, settings.get("max_requests_jitter", 0)) if limit else 0
@@ -87,6 +90,7 @@ class Worker:
             log.warning("aiohttp's C HTTP parser is not in use; the pure-Python parser is slower and laxer")
         self._send(wire.encode_json(wire.READY, {"pid": os.getpid(), "c_parser": c_parser_in_use()}))
         self._beat()
+        self._sweep_header_deadlines()
         await self.stopped
         await self._drain()
         return 0
@@ -105,12 +109,13 @@ class Worker:
         self.server = server
         made, lost = server.connection_made, server.connection_lost
         header_timeout = self.settings["header_timeout"]
-        call_later = self.loop.call_later
+        clock = self.loop.time
         socks = self._socks
+        deadlines = self._deadlines
 
         def connection_made(handler, transport):
             made(handler, transport)
-            self._deadlines[handler] = call_later(header_timeout, self._header_deadline, handler)
+            deadlines[handler] = clock() + header_timeout
 
         def connection_lost(handler, exc=None):
             sock = socks.pop(handler, None)
@@ -123,20 +128,26 @@ class Worker:
                 except OSError:
                     pass
             lost(handler, exc)
-            deadline = self._deadlines.pop(handler, None)
-            if deadline is not None:
-                deadline.cancel()
+            deadlines.pop(handler, None)
             self.open -= 1
             self._report_closed(1)
 
         server.connection_made = connection_made
         server.connection_lost = connection_lost
 
-    def _header_deadline(self, handler) -> None:
-        """A client that has not completed its first request's headers in time is cut off (slowloris)."""
-        if self._deadlines.pop(handler, None) is not None:
+    def _sweep_header_deadlines(self) -> None:
+        """Cut off clients that have not completed their first request's headers in time (slowloris)."""
+        now = self.loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            handler, deadline = next(iter(deadlines.items()))
+            if deadline > now:
+                break
+            del deadlines[handler]
             self.stats.header_timeouts += 1
             handler.force_close()
+        if not self.master_gone or deadlines:
+            self.loop.call_later(HEADER_SWEEP, self._sweep_header_deadlines)
 
     # ---- the hot path ------------------------------------------------------------------------
 
@@ -215,9 +226,7 @@ class Worker:
     @web.middleware
     async def _observe(self, request: web.Request, handler):
         """Time and count each request; answer with Connection: close while draining."""
-        deadline = self._deadlines.pop(request.protocol, None)
-        if deadline is not None:
-            deadline.cancel()
+        self._deadlines.pop(request.protocol, None)
         stats = self.stats
         stats.inflight += 1
         start = self.loop.time()
