@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-share", type=float, default=0.005,
                    help="skewed mix: share of requests that sleep (default 0.005, see README)")
     p.add_argument("--slow-ms", default="50-100", help="skewed mix: sleep range in ms (default 50-100)")
-    p.add_argument("--open-rate", type=float, default=500.0,
-                   help="open-loop workload: requests per second of the template page (default 500)")
+    p.add_argument("--open-rate", type=float,
+                   help="open-loop workload: requests per second of the template page (default 500; smoke 100)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per system per round (default 2; smoke 0)")
     p.add_argument("--max-other", type=float, default=25.0, metavar="PCT",
                    help="a cell during which processes outside the benchmark used more than PCT%% of a core is "
@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.extra_budget = (args.extra_budget if args.extra_budget is not None
                          else {"full": 600.0, "quick": 120.0, "smoke": 0.0}[mode])
     args.extra_used = 0.0
+    args.open_rate = args.open_rate or (100.0 if mode == "smoke" else 500.0)
     args.out = args.out or (RESULTS if mode == "full" else RESULTS / "tmp" / mode)
     lo, _, hi = args.slow_ms.partition("-")
     args.slow_ms = (int(lo), int(hi or lo))
