@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -68,7 +69,6 @@ class Worker:
         try:
             app = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
                                  client_max_size=self.settings["client_max_size"])
-            app.middlewares.insert(0, self._observe)
             self.runner = web.AppRunner(
                 app,
                 handle_signals=False,
@@ -107,6 +107,9 @@ class Worker:
     def _hook_server(self, server) -> None:
         """Count connections in and out of aiohttp's Server (it has no public callbacks for this)."""
         self.server = server
+        # Observe requests where aiohttp's Server calls the Application, outside every middleware: an
+        # inserted middleware of our own cost ~6% of keep-alive throughput in aiohttp's per-middleware wrapping.
+        server.request_handler = functools.partial(self._observe, handler=server.request_handler)
         made, lost = server.connection_made, server.connection_lost
         header_timeout = self.settings["header_timeout"]
         clock = self.loop.time
@@ -223,9 +226,8 @@ class Worker:
         self.open -= 1
         self._report_closed(1)
 
-    @web.middleware
     async def _observe(self, request: web.Request, handler):
-        """Time and count each request; answer with Connection: close while draining."""
+        """Time and count one request; answer with Connection: close while draining."""
         self._deadlines.pop(request.protocol, None)
         stats = self.stats
         stats.inflight += 1
