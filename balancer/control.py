@@ -1,20 +1,218 @@
-"""Control socket of the master (placeholder until the control work lands)."""
+"""The master's control socket (0600, same user only) and the `balancer reload|scale|stop|status` client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+
+from balancer.config import Config, ConfigError, parse_bind
+
+log = logging.getLogger("balancer")
+
+MAX_REQUEST = 4096  # one JSON line; anything longer is not ours
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def runtime_dir() -> str:
+    """A directory only this user can enter: $XDG_RUNTIME_DIR, else /tmp/balancer-<uid> (made 0700)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "balancer")
+    return f"/tmp/balancer-{os.getuid()}"
+
+
+def default_socket_path(bind_label: str) -> str:
+    """Where the master listening on bind_label puts its control socket, so the client finds it."""
+    key = re.sub(r"[^A-Za-z0-9.]+", "-", bind_label).strip("-") or "default"
+    return os.path.join(runtime_dir(), f"{key}.sock")
+
+
+def client_socket_path(control_socket: str, bind: str) -> str:
+    """The path a client should use: --control-socket, or the default for --bind."""
+    if control_socket:
+        return control_socket
+    return default_socket_path(str(parse_bind(bind)))
 
 
 class ControlServer:
-    """Placeholder: accepts the master and does nothing."""
+    """Serves one JSON request per connection from processes of our own user."""
 
     def __init__(self, master) -> None:
         self.master = master
+        config = master.config
+        label = master.listeners[0].label if master.listeners else str(config.binds[0])
+        self.path = config.control_socket or default_socket_path(label)
+        self.pid_file = config.pid_file
+        self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        """Nothing to start yet."""
+        """Create the socket 0600 (no window where others could connect) and the pid file."""
+        directory = os.path.dirname(self.path) or "."
+        if not self.master.config.control_socket:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        if os.path.exists(self.path):
+            if await _alive(self.path):
+                raise ConfigError(f"control socket {self.path} belongs to a running master; "
+                                  "pass --control-socket to run another")
+            os.unlink(self.path)
+        old_umask = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._handle, path=self.path)
+        except OSError as exc:
+            raise ConfigError(f"cannot create control socket {self.path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        if self.pid_file:
+            with open(self.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        log.info("control socket at %s", self.path)
 
     async def close(self) -> None:
-        """Nothing to close yet."""
+        """Stop serving and remove the socket and pid files."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for path in (self.path, self.pid_file):
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer one request, after checking the peer runs as our user."""
+        try:
+            sock = writer.get_extra_info("socket")
+            _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            if uid != os.getuid():
+                reply = {"ok": False, "error": "permission denied"}
+            else:
+                line = await asyncio.wait_for(reader.readline(), 10)
+                reply = await self.execute(json.loads(line[:MAX_REQUEST] or b"{}"))
+        except (ValueError, asyncio.TimeoutError) as exc:
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        except OSError:
+            return
+        try:
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def execute(self, request: dict) -> dict:
+        """Run one command against the master."""
+        master, sup = self.master, self.master.supervisor
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if sup is None or master.stopping:
+            return {"ok": False, "error": "the master is starting or stopping"}
+        if cmd == "reload":
+            ok = await sup.rolling_reload()
+            return {"ok": ok, **({} if ok else {"error": "reload failed or already running; see the master's log"})}
+        if cmd == "scale":
+            n = request.get("n")
+            if not isinstance(n, int) or n < 1:
+                return {"ok": False, "error": f"scale needs a worker count of at least 1, got {n!r}"}
+            sup.scale(n)
+            return {"ok": True, "target": sup.target}
+        if cmd == "stop":
+            master.signals.put_nowait(signal.SIGTERM)  # the same path as a real SIGTERM
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def status(self) -> dict:
+        """What `balancer status` shows."""
+        master, sup = self.master, self.master.supervisor
+        workers = []
+        if sup is not None:
+            for w in sorted(sup.processes(), key=lambda w: (w.slot, w.started)):
+                workers.append({"slot": w.slot, "pid": w.pid, "state": w.route.state.value,
+                                "open": w.route.open_conns, "dispatched": w.route.dispatched})
+        return {"pid": os.getpid(), "target": sup.target if sup else 0, "accepted": master.accepted,
+                "listening": [listener.label for listener in master.listeners], "workers": workers}
+
+
+async def _alive(path: str) -> bool:
+    """True if something answers on the unix socket at path."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+def request(path: str, body: dict, timeout: float | None) -> dict:
+    """Send one request to the master at path and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps(body).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
 
 
 def client_main(command: str, argv: list[str]) -> int:
-    """Placeholder client."""
-    print(f"balancer: error: {command} is not available yet")
-    return 2
+    """`balancer reload|scale N|stop|status`: 0 on success, 1 on failure, 2 when no master answers."""
+    parser = argparse.ArgumentParser(prog=f"balancer {command}")
+    if command == "scale":
+        parser.add_argument("n", type=int, help="the number of workers to run")
+    parser.add_argument("--control-socket", default="", metavar="PATH",
+                        help="the master's control socket (default: derived from --bind)")
+    parser.add_argument("--bind", default=Config.__dataclass_fields__["bind"].default_factory()[0], metavar="ADDR",
+                        help="the master's first --bind, to find its default control socket")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    args = parser.parse_args(argv)
+    try:
+        path = client_socket_path(args.control_socket, args.bind)
+    except ConfigError as exc:
+        print(f"balancer: error: {exc}", file=sys.stderr)
+        return 2
+    body: dict = {"cmd": command}
+    if command == "scale":
+        body["n"] = args.n
+    try:
+        reply = request(path, body, None if command == "reload" else 30)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"balancer: error: no balancer master at {path} (is it running? pass --control-socket)",
+              file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"balancer: error: {path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif not reply.get("ok"):
+        print(f"balancer: error: {reply.get('error', 'failed')}", file=sys.stderr)
+    elif command == "status":
+        print(format_status(reply))
+    else:
+        print({"reload": "reloaded", "stop": "stopping", "scale": f"scaling to {reply.get('target')}"}[command])
+    return 0 if reply.get("ok") else 1
+
+
+def format_status(reply: dict) -> str:
+    """The status reply as a small table."""
+    lines = [f"master pid {reply['pid']}, target {reply['target']} workers, {reply['accepted']} connections "
+             f"accepted, listening on {', '.join(reply['listening'])}",
+             f"{'slot':>4}  {'pid':>7}  {'state':<9} {'open':>6} {'dispatched':>10}"]
+    for w in reply["workers"]:
+        lines.append(f"{w['slot']:>4}  {w['pid']:>7}  {w['state']:<9} {w['open']:>6} {w['dispatched']:>10}")
+    return "\n".join(lines)

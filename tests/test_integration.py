@@ -206,8 +206,9 @@ def test_master_kill_9_leaves_no_worker_after_2s():
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    bind = () if "--bind" in args else ("--bind", "127.0.0.1:0")  # never a fixed port someone may hold
     return subprocess.run([sys.executable, "-m", "balancer", "--metrics-bind", "none", "--workers", "2",
-                           "--app-dir", str(HERE / "apps"), *args],
+                           "--app-dir", str(HERE / "apps"), *bind, *args],
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
