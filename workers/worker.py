@@ -262,7 +262,8 @@ class Worker:
             if length > limit:
                 raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
             return request  # the parser never reads past Content-Length
-        source = request.content
+        # _payload, not .content: .content is cached on first read, and the swap below must not be undone
+        source = request._payload
         limited = streams.StreamReader(request.protocol, 2 ** 16, loop=self.loop)
 
         async def pump() -> None:
