@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
@@ -277,16 +278,18 @@ def write(data: dict, out: Path) -> tuple[Path, Path]:
 START, END = "<!-- latest-results:start -->", "<!-- latest-results:end -->"
 
 
-def update_readme(data: dict, readme: Path) -> bool:
-    """Replace the block between the latest-results markers in bench/README.md with this run's
-    command, targets and summary; the per-workload tables stay in results/results.md."""
+def update_readme(data: dict, readme: Path, results: Path) -> bool:
+    """Replace the block between the latest-results markers in a README with this run's command,
+    targets, summary and chart; the per-workload tables stay in results/results.md."""
     text = readme.read_text()
     if START not in text or END not in text:
         return False
+    where = Path(os.path.relpath(results, readme.parent)).as_posix()
     body = [START, *_header(data), "", "### Targets", "", *_targets_table(data), "",
             "### Summary (median over rounds)", "", *_summary_table(data, aggregate(data)), "",
-            "![benchmark chart](results/results.png)", "",
-            "Per-workload tables (p50/p99, errors, CPU per process): [results/results.md](results/results.md).", END]
+            f"![benchmark chart]({where}/results.png)", "",
+            f"Per-workload tables (p50/p99, errors, CPU per process): [{where}/results.md]({where}/results.md).",
+            END]
     head, rest = text.split(START, 1)
     readme.write_text(head + "\n".join(body) + rest.split(END, 1)[1])
     return True

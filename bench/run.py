@@ -325,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     raw.write_text(json.dumps(data, indent=1))
     md, png = report.write(data, args.out)
     progress(f"bench: done in {env['elapsed_s'] / 60:.1f} min; table {md}, chart {png}, raw {raw}")
-    if args.out.resolve() == RESULTS.resolve() and report.update_readme(data, HERE / "README.md"):
-        progress("bench: updated the latest-results section of bench/README.md")
+    if args.out.resolve() == RESULTS.resolve():
+        for readme in (HERE / "README.md", HERE.parent / "README.md"):
+            if report.update_readme(data, readme, RESULTS):
+                progress(f"bench: updated the latest-results section of {readme}")
     for line in report.target_lines(data):
         print(line)
     return 0
