@@ -58,7 +58,13 @@ def spawn_process(slot: int, settings: dict, env: dict) -> WorkerProcess:
         raise
     finally:
         worker_end.close()
-    return WorkerProcess(slot, proc, master_end, Route(slot, master_end))
+    try:
+        return WorkerProcess(slot, proc, master_end, Route(slot, master_end))
+    except BaseException:  # pidfd_open failed (out of fds): a worker we cannot watch must not live on
+        proc.kill()
+        proc.wait()
+        master_end.close()
+        raise
 
 
 def worker_env() -> dict:

@@ -170,11 +170,17 @@ class Supervisor:
             self._all_gone.set()
 
     def _respawn(self, slot: int) -> None:
-        """Start a new worker in an empty slot."""
+        """Start a new worker in an empty slot; when the system cannot start one now, retry later."""
         self._respawns.pop(slot, None)
         if self.stopping or slot >= self.target or self.slots[slot] is not None:
             return
-        w = self.spawn_worker(slot)
+        try:
+            w = self.spawn_worker(slot)
+        except OSError as exc:  # out of fds or processes (EMFILE, ENFILE, EAGAIN, ENOMEM): not the backend's fault
+            delay = self.backoffs.setdefault(slot, Backoff()).failure(0.0)
+            log.error("cannot start a worker for slot=%d (%s); retrying in %.2fs", slot, exc, delay)
+            self._respawns[slot] = self.loop.call_later(delay, self._respawn, slot)
+            return
         self.slots[slot] = w
         self.dispatcher.set_route(slot, w.route)
 
@@ -183,7 +189,12 @@ class Supervisor:
     async def start(self) -> None:
         """Spawn every slot and wait until all are ready; BootError if any cannot boot."""
         for slot in range(self.target):
-            self._respawn(slot)
+            try:
+                w = self.spawn_worker(slot)
+            except OSError as exc:
+                raise BootError(f"cannot start a worker: {exc}") from None
+            self.slots[slot] = w
+            self.dispatcher.set_route(slot, w.route)
         waiters = [w.ready for w in self.slots if w is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*waiters), self.config.boot_timeout)
@@ -194,7 +205,11 @@ class Supervisor:
         """Start a replacement for slot, wait until ready, then drain the old worker."""
         if self.stopping or slot in self.replacing or slot >= self.target:
             return False
-        new = self.spawn_worker(slot)
+        try:
+            new = self.spawn_worker(slot)
+        except OSError as exc:
+            log.error("cannot start a replacement for slot=%d (%s); keeping the old worker", slot, exc)
+            return False
         self.replacing[slot] = new
         try:
             await asyncio.wait_for(asyncio.shield(new.ready), self.config.boot_timeout)

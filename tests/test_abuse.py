@@ -333,3 +333,21 @@ def test_100k_connections_leave_master_and_worker_fds_at_baseline(tmp_path):
         # wrk is stopped once the master has accepted n; the workers' counts follow on their next beat
         wait_until(lambda: metric_sum(b, "balancer_worker_requests_total", code="200") >= n, 10,
                    f"{n} requests counted as served")
+
+
+def test_worker_dying_while_the_master_is_out_of_fds_is_respawned_once_it_can_be():
+    with Balancer("--workers", "2", *APP) as b:
+        victim, survivor = b.worker_pids()
+        soft, hard = resource.prlimit(b.pid, resource.RLIMIT_NOFILE)
+        # Two below what is open: even after the victim's channel and pidfd are closed, no fd is free.
+        resource.prlimit(b.pid, resource.RLIMIT_NOFILE, (fd_count(b.pid) - 2, hard))
+        mark = b.mark()
+        os.kill(victim, signal.SIGKILL)
+        b.wait_for(r"cannot start a worker for slot=\d \(\[Errno 24\] Too many open files\); retrying", 10,
+                   start=mark)
+        b.wait_for(r"cannot start a worker for slot=\d .*retrying", 10, start=b.mark())  # and again, later
+        assert b.proc.poll() is None and b.worker_pids() == [survivor], "no half-made worker is left behind"
+        resource.prlimit(b.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        b.wait_for(r"worker slot=\d pid=\d+ ready", 20, start=mark)
+        wait_until(lambda: len(b.worker_pids()) == 2, 10, "both slots filled")
+        assert status_of(exchange(b.port, GOOD)) == 200
