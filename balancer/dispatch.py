@@ -155,8 +155,12 @@ class Dispatcher:
         round robin would keep parking new connections on it for the whole --timeout.
         """
         for route in self.routes:
-            if route is not None and route.unacked and now - route.ack_progress > after:
-                route.stalled = True
+            if route is not None:
+                if route.unacked:
+                    if now - route.ack_progress > after:
+                        route.stalled = True
+                elif route.stalled:
+                    route.stalled = False  # rested after a refusal; nothing of ours is waiting on it
 
     def retry_homeless(self) -> None:
         """Give waiting fds to workers that have room again."""
@@ -182,6 +186,9 @@ class Dispatcher:
     def on_refuse(self, route: Route, ids: list[int]) -> None:
         """The worker did not take these: give them to another worker."""
         taken = [item for item in (route.unacked.pop(i, None) for i in ids) if item is not None]
+        # A READY worker refuses when the fds did not fit (MSG_CTRUNC: it is out of fds). Rest it until the
+        # next tick, or fds would bounce between workers that are all full, as fast as the loop turns.
+        route.stalled = True
         self.redispatched += len(taken)
         self.dispatch(taken)
 

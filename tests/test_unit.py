@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 
 import pytest
 
@@ -111,11 +112,36 @@ def test_refuse_and_evict_redispatch_elsewhere():
     d.on_refuse(routes[0], list(routes[0].unacked))
     assert len(routes[1].unacked) == 4 and d.redispatched == 2
     routes[0].state = State.READY
+    d.mark_stalled(time.monotonic(), 0.5)  # the tick ends the rest a refusal earns
+    assert not routes[0].stalled
     routes[1].state = State.DEAD
     d.evict(routes[1])
     assert len(routes[0].unacked) == 4 and d.redispatched == 6
     d.on_ack(routes[0], list(routes[0].unacked))  # closes the master's copies
     assert routes[0].open_conns == 4
+    close_routes(routes)
+
+
+def test_refusing_worker_rests_until_the_tick_so_fds_do_not_bounce():
+    d = Dispatcher(cap=10)
+    routes = ready_routes(d, 2)
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
+    d.dispatch([(fd, socket.AF_INET) for fd in fds])
+    # both READY workers refuse (out of fds): the fds wait in the master instead of ping-ponging
+    d.on_refuse(routes[0], list(routes[0].unacked))
+    assert len(routes[1].unacked) == 2
+    d.on_refuse(routes[1], list(routes[1].unacked))
+    assert len(d.homeless) == 2 and not routes[0].unacked and not routes[1].unacked
+    assert d.redispatched == 3 and d.free_capacity() == 0
+    d.mark_stalled(time.monotonic(), 0.5)
+    assert d.free_capacity() == 20
+    d.retry_homeless()
+    assert not d.homeless and [len(r.unacked) for r in routes] == [1, 1]
+    for r in routes:
+        d.evict(r)
+    d.set_route(0, None)
+    d.set_route(1, None)
+    d.close_homeless()
     close_routes(routes)
 
 
