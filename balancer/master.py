@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import time
 
@@ -250,8 +251,27 @@ class Master:
         self.listeners = []
 
 
+def raise_fd_limit(worker_connections: int) -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard one (workers inherit it); warn if the cap cannot fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            # 1024 is a common soft default, below what --worker-connections 1000 plus a backend's own
+            # files and sockets needs; the hard limit is what the administrator allows.
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and worker_connections + 64 > soft:
+        log.warning("--worker-connections %d is more than a worker can open (RLIMIT_NOFILE %d); "
+                    "connections past the limit are refused and re-dispatched", worker_connections, soft)
+    return soft
+
+
 def run_master(config: Config, loop_choice: str = "auto") -> int:
     """Run a master to completion; returns its exit code."""
+    raise_fd_limit(config.worker_connections)
     master = Master(config)
     factory = asyncio.new_event_loop
     if loop_choice in ("auto", "uvloop"):

@@ -59,6 +59,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def starve_fds(pid: int) -> tuple[int, int]:
+    """Leave pid no fd to open (existing ones keep working); returns the limits to restore."""
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    # The limit bounds fd *numbers*, and a process's table has gaps: only a limit at the first free
+    # number is sure to refuse the next fd. 3 is below every fd anything here opens.
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, limits[1]))
+    return limits
+
+
 # ---- slowloris ------------------------------------------------------------------------------------
 
 async def slowloris(port: int, clients: int, good_url: str, give_up: float) -> tuple[list, list]:
@@ -249,9 +258,8 @@ def test_emfile_on_accept_backs_off_without_spinning_and_recovers():
     burst = 200
     with Balancer("--workers", "2", *APP) as b:
         assert status_of(exchange(b.port, GOOD)) == 200
-        soft, hard = resource.prlimit(b.pid, resource.RLIMIT_NOFILE)
         # No fd to spare: every accept() in the master fails with EMFILE until the limit is raised again.
-        resource.prlimit(b.pid, resource.RLIMIT_NOFILE, (fd_count(b.pid), hard))
+        limits = starve_fds(b.pid)
         mark = b.mark()
         socks = [socket.create_connection(("127.0.0.1", b.port), timeout=10) for _ in range(burst)]
         try:
@@ -265,7 +273,7 @@ def test_emfile_on_accept_backs_off_without_spinning_and_recovers():
             print(f"EMFILE: master used {share:.1%} of a core over {t1 - t0:.1f} s of failing accepts")
             assert share < 0.1, f"the master spins on EMFILE: {share:.0%} of a core"
             assert b.proc.poll() is None
-            resource.prlimit(b.pid, resource.RLIMIT_NOFILE, (soft, hard))
+            resource.prlimit(b.pid, resource.RLIMIT_NOFILE, limits)
             replies = read_responses(socks, 20)
         finally:
             for s in socks:
@@ -338,16 +346,48 @@ def test_100k_connections_leave_master_and_worker_fds_at_baseline(tmp_path):
 def test_worker_dying_while_the_master_is_out_of_fds_is_respawned_once_it_can_be():
     with Balancer("--workers", "2", *APP) as b:
         victim, survivor = b.worker_pids()
-        soft, hard = resource.prlimit(b.pid, resource.RLIMIT_NOFILE)
-        # Two below what is open: even after the victim's channel and pidfd are closed, no fd is free.
-        resource.prlimit(b.pid, resource.RLIMIT_NOFILE, (fd_count(b.pid) - 2, hard))
+        limits = starve_fds(b.pid)  # even the fds the victim's exit frees are over the limit
         mark = b.mark()
         os.kill(victim, signal.SIGKILL)
         b.wait_for(r"cannot start a worker for slot=\d \(\[Errno 24\] Too many open files\); retrying", 10,
                    start=mark)
         b.wait_for(r"cannot start a worker for slot=\d .*retrying", 10, start=b.mark())  # and again, later
         assert b.proc.poll() is None and b.worker_pids() == [survivor], "no half-made worker is left behind"
-        resource.prlimit(b.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.prlimit(b.pid, resource.RLIMIT_NOFILE, limits)
         b.wait_for(r"worker slot=\d pid=\d+ ready", 20, start=mark)
         wait_until(lambda: len(b.worker_pids()) == 2, 10, "both slots filled")
         assert status_of(exchange(b.port, GOOD)) == 200
+
+
+def test_worker_out_of_fds_refuses_handoffs_and_the_other_worker_serves_them():
+    with Balancer("--workers", "2", *APP) as b:
+        slots = {}
+        while len(slots) < 2:  # learn which pid serves which slot
+            reply = exchange(b.port, GOOD)
+            pid = int(reply.split(b"X-Worker-Pid: ")[1].split(b"\r\n")[0])
+            slots[pid] = reply.split(b"X-Worker-Slot: ")[1].split(b"\r\n")[0].decode()
+        full, other = b.worker_pids()
+        limits = starve_fds(full)  # the fds the master sends it do not fit: MSG_CTRUNC
+        before = metric_sum(b, "balancer_connections_redispatched_total")
+        served_by = [exchange(b.port, GOOD) for _ in range(40)]
+        assert all(status_of(r) == 200 for r in served_by)
+        assert all(f"X-Worker-Slot: {slots[other]}".encode() in r for r in served_by), "the full worker served"
+        assert metric_sum(b, "balancer_connections_redispatched_total") > before
+        assert sorted(b.worker_pids()) == sorted([full, other])
+        resource.prlimit(full, resource.RLIMIT_NOFILE, limits)
+        wait_until(lambda: f"X-Worker-Slot: {slots[full]}".encode() in exchange(b.port, GOOD), 10,
+                   "the worker to serve again once it has fds")
+
+
+def nofile(pid: int) -> tuple[int, int]:
+    return resource.prlimit(pid, resource.RLIMIT_NOFILE)
+
+
+def test_master_lifts_the_soft_fd_limit_for_itself_and_its_workers():
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(1024, hard // 2)
+    with Balancer("--workers", "2", *APP,
+                  preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))) as b:
+        assert [nofile(p) for p in [b.pid, *b.worker_pids()]] == [(hard, hard)] * 3
+    with Balancer("--workers", "1", "--worker-connections", str(hard), *APP) as b:
+        b.wait_for(rf"--worker-connections {hard} is more than a worker can open \(RLIMIT_NOFILE {hard}\)", 5)
