@@ -156,8 +156,7 @@ class Supervisor:
         elif self.replacing.get(slot) is w:
             del self.replacing[slot]
         elif slot < len(self.slots) and self.slots[slot] is w:
-            self.slots[slot] = None
-            self.dispatcher.set_route(slot, None)
+            self._seat(slot, None)
             if not self.stopping:
                 reason = w.reason or "crash"
                 self.restarts[(slot, reason)] += 1
@@ -168,6 +167,11 @@ class Supervisor:
                 self._respawns[slot] = self.loop.call_later(delay, self._respawn, slot)
         if not self.processes():
             self._all_gone.set()
+
+    def _seat(self, slot: int, w: WorkerProcess | None) -> None:
+        """Make w the worker serving slot (None: empty), for the supervisor and the dispatcher alike."""
+        self.slots[slot] = w
+        self.dispatcher.set_route(slot, w.route if w is not None else None)
 
     def _respawn(self, slot: int) -> None:
         """Start a new worker in an empty slot; when the system cannot start one now, retry later."""
@@ -181,8 +185,7 @@ class Supervisor:
             log.error("cannot start a worker for slot=%d (%s); retrying in %.2fs", slot, exc, delay)
             self._respawns[slot] = self.loop.call_later(delay, self._respawn, slot)
             return
-        self.slots[slot] = w
-        self.dispatcher.set_route(slot, w.route)
+        self._seat(slot, w)
 
     # ---- start, replace, scale --------------------------------------------------------------
 
@@ -193,8 +196,7 @@ class Supervisor:
                 w = self.spawn_worker(slot)
             except OSError as exc:
                 raise BootError(f"cannot start a worker: {exc}") from None
-            self.slots[slot] = w
-            self.dispatcher.set_route(slot, w.route)
+            self._seat(slot, w)
         waiters = [w.ready for w in self.slots if w is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*waiters), self.config.boot_timeout)
@@ -224,8 +226,7 @@ class Supervisor:
             return False
         del self.replacing[slot]
         old = self.slots[slot]
-        self.slots[slot] = new
-        self.dispatcher.set_route(slot, new.route)
+        self._seat(slot, new)
         self.on_capacity()
         if old is not None:
             self.restarts[(slot, reason)] += 1
