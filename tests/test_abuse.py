@@ -1,4 +1,4 @@
-"""Abuse, on real processes: slowloris, malformed HTTP, body limits, EMFILE on accept, 100k connections."""
+"""Abuse, on real processes: slowloris, malformed HTTP, body limits, running out of fds, 100k connections."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import time
 import aiohttp
 import pytest
 
+from balancer.metrics import read_proc
 from tests.harness import Balancer, fd_count
 from tests.test_integration import APP, _tcp_sockets
-from tests.test_metrics import http_get, samples, wait_until
+from tests.test_metrics import http_get, samples, slot_pid, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 GOOD = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
@@ -50,13 +51,6 @@ def exchange(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
 def status_of(response: bytes) -> int:
     """The status code of a raw HTTP response, 0 for no response at all."""
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.") else 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of pid."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def starve_fds(pid: int) -> tuple[int, int]:
@@ -266,9 +260,9 @@ def test_emfile_on_accept_backs_off_without_spinning_and_recovers():
             for s in socks:
                 s.sendall(GOOD)  # the kernel holds these in the backlog until the master can accept
             b.wait_for(r"accept: Too many open files \(1 so far\)", 10, start=mark)
-            cpu0, t0 = cpu_seconds(b.pid), time.monotonic()
+            cpu0, t0 = read_proc(b.pid)[0], time.monotonic()
             b.wait_for(r"accept: Too many open files \(10 so far\)", 20, start=mark)
-            cpu1, t1 = cpu_seconds(b.pid), time.monotonic()
+            cpu1, t1 = read_proc(b.pid)[0], time.monotonic()
             share = (cpu1 - cpu0) / (t1 - t0)
             print(f"EMFILE: master used {share:.1%} of a core over {t1 - t0:.1f} s of failing accepts")
             assert share < 0.1, f"the master spins on EMFILE: {share:.0%} of a core"
@@ -361,11 +355,7 @@ def test_worker_dying_while_the_master_is_out_of_fds_is_respawned_once_it_can_be
 
 def test_worker_out_of_fds_refuses_handoffs_and_the_other_worker_serves_them():
     with Balancer("--workers", "2", *APP) as b:
-        slots = {}
-        while len(slots) < 2:  # learn which pid serves which slot
-            reply = exchange(b.port, GOOD)
-            pid = int(reply.split(b"X-Worker-Pid: ")[1].split(b"\r\n")[0])
-            slots[pid] = reply.split(b"X-Worker-Slot: ")[1].split(b"\r\n")[0].decode()
+        slots = {slot_pid(b, slot): slot for slot in ("0", "1")}
         full, other = b.worker_pids()
         limits = starve_fds(full)  # the fds the master sends it do not fit: MSG_CTRUNC
         before = metric_sum(b, "balancer_connections_redispatched_total")
@@ -379,15 +369,11 @@ def test_worker_out_of_fds_refuses_handoffs_and_the_other_worker_serves_them():
                    "the worker to serve again once it has fds")
 
 
-def nofile(pid: int) -> tuple[int, int]:
-    return resource.prlimit(pid, resource.RLIMIT_NOFILE)
-
-
 def test_master_lifts_the_soft_fd_limit_for_itself_and_its_workers():
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = min(1024, hard // 2)
     with Balancer("--workers", "2", *APP,
                   preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))) as b:
-        assert [nofile(p) for p in [b.pid, *b.worker_pids()]] == [(hard, hard)] * 3
+        assert [resource.prlimit(p, resource.RLIMIT_NOFILE) for p in [b.pid, *b.worker_pids()]] == [(hard, hard)] * 3
     with Balancer("--workers", "1", "--worker-connections", str(hard), *APP) as b:
         b.wait_for(rf"--worker-connections {hard} is more than a worker can open \(RLIMIT_NOFILE {hard}\)", 5)

@@ -35,6 +35,15 @@ def close_routes(routes):
         r.peer.close()
 
 
+def release_all(d: Dispatcher, routes) -> None:
+    """Take every fd the dispatcher holds back, close them, and close the routes' channels."""
+    for r in routes:
+        d.evict(r)
+        d.set_route(r.slot, None)
+    d.close_homeless()
+    close_routes(routes)
+
+
 def test_round_robin_order():
     d = Dispatcher(cap=10)
     routes = ready_routes(d, 3)
@@ -94,12 +103,7 @@ def test_backpressure_all_full_goes_homeless_then_retried():
     d.on_closed(routes[0], 1)
     d.retry_homeless()
     assert not d.homeless and routes[0].load == 1
-    for r in routes:
-        d.evict(r)
-    d.set_route(0, None)
-    d.set_route(1, None)
-    d.close_homeless()
-    close_routes(routes)
+    release_all(d, routes)
 
 
 def test_refuse_and_evict_redispatch_elsewhere():
@@ -137,12 +141,7 @@ def test_refusing_worker_rests_until_the_tick_so_fds_do_not_bounce():
     assert d.free_capacity() == 20
     d.retry_homeless()
     assert not d.homeless and [len(r.unacked) for r in routes] == [1, 1]
-    for r in routes:
-        d.evict(r)
-    d.set_route(0, None)
-    d.set_route(1, None)
-    d.close_homeless()
-    close_routes(routes)
+    release_all(d, routes)
 
 
 def test_full_channel_reroutes_without_blocking():
