@@ -9,7 +9,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from balancer import wire
+from balancer import board, wire
 
 
 class State(enum.Enum):
@@ -24,12 +24,18 @@ class State(enum.Enum):
 class Route:
     """The dispatcher's view of one worker: its channel, its load, and the fds it has not acked."""
 
-    def __init__(self, slot: int, channel: socket.socket | None) -> None:
+    def __init__(self, slot: int, channel: socket.socket | None, ack_board: memoryview | None = None) -> None:
         self.slot = slot
         self.channel = channel
+        self.board = ack_board if ack_board is not None else board.private()  # the worker's acks and closes
         self.state = State.BOOTING
         self.open_conns = 0  # acked and not yet reported closed
         self.unacked: dict[int, tuple[int, int]] = {}  # conn id -> (master's fd copy, family)
+        self.sent: deque[tuple[int, list[int]]] = deque()  # (message number, its conn ids), not yet handled
+        self.sent_msgs = 0  # handoff messages sent, masked like the board's handled count
+        self.seen_word = 0  # board word 0 as last collected
+        self.refused_seen = 0  # REFUSE messages processed, masked like the board's refused count
+        self.taken = 0  # connections acked since the worker started
         self.send_blocked = False  # channel full: the worker is not reading (stalled or stopped)
         self.stalled = False  # fds have waited too long for an ack: its loop is blocked or stopped
         self.ack_progress = 0.0  # monotonic time of the last ack, or of the first fd sent since
@@ -138,6 +144,8 @@ class Dispatcher:
         try:
             wire.send_fds(route.channel, wire.encode_handoff(ids, families), fds)
             route.dispatched += len(ids)
+            route.sent_msgs = seq = (route.sent_msgs + 1) & board.HANDLED_MASK
+            route.sent.append((seq, ids))
             return
         except BlockingIOError:
             route.send_blocked = True
@@ -169,37 +177,54 @@ class Dispatcher:
             self.homeless.clear()
             self.dispatch(items)
 
-    def on_ack(self, route: Route, ids: list[int], closed: int = 0) -> None:
-        """The worker owns these connections now: close the master's copies; count its reported closes."""
-        unacked = route.unacked
-        route.ack_progress = time.monotonic()
-        route.stalled = False
-        close = os.close
-        taken = 0
-        for conn_id in ids:
-            item = unacked.pop(conn_id, None)
-            if item is not None:
-                close(item[0])
-                taken += 1
-        route.open_conns = max(0, route.open_conns + taken - closed)
+    def collect(self, route: Route) -> None:
+        """Read the worker's ack board: close the master's copies of what it took, update its open count."""
+        words = route.board
+        word = words[board.HANDLED]
+        if word != route.seen_word:
+            handled, refused = board.unpack(word)
+            if refused != route.refused_seen:
+                # Its REFUSE message went out before this store but is not read yet: until it is, taken and
+                # refused ids cannot be told apart. on_refuse() collects again once it has read it.
+                return
+            route.seen_word = word
+            sent, unacked, close, handled_by = route.sent, route.unacked, os.close, board.handled_by
+            taken = 0
+            while sent and handled_by(sent[0][0], handled):
+                for conn_id in sent.popleft()[1]:
+                    item = unacked.pop(conn_id, None)  # None: refused, already re-dispatched
+                    if item is not None:
+                        close(item[0])
+                        taken += 1
+            route.ack_progress = time.monotonic()
+            if taken:
+                route.taken += taken
+                route.stalled = False  # not after refusals alone: a refusing worker rests until the tick
+        route.open_conns = max(0, route.taken - words[board.CLOSED])
+
+    def collect_all(self) -> None:
+        """Collect every worker's board."""
+        for route in self.routes:
+            if route is not None:
+                self.collect(route)
 
     def on_refuse(self, route: Route, ids: list[int]) -> None:
         """The worker did not take these: give them to another worker."""
+        route.refused_seen = (route.refused_seen + 1) & board.REFUSED_MASK
         taken = [item for item in (route.unacked.pop(i, None) for i in ids) if item is not None]
         # A READY worker refuses when the fds did not fit (MSG_CTRUNC: it is out of fds). Rest it until the
         # next tick, or fds would bounce between workers that are all full, as fast as the loop turns.
         route.stalled = True
         self.redispatched += len(taken)
         self.dispatch(taken)
-
-    def on_closed(self, route: Route, count: int) -> None:
-        """The worker reports connections closed."""
-        route.open_conns = max(0, route.open_conns - count)
+        self.collect(route)  # acks that waited for this refusal to be read
 
     def evict(self, route: Route) -> None:
-        """The worker is gone or going: its unacked fds go to other workers."""
+        """The worker is gone or going: the fds it never took go to other workers."""
+        self.collect(route)  # what it took is its own: those clients go with it, never to a second worker
         taken = list(route.unacked.values())
         route.unacked.clear()
+        route.sent.clear()
         route.open_conns = 0
         if taken:
             self.redispatched += len(taken)

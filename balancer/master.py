@@ -21,6 +21,8 @@ log = logging.getLogger("balancer")
 ACCEPT_BATCH = 64  # connections accepted per readable event: fair to other listeners and to the loop
 TICK = 0.25  # seconds between supervision checks (heartbeats, deadlines, memory)
 STALL_AFTER = 0.5  # seconds without an ack before a worker gets no new connections (an ack takes microseconds)
+# While every worker is at its cap, how often the master reads their ack boards for closes (they send no message).
+CAPACITY_POLL = 0.002
 # accept() errors that concern one connection only: skip it and keep accepting (see trio's list).
 SKIP_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH))
@@ -47,6 +49,7 @@ class Master:
         self._accept_backoff = 0.0
         self._accept_retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self._capacity_poll: asyncio.TimerHandle | None = None
         self.started = time.time()
         self.services: list = []  # metrics endpoint, control socket: objects with async close()
 
@@ -55,9 +58,11 @@ class Master:
     def _on_readable(self, listener: Listener) -> None:
         """Accept a bounded batch and hand it out; stop reading when no worker has room."""
         dispatcher = self.dispatcher
+        dispatcher.collect_all()  # acks and closes since the last look: free fds and room
         room = dispatcher.free_capacity()
         if room <= 0 or dispatcher.homeless:
             self._pause()
+            self._watch_capacity()
             return
         accept = listener.sock._accept  # the raw fd: the master never needs a socket object for it
         family = listener.family
@@ -79,6 +84,7 @@ class Master:
             dispatcher.dispatch(items)
             if dispatcher.homeless or dispatcher.free_capacity() <= 0:
                 self._pause()
+                self._watch_capacity()
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of fds or memory: pause accepting with a growing delay instead of spinning a core."""
@@ -127,9 +133,24 @@ class Master:
         dispatcher = self.dispatcher
         if dispatcher.homeless:
             dispatcher.retry_homeless()
+            if dispatcher.homeless:
+                self._watch_capacity()
         if (self.paused and not self.stopping and self._accept_retry is None and not dispatcher.homeless
                 and dispatcher.free_capacity() > 0):
             self._resume()
+
+    def _watch_capacity(self) -> None:
+        """Workers are full: look at their boards every CAPACITY_POLL until a close makes room."""
+        if self._capacity_poll is None and not self.stopping:
+            self._capacity_poll = asyncio.get_running_loop().call_later(CAPACITY_POLL, self._poll_capacity)
+
+    def _poll_capacity(self) -> None:
+        """One look at the boards; keep looking while connections wait or accepting is paused for room."""
+        self._capacity_poll = None
+        self.dispatcher.collect_all()
+        self._on_capacity()
+        if self.dispatcher.homeless or (self.paused and self._accept_retry is None):
+            self._watch_capacity()
 
     def _on_blocked(self, route: Route) -> None:
         """A worker's channel is full: it gets nothing until the kernel says it drained."""
@@ -210,6 +231,7 @@ class Master:
 
         def tick() -> None:
             self.supervisor.tick()
+            self.dispatcher.collect_all()  # when idle, the master's copies of taken fds close here
             self.dispatcher.mark_stalled(time.monotonic(), STALL_AFTER)
             self._on_capacity()  # a ready worker may have been missed while all were blocked
             self._tick = loop.call_later(TICK, tick)
@@ -226,6 +248,9 @@ class Master:
             self._tick.cancel()
         if self._accept_retry is not None:
             self._accept_retry.cancel()
+        if self._capacity_poll is not None:
+            self._capacity_poll.cancel()
+            self._capacity_poll = None
         self._close_listeners()
         if self.supervisor is not None:
             self._schedule_shutdown_tick()
@@ -240,6 +265,7 @@ class Master:
 
         def tick() -> None:
             self.supervisor.tick()
+            self.dispatcher.collect_all()
             self._tick = loop.call_later(TICK, tick)
 
         self._tick = loop.call_later(TICK, tick)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from balancer import wire
+from balancer import board, wire
 from balancer.dispatch import Route
 
 class BootError(RuntimeError):
@@ -47,19 +47,26 @@ class WorkerProcess:
 
 
 def spawn_process(slot: int, settings: dict, env: dict) -> WorkerProcess:
-    """Start a fresh interpreter for slot with its end of a new channel inherited."""
+    """Start a fresh interpreter for slot with its ends of a new channel and ack board inherited."""
     master_end, worker_end = wire.channel_pair()
-    cmd = [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()),
+    try:
+        board_fd, ack_board = board.create(f"balancer-board-slot-{slot}")
+    except BaseException:
+        master_end.close()
+        worker_end.close()
+        raise
+    cmd = [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()), "--board-fd", str(board_fd),
            "--master-pid", str(os.getpid()), "--settings", json.dumps(dict(settings, slot=slot))]
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(worker_end.fileno(),), env=env)
+        proc = subprocess.Popen(cmd, pass_fds=(worker_end.fileno(), board_fd), env=env)
     except BaseException:
         master_end.close()
         raise
     finally:
         worker_end.close()
+        os.close(board_fd)  # the mapping outlives it
     try:
-        return WorkerProcess(slot, proc, master_end, Route(slot, master_end))
+        return WorkerProcess(slot, proc, master_end, Route(slot, master_end, ack_board))
     except BaseException:  # pidfd_open failed (out of fds): a worker we cannot watch must not live on
         proc.kill()
         proc.wait()

@@ -85,15 +85,7 @@ class Supervisor:
     def _on_message(self, w: WorkerProcess, msg: bytes) -> None:
         """Act on one message from a worker."""
         kind = msg[0]
-        if kind == wire.ACK:
-            ids, closed = wire.decode_ids(msg)
-            self.dispatcher.on_ack(w.route, ids, closed)
-            if closed:
-                self.on_capacity()
-        elif kind == wire.CLOSED:
-            self.dispatcher.on_closed(w.route, wire.decode_closed(msg))
-            self.on_capacity()
-        elif kind == wire.BEAT:
+        if kind == wire.BEAT:
             w.last_beat = time.monotonic()
             body = wire.decode_json(msg)
             w.stats = body
@@ -107,7 +99,7 @@ class Supervisor:
             log.info("worker slot=%d pid=%d ready", w.slot, w.pid)
             self.on_capacity()
         elif kind == wire.REFUSE:
-            self.dispatcher.on_refuse(w.route, wire.decode_ids(msg)[0])
+            self.dispatcher.on_refuse(w.route, wire.decode_ids(msg))
             self.on_capacity()
         elif kind == wire.BOOT_ERROR:
             text = str(wire.decode_json(msg))
@@ -141,7 +133,7 @@ class Supervisor:
         self.loop.remove_reader(w.pidfd)
         os.close(w.pidfd)
         if w.channel.fileno() >= 0:
-            self._on_channel(w)  # take its last reports (acks, closes) before evicting
+            self._on_channel(w)  # take its last refusals before evicting: they tell taken fds from refused
             self._channel_closed(w)
         code = w.proc.returncode
         if not w.ready.done():

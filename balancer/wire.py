@@ -9,13 +9,12 @@ import socket
 import struct
 
 # One message is one SOCK_SEQPACKET datagram: a type byte, then a type-specific body.
-# Hot-path messages (handoff, ack, refuse, closed) are packed binary; rare ones are JSON.
+# Handoff and refuse are packed binary; rare ones are JSON. Acks and closes are not messages at all: the worker
+# publishes them as counters on its ack board (balancer/board.py).
 HANDOFF = 0x48  # 'H' master->worker: ids + families, fds attached via SCM_RIGHTS
 DRAIN = 0x44  # 'D' master->worker: stop taking connections, finish in-flight, exit
 READY = 0x59  # 'Y' worker->master: backend loaded, serving
-ACK = 0x41  # 'A' worker->master: these ids are mine now (and this many of mine closed since the last report)
 REFUSE = 0x52  # 'R' worker->master: these ids were not taken; master re-dispatches them
-CLOSED = 0x43  # 'C' worker->master: this many connections have closed
 BEAT = 0x42  # 'B' worker->master: heartbeat carrying a stats snapshot (JSON)
 BOOT_ERROR = 0x45  # 'E' worker->master: the backend could not be loaded (JSON text)
 
@@ -32,8 +31,6 @@ _TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
 _COUNT = struct.Struct("<BH")
-_IDS = struct.Struct("<BHI")  # type, id count, connections closed since the last report
-_CLOSED = struct.Struct("<BI")
 
 
 class ProtocolError(ValueError):
@@ -66,33 +63,21 @@ def decode_handoff(msg: bytes) -> tuple[list[int], list[int]]:
     return ids.tolist(), list(msg[end:])
 
 
-def encode_ids(kind: int, ids: list[int], closed: int = 0) -> bytes:
-    """Pack an ACK or REFUSE message; an ACK carries the close count so closes rarely need their own."""
-    return _IDS.pack(kind, len(ids), closed) + array.array("I", ids).tobytes()
+def encode_ids(kind: int, ids: list[int]) -> bytes:
+    """Pack a REFUSE message: the ids of a handoff the worker did not take."""
+    return _COUNT.pack(kind, len(ids)) + array.array("I", ids).tobytes()
 
 
-def decode_ids(msg: bytes) -> tuple[list[int], int]:
-    """Unpack an ACK or REFUSE message into (ids, closed)."""
-    if len(msg) < _IDS.size:
+def decode_ids(msg: bytes) -> list[int]:
+    """Unpack a REFUSE message into its ids."""
+    if len(msg) < _COUNT.size:
         raise ProtocolError("short id list")
-    _, n, closed = _IDS.unpack_from(msg)
-    if len(msg) != _IDS.size + 4 * n:
+    _, n = _COUNT.unpack_from(msg)
+    if len(msg) != _COUNT.size + 4 * n:
         raise ProtocolError(f"id list of {n} has {len(msg)} bytes")
     ids = array.array("I")
-    ids.frombytes(msg[_IDS.size:])
-    return ids.tolist(), closed
-
-
-def encode_closed(count: int) -> bytes:
-    """Pack a CLOSED report."""
-    return _CLOSED.pack(CLOSED, count)
-
-
-def decode_closed(msg: bytes) -> int:
-    """Unpack a CLOSED report."""
-    if len(msg) != _CLOSED.size:
-        raise ProtocolError("bad closed report")
-    return _CLOSED.unpack(msg)[1]
+    ids.frombytes(msg[_COUNT.size:])
+    return ids.tolist()
 
 
 def encode_json(kind: int, body: object) -> bytes:

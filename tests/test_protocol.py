@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from balancer import wire
+from balancer import board, wire
 from balancer.config import Config
 from tests.harness import HERE, fd_count
 
@@ -24,18 +24,34 @@ class FakeMaster:
 
     def __init__(self, backend: str = "testapp:create_app", **overrides) -> None:
         self.channel, worker_end = wire.channel_pair()
+        board_fd, self.board = board.create()
         settings = dict(Config(backend=backend, app_dir=str(HERE / "apps"), **overrides).worker_settings(), slot=0)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()),
+            [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()), "--board-fd", str(board_fd),
              "--master-pid", str(os.getpid()), "--settings", json.dumps(settings)],
-            pass_fds=(worker_end.fileno(),), stderr=subprocess.PIPE, text=True,
+            pass_fds=(worker_end.fileno(), board_fd), stderr=subprocess.PIPE, text=True,
         )
         worker_end.close()
+        os.close(board_fd)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.next_id = 100
-        self.closed = 0  # connections the worker reported closed, from every CLOSED seen
+        self.sent = 0  # handoff messages sent, well-formed or not: the worker counts each one
 
-    def recv(self, kinds=(wire.ACK, wire.REFUSE, wire.READY, wire.BOOT_ERROR), timeout=15.0) -> bytes:
+    def wait_board(self, refused: int = 0, closed: int | None = None, timeout: float = 15.0) -> None:
+        """Wait until the board acks every handoff sent (with `refused` of them refused) and `closed` closes."""
+        deadline = time.monotonic() + timeout
+        want = (self.sent, refused, closed)
+        while True:
+            handled, got_refused = board.unpack(self.board[board.HANDLED])
+            got = (handled, got_refused, self.board[board.CLOSED] if closed is not None else None)
+            if got == want:
+                return
+            assert handled <= self.sent and got_refused <= refused and (closed is None or got[2] <= closed), \
+                f"board {got}, expected {want}"
+            assert time.monotonic() < deadline, f"board {got}, expected {want} within {timeout}s"
+            time.sleep(0.002)  # the board is memory: nothing to wait on but the worker's next store
+
+    def recv(self, kinds=(wire.REFUSE, wire.READY, wire.BOOT_ERROR), timeout=15.0) -> bytes:
         """The next message of one of kinds (heartbeats and others are skipped); b'' on EOF."""
         deadline = time.monotonic() + timeout
         while True:
@@ -45,10 +61,6 @@ class FakeMaster:
                 continue
             msg, fds, _ = wire.recv_message(self.channel)
             wire.close_all(fds)
-            if msg and msg[0] == wire.CLOSED:
-                self.closed += wire.decode_closed(msg)
-            elif msg and msg[0] == wire.ACK:
-                self.closed += wire.decode_ids(msg)[1]
             if not msg or msg[0] in kinds:
                 return msg
 
@@ -67,6 +79,7 @@ class FakeMaster:
         ids = list(range(self.next_id, self.next_id + len(socks)))
         self.next_id += len(socks)
         wire.send_fds(self.channel, wire.encode_handoff(ids, [s.family for s in socks]), [s.fileno() for s in socks])
+        self.sent += 1
         return ids
 
     def close(self) -> None:
@@ -98,22 +111,19 @@ def get(client: socket.socket, path: str = "/") -> bytes:
 def test_handoff_is_acked_then_served(master):
     client, server = master.connection()
     client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")  # bytes waiting before handoff
-    ids = master.handoff([server])
-    msg = master.recv()
-    assert msg[0] == wire.ACK and wire.decode_ids(msg)[0] == ids
+    master.handoff([server])
+    master.wait_board()  # acked on the board
     server.close()  # the master closes its copy on ack; the worker's copy serves the client
     data = b"".join(iter(lambda: client.recv(65536), b""))
     assert data.startswith(b"HTTP/1.1 200") and f"X-Worker-Pid: {master.proc.pid}".encode() in data
-    while master.closed < 1:
-        master.recv((wire.CLOSED,))
-    assert master.closed == 1
+    master.wait_board(closed=1)
     client.close()
 
 
 def test_batch_of_fds_in_one_message(master):
     pairs = [master.connection() for _ in range(wire.MAX_FDS_PER_MSG)]
-    ids = master.handoff([s for _, s in pairs])
-    assert wire.decode_ids(master.recv())[0] == ids
+    master.handoff([s for _, s in pairs])
+    master.wait_board()
     for client, server in pairs:
         server.close()
     for client, _ in pairs:
@@ -123,16 +133,17 @@ def test_batch_of_fds_in_one_message(master):
 
 def test_refuses_while_draining_and_master_keeps_the_fd(master):
     busy_client, busy_server = master.connection()
-    busy_ids = master.handoff([busy_server])
-    assert wire.decode_ids(master.recv())[0] == busy_ids
+    master.handoff([busy_server])
+    master.wait_board()
     busy_server.close()
     busy_client.sendall(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")  # keep-alive request in flight
     master.recv((wire.BEAT,))  # the worker's loop has taken the request by its next heartbeat
     master.channel.send(bytes((wire.DRAIN,)))
     client, server = master.connection()
     ids = master.handoff([server])
-    msg = master.recv((wire.ACK, wire.REFUSE))
-    assert msg[0] == wire.REFUSE and wire.decode_ids(msg)[0] == ids
+    msg = master.recv((wire.REFUSE,))
+    assert wire.decode_ids(msg) == ids
+    master.wait_board(refused=1)
     client.sendall(b"ping")  # our copy is intact: another worker could serve it
     assert server.recv(4) == b"ping"
     client.close()
@@ -148,7 +159,8 @@ def test_truncated_fds_are_all_closed_and_refused(master):
     pairs = [master.connection() for _ in range(wire.MAX_FDS_PER_MSG + 6)]
     ids = master.handoff([s for _, s in pairs])  # more fds than the worker has room for: MSG_CTRUNC
     msg = master.recv()
-    assert msg[0] == wire.REFUSE and wire.decode_ids(msg)[0] == ids
+    assert msg[0] == wire.REFUSE and wire.decode_ids(msg) == ids
+    master.wait_board(refused=1)
     assert fd_count(master.proc.pid) == baseline
     for client, server in pairs:  # still ours: the worker never touched them
         client.sendall(b"x")
@@ -160,9 +172,10 @@ def test_truncated_fds_are_all_closed_and_refused(master):
 def test_garbage_message_does_not_kill_the_worker(master):
     master.channel.send(b"\x7fgarbage")
     wire.send_fds(master.channel, b"H\x05", [os.open("/dev/null", os.O_RDONLY)])  # short handoff with an fd
+    master.sent += 1  # counted as handled, so the numbering of later handoffs stays in step
     client, server = master.connection()
-    ids = master.handoff([server])
-    assert wire.decode_ids(master.recv())[0] == ids
+    master.handoff([server])
+    master.wait_board()
     server.close()
     assert get(client).startswith(b"HTTP/1.1 200")
     client.close()
@@ -172,8 +185,8 @@ def test_garbage_message_does_not_kill_the_worker(master):
 def test_no_fd_leaks_after_many_connections(master):
     def batch():
         pairs = [master.connection() for _ in range(40)]
-        ids = master.handoff([s for _, s in pairs])
-        assert wire.decode_ids(master.recv())[0] == ids
+        master.handoff([s for _, s in pairs])
+        master.wait_board()
         for client, server in pairs:
             server.close()
         for client, _ in pairs:
@@ -181,15 +194,12 @@ def test_no_fd_leaks_after_many_connections(master):
             client.close()
 
     batch()  # warm-up: the loop opens one /dev/null fd lazily on first use, once
-    while master.closed < 40:
-        master.recv((wire.CLOSED,))
+    master.wait_board(closed=40)
     test_before = fd_count(os.getpid())
     worker_before = fd_count(master.proc.pid)
     for _ in range(5):
         batch()
-    while master.closed < 240:
-        master.recv((wire.CLOSED,))
-    assert master.closed == 240
+    master.wait_board(closed=240)
     assert fd_count(os.getpid()) == test_before
     deadline = time.monotonic() + 10
     while fd_count(master.proc.pid) != worker_before and time.monotonic() < deadline:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from balancer import wire
+from balancer import board, wire
 from balancer.backoff import Backoff
 from balancer.cli import build_parser, parse_config
 from balancer.config import Config, ConfigError, parse_bind
@@ -97,10 +97,13 @@ def test_backpressure_all_full_goes_homeless_then_retried():
     d.dispatch([(fd, socket.AF_INET) for fd in fds])
     assert [r.load for r in routes] == [1, 1]
     assert len(d.homeless) == 1 and d.free_capacity() == 0
-    # worker 0 acks and then reports its connection closed: room for the homeless fd
-    (conn_id,) = routes[0].unacked
-    d.on_ack(routes[0], [conn_id])
-    d.on_closed(routes[0], 1)
+    # worker 0 acks and then reports its connection closed, on its board: room for the homeless fd
+    routes[0].board[board.HANDLED] = board.pack(1, 0)
+    d.collect(routes[0])
+    assert routes[0].load == 1 and not routes[0].unacked
+    routes[0].board[board.CLOSED] = 1
+    d.collect(routes[0])
+    assert routes[0].load == 0
     d.retry_homeless()
     assert not d.homeless and routes[0].load == 1
     release_all(d, routes)
@@ -121,9 +124,75 @@ def test_refuse_and_evict_redispatch_elsewhere():
     routes[1].state = State.DEAD
     d.evict(routes[1])
     assert len(routes[0].unacked) == 4 and d.redispatched == 6
-    d.on_ack(routes[0], list(routes[0].unacked))  # closes the master's copies
-    assert routes[0].open_conns == 4
+    routes[0].board[board.HANDLED] = board.pack(routes[0].sent_msgs, 1)  # the first message was the refused one
+    d.collect(routes[0])  # closes the master's copies
+    assert routes[0].open_conns == 4 and not routes[0].unacked
     close_routes(routes)
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_board_acks_wait_for_the_refusal_they_cover():
+    d = Dispatcher(cap=10)
+    routes = ready_routes(d, 2)
+    r = routes[0]
+    first = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
+    d.dispatch([(first[0], socket.AF_INET)])  # message 1 -> r
+    d.dispatch([(first[1], socket.AF_INET)])  # -> routes[1]
+    second = os.open("/dev/null", os.O_RDONLY)
+    d.dispatch([(second, socket.AF_INET)])  # message 2 -> r
+    refused_ids = [i for i, (fd, _) in r.unacked.items() if fd == first[0]]
+    # The worker refused message 1 and took message 2; the board says so before its REFUSE is read.
+    r.board[board.HANDLED] = board.pack(2, 1)
+    d.collect(r)
+    assert len(r.unacked) == 2 and fd_is_open(second) and r.taken == 0  # cannot tell which was refused yet
+    d.on_refuse(r, refused_ids)  # reading the REFUSE collects again
+    assert r.taken == 1 and not fd_is_open(second) and list(r.unacked) == []
+    assert first[0] in [fd for fd, _ in routes[1].unacked.values()]  # the refused fd went to the other worker
+    r.board[board.CLOSED] = 1
+    d.collect(r)
+    assert r.open_conns == 0
+    release_all(d, routes)
+
+
+def test_evict_redispatches_only_what_the_board_does_not_ack():
+    d = Dispatcher(cap=10)
+    routes = ready_routes(d, 2)
+    r, other = routes
+    other.state = State.DRAINING  # everything goes to r first
+    taken = os.open("/dev/null", os.O_RDONLY)
+    waiting = os.open("/dev/null", os.O_RDONLY)
+    d.dispatch([(taken, socket.AF_INET)])
+    d.dispatch([(waiting, socket.AF_INET)])
+    r.board[board.HANDLED] = board.pack(1, 0)  # it took message 1, then died before handling message 2
+    r.state = State.DEAD
+    other.state = State.READY
+    d.evict(r)
+    assert not fd_is_open(taken)  # its client went with the dead worker; no second worker sees it
+    assert [fd for fd, _ in other.unacked.values()] == [waiting] and d.redispatched == 1
+    release_all(d, routes)
+
+
+def test_board_counters_are_shared_between_processes_and_wrap():
+    fd, master_view = board.create()
+    pid = os.fork()
+    if pid == 0:  # the worker side: its own mapping of the same memfd
+        view = board.attach(fd)
+        view[board.HANDLED] = board.pack(board.HANDLED_MASK + 3, board.REFUSED_MASK + 2)
+        view[board.CLOSED] = 7
+        os._exit(0)
+    os.close(fd)
+    assert os.waitpid(pid, 0)[1] == 0
+    handled, refused = board.unpack(master_view[board.HANDLED])
+    assert (handled, refused, master_view[board.CLOSED]) == (2, 1, 7)
+    assert board.handled_by(board.HANDLED_MASK, handled) and board.handled_by(2, handled)  # across the wrap
+    assert not board.handled_by(3, handled)
 
 
 def test_refusing_worker_rests_until_the_tick_so_fds_do_not_bounce():
@@ -239,13 +308,12 @@ def test_cli_bad_value_raises_config_error():
 def test_wire_codecs_roundtrip_and_reject_garbage():
     ids, fams = [1, 2, 4_000_000_000], [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX]
     assert wire.decode_handoff(wire.encode_handoff(ids, fams)) == (ids, fams)
-    assert wire.decode_ids(wire.encode_ids(wire.ACK, ids, 5)) == (ids, 5)
-    assert wire.decode_closed(wire.encode_closed(7)) == 7
+    assert wire.decode_ids(wire.encode_ids(wire.REFUSE, ids)) == ids
     assert wire.decode_json(wire.encode_json(wire.BEAT, {"a": 1})) == {"a": 1}
     for bad in (b"H", wire.encode_handoff(ids, fams)[:-1], b"H\x05\x00"):
         with pytest.raises(wire.ProtocolError):
             wire.decode_handoff(bad)
     with pytest.raises(wire.ProtocolError):
-        wire.decode_ids(b"A\x02\x00\x01")
+        wire.decode_ids(b"R\x02\x00\x01")
     with pytest.raises(wire.ProtocolError):
         wire.decode_json(b"B{nope")

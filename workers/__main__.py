@@ -1,4 +1,4 @@
-"""Entry point of a worker process: `python -m workers --channel-fd N --master-pid P --settings JSON`."""
+"""Entry point of a worker process: `python -m workers --channel-fd N --board-fd B --master-pid P --settings JSON`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import sys
+
+from balancer import board
 
 PR_SET_PDEATHSIG = 1
 
@@ -42,6 +44,7 @@ def main() -> int:
     """Parse the master's arguments, then run the worker until it drains."""
     parser = argparse.ArgumentParser(prog="python -m workers")
     parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--board-fd", type=int, required=True)
     parser.add_argument("--master-pid", type=int, required=True)
     parser.add_argument("--settings", required=True)
     args = parser.parse_args()
@@ -58,11 +61,13 @@ def main() -> int:
         stream=sys.stderr,
     )
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, args.channel_fd)
+    ack_board = board.attach(args.board_fd)
+    os.close(args.board_fd)
 
     from workers.worker import Worker
 
     async def run() -> int:
-        return await Worker(channel, settings).run()
+        return await Worker(channel, settings, ack_board).run()
 
     with asyncio.Runner(loop_factory=loop_factory(settings.get("loop", "auto"))) as runner:
         return runner.run(run())

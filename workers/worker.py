@@ -14,16 +14,13 @@ from collections import deque
 
 from aiohttp import http_parser, streams, web
 
-from balancer import wire
+from balancer import board, wire
 from workers.backend import BackendError, load_app
 from workers.stats import RequestStats
 
 log = logging.getLogger("balancer.worker")
 
 BOOT_ERROR_EXIT = 3
-# Closes not carried by an ack go to the master after this long: the master's view of each worker's load
-# may lag by this much, and in return it reads one message per many closes instead of one per close.
-CLOSED_FLUSH_DELAY = 0.002
 HEADER_SWEEP = 0.25  # seconds between header-deadline sweeps: the deadline is kept to within this
 
 
@@ -35,8 +32,12 @@ def c_parser_in_use() -> bool:
 class Worker:
     """One worker process's runtime: channel to the master, the aiohttp runner, drain and stats."""
 
-    def __init__(self, channel: socket.socket, settings: dict) -> None:
+    def __init__(self, channel: socket.socket, settings: dict, ack_board: memoryview) -> None:
         self.channel = channel
+        self.board = ack_board  # acks and closes, read by the master (balancer/board.py)
+        self.handled = 0  # handoff messages handled, taken or refused
+        self.refused = 0
+        self.closed = 0  # connections closed since start
         self.settings = settings
         self.slot = settings["slot"]
         self.loop = asyncio.get_running_loop()
@@ -48,8 +49,6 @@ class Worker:
         self.idle = asyncio.Event()  # set while draining once no connection is open
         self.runner: web.AppRunner | None = None
         self.server = None
-        self._closed_pending = 0
-        self._close_timer: asyncio.TimerHandle | None = None
         self._outbox: deque[bytes] = deque()
         # protocol -> monotonic deadline for its first request's headers. Insertion order is deadline order
         # (one fixed timeout), so a periodic sweep pops expired ones from the front: no timer per connection.
@@ -132,8 +131,7 @@ class Worker:
                     pass
             lost(handler, exc)
             deadlines.pop(handler, None)
-            self.open -= 1
-            self._report_closed(1)
+            self._count_closed()
 
         server.connection_made = connection_made
         server.connection_lost = connection_lost
@@ -176,15 +174,21 @@ class Worker:
         """Act on one message: a handoff is acknowledged before any byte of it is read."""
         kind = msg[0]
         if kind == wire.HANDOFF:
-            ids, families = wire.decode_handoff(msg)
+            self.handled += 1  # every handoff counts, so the master's numbering of them stays in step
+            try:
+                ids, families = wire.decode_handoff(msg)
+            except wire.ProtocolError:
+                self._publish()  # taken and lost: the master must not give these half-seen fds to anyone else
+                raise
             if truncated or len(fds) != len(ids) or self.draining:
                 # Some fds were lost in transit (MSG_CTRUNC) or we are leaving: the master still holds
                 # its copies and gives every one of them to another worker.
                 wire.close_all(fds)
-                self._send(wire.encode_ids(wire.REFUSE, ids))
+                self._send(wire.encode_ids(wire.REFUSE, ids))  # the ids first, then the count that says so
+                self.refused += 1
+                self._publish()
                 return
-            closed, self._closed_pending = self._closed_pending, 0  # closes ride along with the ack
-            self._send(wire.encode_ids(wire.ACK, ids, closed))
+            self._publish()  # the ack
             self._serve(fds, families)
         elif kind == wire.DRAIN:
             wire.close_all(fds)
@@ -215,6 +219,10 @@ class Worker:
             try:
                 _, protocol = await connect(server, sock)
             except OSError:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the master may still hold a copy: end it for the client now
+                except OSError:
+                    pass
                 sock.close()
                 self._lost_before_serving()
                 continue
@@ -223,8 +231,7 @@ class Worker:
 
     def _lost_before_serving(self) -> None:
         """A handed-over connection died before aiohttp got it: still report it closed."""
-        self.open -= 1
-        self._report_closed(1)
+        self._count_closed()
 
     async def _observe(self, request: web.Request, handler):
         """Time and count one request; answer with Connection: close while draining."""
@@ -316,23 +323,23 @@ class Worker:
                 break
             self._outbox.popleft()
         self.loop.remove_writer(self.channel.fileno())
+        self._publish()
 
-    def _report_closed(self, n: int) -> None:
-        """Batch close reports: they ride on the next ack, or go alone after CLOSED_FLUSH_DELAY."""
-        if self._close_timer is None:
-            self._close_timer = self.loop.call_later(CLOSED_FLUSH_DELAY, self._flush_closed)
-        self._closed_pending += n
+    def _publish(self) -> None:
+        """Store the handled and refused counts on the board: the master's ack, one 8-byte store.
+
+        Not while reports wait in the outbox: a REFUSE must reach the master before the count that covers it.
+        """
+        if not self._outbox:
+            self.board[board.HANDLED] = board.pack(self.handled, self.refused)
+
+    def _count_closed(self) -> None:
+        """One of our connections closed: tell the master through the board."""
+        self.open -= 1
+        self.closed += 1
+        self.board[board.CLOSED] = self.closed
         if self.draining and self.open == 0:
             self.idle.set()
-
-    def _flush_closed(self) -> None:
-        """Send the batched close count."""
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
-        n, self._closed_pending = self._closed_pending, 0
-        if n:
-            self._send(wire.encode_closed(n))
 
     def _beat(self, reschedule: bool = True) -> None:
         """Heartbeat from the event loop itself: if the loop is blocked, no beat goes out."""
@@ -375,5 +382,4 @@ class Worker:
             except asyncio.TimeoutError:
                 log.warning("graceful timeout with %d connections open; closing them", self.open)
         await self.runner.cleanup()
-        self._flush_closed()
         self._flush_outbox()
