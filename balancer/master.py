@@ -82,7 +82,8 @@ class Master:
             self._accept_backoff = 0.0
             self.accepted += len(items)
             dispatcher.dispatch(items)
-            if dispatcher.homeless or dispatcher.free_capacity() <= 0:
+            # room - len(items) can only overestimate (a channel found full meanwhile); the next call re-counts
+            if dispatcher.homeless or room - len(items) <= 0:
                 self._pause()
                 self._watch_capacity()
 
