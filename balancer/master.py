@@ -67,7 +67,11 @@ class Master:
         accept = listener.sock._accept  # the raw fd: the master never needs a socket object for it
         family = listener.family
         items = []
-        for _ in range(min(room, ACCEPT_BATCH)):
+        limit = min(room, ACCEPT_BATCH)
+        waiting = listener.waiting()
+        if waiting is not None:
+            limit = min(limit, max(waiting, 1))  # at least one try: a readable event is never ignored
+        for _ in range(limit):
             try:
                 fd, _addr = accept()
             except BlockingIOError:

@@ -1,0 +1,166 @@
+"""A/B of balancer revisions: what one change bought, measured side by side in one run.
+
+  python -m bench.ab e464b74 HEAD                 # Connection: close, 6 rounds x 5 s, 2 workers
+  python -m bench.ab e464b74 cf5bc26 HEAD --mode keepalive --rounds 4
+
+Each revision is checked out in a temporary git worktree and started as its own balancer (own process group,
+own free port in 18000-18999, the hello backend, --metrics-bind none). Rounds alternate the order of the
+revisions; each cell is one wrk run. Reported per revision, as medians over rounds: req/s (and the ratio to
+the first revision), the master's CPU per new connection, and the workers' CPU per request, both from
+/proc/<pid>/schedstat (nanoseconds, not clock ticks). Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import loadgen
+from bench.procstat import group_cpu
+from bench.systems import HOST, free_port, http_get
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time pid has used, in ns (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Build:
+    """One revision: its worktree and its running balancer."""
+
+    def __init__(self, rev: str, root: Path, workers: int) -> None:
+        self.rev = rev
+        self.workers = workers
+        sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True,
+                             text=True).stdout.strip()
+        self.label = rev if rev == sha else f"{rev} ({sha})"
+        self.tree = root / f"tree-{sha}"
+        if not self.tree.exists():
+            subprocess.run(["git", "worktree", "add", "--detach", "--force", str(self.tree), sha], cwd=REPO,
+                           check=True, capture_output=True)
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log = root / f"balancer-{sha}.log"
+        self.runs: list[tuple[float, float, float, int]] = []  # (req/s, master us/conn, workers us/req, errors)
+
+    def start(self) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "balancer", "--backend", "workers.examples.hello:handler",
+               "--workers", str(self.workers), "--bind", f"{HOST}:{self.port}", "--metrics-bind", "none",
+               "--control-socket", str(self.log.with_suffix(".sock"))]
+        # cwd = the worktree, and no PYTHONPATH: `-m balancer` and the workers import that revision's code.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=self.tree, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=env)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every worker has answered (X-Worker-Pid)."""
+        deadline = time.monotonic() + timeout
+        pids: set[str] = set()
+        while len(pids) < self.workers:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.label} did not start; see {self.log}")
+            try:
+                status, headers = http_get(self.port)
+                if status == 200:
+                    pids.add(headers.get("x-worker-pid", ""))
+            except OSError:
+                time.sleep(0.05)
+
+    def worker_pids(self) -> list[int]:
+        return [pid for pid in group_cpu(self.proc.pid) if pid != self.proc.pid]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(5)
+
+
+def measure(build: Build, opts, workdir: Path, tag: str) -> None:
+    """One wrk cell against build, with the CPU its master and workers used during it."""
+    workers = build.worker_pids()
+    m0, w0 = cpu_ns(build.proc.pid), sum(cpu_ns(p) for p in workers)
+    headers = ("Connection: close",) if opts.mode == "close" else ()
+    res = loadgen.run_wrk(f"http://{HOST}:{build.port}/", int(opts.duration), opts.connections, 1, workdir, tag,
+                          headers=headers)
+    m1, w1 = cpu_ns(build.proc.pid), sum(cpu_ns(p) for p in workers)
+    n = max(res["requests"], 1)
+    errors = res["errors"]["socket"] + res["errors"]["non2xx"]
+    build.runs.append((res["rps"], (m1 - m0) / 1e3 / n, (w1 - w0) / 1e3 / n, errors))
+
+
+def report(builds: list[Build], opts) -> str:
+    """A markdown table of medians."""
+    base = statistics.median(r[0] for r in builds[0].runs)
+    lines = [f"A/B, `wrk -t1 -c{opts.connections} -d{opts.duration:g}s`"
+             f"{' -H Connection: close' if opts.mode == 'close' else ' (keep-alive)'}, {opts.workers} workers, "
+             f"{opts.rounds} interleaved rounds, medians:", "",
+             "| revision | req/s | vs first | master us/conn | workers us/req | errors | runs (req/s) |",
+             "|---|---|---|---|---|---|---|"]
+    for b in builds:
+        rps = statistics.median(r[0] for r in b.runs)
+        master = statistics.median(r[1] for r in b.runs)
+        workers = statistics.median(r[2] for r in b.runs)
+        lines.append(f"| {b.label} | {rps:,.0f} | {rps / base:.3f}x | {master:.1f} | {workers:.1f} | "
+                     f"{sum(r[3] for r in b.runs)} | {', '.join(f'{r[0]:,.0f}' for r in b.runs)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("revs", nargs="+", help="git revisions to compare (the first is the baseline)")
+    parser.add_argument("--mode", choices=("close", "keepalive"), default="close")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=64)
+    opts = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed (apt-get install wrk)")
+    root = Path(tempfile.mkdtemp(prefix="balancer-ab-"))
+    builds = [Build(rev, root, opts.workers) for rev in opts.revs]
+    try:
+        for b in builds:
+            b.start()
+        for b in builds:
+            b.wait_ready()
+        for i in range(opts.rounds):
+            order = builds if i % 2 == 0 else builds[::-1]
+            for b in order:
+                measure(b, opts, root, f"ab-{i}-{b.port}")
+                r = b.runs[-1]
+                print(f"[round {i + 1}/{opts.rounds}] {b.label}: {r[0]:,.0f} req/s, master {r[1]:.1f} us/conn, "
+                      f"workers {r[2]:.1f} us/req", file=sys.stderr, flush=True)
+    finally:
+        for b in builds:
+            b.stop()
+        for b in builds:
+            subprocess.run(["git", "worktree", "remove", "--force", str(b.tree)], cwd=REPO, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+    print(report(builds, opts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
