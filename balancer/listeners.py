@@ -9,9 +9,6 @@ import stat
 from balancer.config import Bind, ConfigError
 
 SD_LISTEN_FDS_START = 3
-# struct tcp_info: for a listener, tcpi_unacked (bytes 24-27) is the accept queue's length (what `ss` shows
-# as Recv-Q); only the first 32 bytes are asked for.
-TCP_INFO_HEAD, TCPI_UNACKED = 32, slice(24, 28)
 # TCP keepalive timings: a peer that vanished without a FIN is found dead after IDLE + INTVL * CNT seconds.
 KEEPALIVE_IDLE, KEEPALIVE_INTVL, KEEPALIVE_CNT = 60, 10, 6
 
@@ -25,22 +22,6 @@ class Listener:
         self.family = sock.family
         self.unlink = unlink  # unix path we created and remove on close
         sock.setblocking(False)
-        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
-
-    def waiting(self) -> int | None:
-        """Connections in the accept queue (TCP: one getsockopt), None where the kernel does not say.
-
-        Accepting exactly that many spares the accept() that ends each batch with EAGAIN: a raised
-        BlockingIOError costs 4.7 us against 1.05 us for TCP_INFO (measured), about once per 3 connections.
-        """
-        if self._tcp:
-            try:
-                head = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD)
-            except OSError:
-                self._tcp = False
-                return None
-            return int.from_bytes(head[TCPI_UNACKED], "little")
-        return None
 
     def close(self) -> None:
         """Close the socket and remove a unix path we bound."""

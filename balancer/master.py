@@ -64,7 +64,20 @@ class Master:
             self._pause()
             self._watch_capacity()
             return
-        items = self._accept_batch(listener, min(room, ACCEPT_BATCH))
+        accept = listener.sock._accept  # the raw fd: the master never needs a socket object for it
+        family = listener.family
+        items = []
+        for _ in range(min(room, ACCEPT_BATCH)):
+            try:
+                fd, _addr = accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in SKIP_ERRNOS:
+                    continue
+                self._accept_failed(exc)
+                break
+            items.append((fd, family))
         if items:
             self._accept_backoff = 0.0
             self.accepted += len(items)
@@ -73,44 +86,6 @@ class Master:
             if dispatcher.homeless or room - len(items) <= 0:
                 self._pause()
                 self._watch_capacity()
-
-    def _accept_batch(self, listener: Listener, limit: int) -> list[tuple[int, int]]:
-        """Accept up to limit connections: (fd, family) each.
-
-        Where the kernel reports the accept queue's length (TCP), take what it holds and look again, until
-        it is empty: the look costs 1.05 us, the accept() that would otherwise end each batch with EAGAIN
-        4.7 us (the kernel allocates and frees a socket file for it), about once per 3 connections.
-        """
-        accept = listener.sock._accept  # the raw fd: the master never needs a socket object for it
-        family = listener.family
-        items: list[tuple[int, int]] = []
-        first = True
-        while limit > 0:
-            waiting = listener.waiting()
-            if waiting is None:
-                n = limit  # until EAGAIN
-            elif waiting:
-                n = min(limit, waiting)
-            elif first:
-                n = 1  # readable yet reported empty: one try, never ignore the event
-            else:
-                break
-            first = False
-            for _ in range(n):
-                try:
-                    fd, _addr = accept()
-                except BlockingIOError:
-                    return items
-                except OSError as exc:
-                    if exc.errno in SKIP_ERRNOS:
-                        continue
-                    self._accept_failed(exc)
-                    return items
-                items.append((fd, family))
-            limit -= n
-            if waiting is None:
-                break
-        return items
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of fds or memory: pause accepting with a growing delay instead of spinning a core."""
