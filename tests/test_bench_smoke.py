@@ -60,3 +60,18 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     lines = [l for l in proc.stdout.splitlines() if l.startswith(("PASS ", "MISS ", "n/a "))]
     assert len(lines) == 7, proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_ab_smoke_runs_a_revision_from_its_own_worktree() -> None:
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk missing (apt-get install wrk)")
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", "HEAD", "--rounds", "1", "--duration", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[round 1/1] HEAD" in proc.stderr
+    row = re.search(r"^\| HEAD \(\w+\) \| ([\d,]+) \| 1\.000x \| ([\d.]+) \| ([\d.]+) \| 0 \|", proc.stdout, re.M)
+    assert row, proc.stdout
+    assert int(row.group(1).replace(",", "")) > 0 and float(row.group(2)) > 0 and float(row.group(3)) > 0
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "balancer-ab-" not in worktrees  # removed again
