@@ -102,6 +102,10 @@ class Dispatcher:
                 return route
         return None
 
+    def any_ready(self) -> bool:
+        """True when some worker is READY (full or not)."""
+        return any(r is not None and r.state is State.READY for r in self.routes)
+
     def free_capacity(self) -> int:
         """How many more connections the ready workers can take right now."""
         room = 0

@@ -150,7 +150,8 @@ class Master:
         self._capacity_poll = None
         self.dispatcher.collect_all()
         self._on_capacity()
-        if self.dispatcher.homeless or (self.paused and self._accept_retry is None):
+        # With no READY worker there is nothing to poll for: a READY message calls _on_capacity itself.
+        if (self.dispatcher.homeless or (self.paused and self._accept_retry is None)) and self.dispatcher.any_ready():
             self._watch_capacity()
 
     def _on_blocked(self, route: Route) -> None:

