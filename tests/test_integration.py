@@ -40,6 +40,18 @@ def test_default_backend_names_the_worker_and_round_robins_exactly():
         assert body.startswith("Hello from balancer worker slot ") and "pid" in body
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_each_event_loop_serves_new_and_kept_alive_connections(loop):
+    with Balancer("--workers", "2", "--loop", loop, *APP) as b:
+        slots = [fetch(b).getheader("X-Worker-Slot") for _ in range(20)]
+        assert sorted(set(slots)) == ["0", "1"]
+        conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+        for _ in range(5):
+            conn.request("GET", "/")
+            assert conn.getresponse().read()
+        conn.close()
+
+
 def test_keep_alive_reuses_one_connection():
     with Balancer("--workers", "2", *APP) as b:
         conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)

@@ -212,36 +212,42 @@ class Worker:
             raise wire.ProtocolError(f"unknown message type {kind:#x}")
 
     def _serve(self, fds: list[int], families: list[int]) -> None:
-        """Wrap each fd (family known, so no getsockopt probing) and serve the batch in one task."""
-        socks = []
+        """Wrap each fd (family known, so no getsockopt probing) and attach it to aiohttp's protocol."""
         self.open += len(fds)  # counted from the ack, so a drain never misses one still connecting
+        connect, server = self.loop.connect_accepted_socket, self.server
         for fd, family in zip(fds, families):
             try:
-                socks.append(AcceptedSocket(family, socket.SOCK_STREAM, 0, fd))
+                sock = AcceptedSocket(family, socket.SOCK_STREAM, 0, fd)
             except OSError:
                 os.close(fd)
                 self._lost_before_serving()
-        if socks:
-            self.loop.create_task(self._connect(socks))
-
-    async def _connect(self, socks: list[socket.socket]) -> None:
-        """Attach each socket to a transport with aiohttp's protocol."""
-        connect = self.loop.connect_accepted_socket
-        server = self.server
-        by_protocol = self._socks
-        for sock in socks:
-            try:
-                _, protocol = await connect(server, sock)
-            except OSError:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # the master may still hold a copy: end it for the client now
-                except OSError:
-                    pass
-                sock.close()
-                self._lost_before_serving()
                 continue
+            self._drive(connect(server, sock), sock)
+
+    def _drive(self, coro, sock: socket.socket, _done=None) -> None:
+        """Run connect_accepted_socket to its end without a Task: resumed by each future it waits on.
+
+        A Task per batch, awaiting each connect in turn, cost one Task and two loop turns per connection.
+        """
+        try:
+            waiting = coro.send(None)
+        except StopIteration as finished:
+            protocol = finished.value[1]
             if protocol.transport is not None:  # still open: remember our socket for its shutdown
-                by_protocol[protocol] = sock
+                self._socks[protocol] = sock
+            return
+        except Exception as exc:  # OSError: the connection died first; anything else is logged, not lost
+            if not isinstance(exc, OSError):
+                log.error("attaching a connection failed: %r", exc)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the master may still hold a copy: end it for the client now
+            except OSError:
+                pass
+            sock.close()
+            self._lost_before_serving()
+            return
+        waiting._asyncio_future_blocking = False  # what a Task does with a future it was handed
+        waiting.add_done_callback(functools.partial(self._drive, coro, sock))
 
     def _lost_before_serving(self) -> None:
         """A handed-over connection died before aiohttp got it: still report it closed."""
