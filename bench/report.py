@@ -88,7 +88,8 @@ def targets(data: dict) -> list[dict]:
                 row["value"] = mine / theirs
                 unit = " req/s" if figure == "rps" else " ms"
                 scale = 1 if figure == "rps" else 1e-3
-                row["detail"] = (f"{row['value']:.2f}x ({SUBJECT} {mine * scale:,.{0 if figure == 'rps' else 2}f} vs "
+                # 3 decimals: at 2, a 1.047x MISS would print as "1.05x" against a 1.05 target
+                row["detail"] = (f"{row['value']:.3f}x ({SUBJECT} {mine * scale:,.{0 if figure == 'rps' else 2}f} vs "
                                  f"{peer} {theirs * scale:,.{0 if figure == 'rps' else 2}f}{unit})")
         if row["value"] is not None:
             passed = row["value"] >= threshold if op == ">=" else row["value"] <= threshold

@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out if "--out" in argv else RESULTS / "tmp" / "report"
         md, png = report.write(data, out)
         progress(f"bench: table {md}, chart {png} (from {args.report})")
+        if out.resolve() == RESULTS.resolve() and data["env"].get("mode") == "full":
+            for readme in (HERE / "README.md", HERE.parent / "README.md"):  # re-rendering a full run's raw data
+                if report.update_readme(data, readme, RESULTS):
+                    progress(f"bench: updated the latest-results section of {readme}")
         for line in report.target_lines(data):
             print(line)
         return 0
