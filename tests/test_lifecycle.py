@@ -38,6 +38,13 @@ def test_five_rolling_reloads_under_keepalive_load_lose_nothing():
         assert not failed, f"{len(failed)} of {len(results)} requests failed across 5 reloads"
         wait_until(lambda: len(b.worker_pids()) == 2, 20, "old workers to exit")
         assert not first & slots_pids(b), "every worker pid changed"
+        # one ack board per live worker: the ten workers' boards do not pile up in the master
+        wait_until(lambda: board_maps(b.pid) == 2, 10, "the retired workers' boards to be unmapped")
+
+
+def board_maps(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as f:
+        return sum("balancer-board" in line for line in f)
 
 
 def test_reload_to_broken_code_keeps_old_workers(tmp_path):
