@@ -37,6 +37,14 @@ class AcceptedSocket(socket.socket):
     type = _socket.socket.type
 
 
+def shutdown_quietly(sock: socket.socket) -> None:
+    """End the TCP connection now, even while the master still holds a copy of its fd."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def c_parser_in_use() -> bool:
     """True when aiohttp parses requests with its C parser (the pure-Python one is laxer)."""
     return http_parser.HttpRequestParser is not getattr(http_parser, "HttpRequestParserPy", None)
@@ -139,10 +147,7 @@ class Worker:
                 # The master may still hold its copy of this fd (its ack is not processed yet); the last
                 # close() does the TCP teardown, and on loopback that costs ~10 us. shutdown() here does it
                 # in this worker, where the connection lived, instead of in the master's hot loop.
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                shutdown_quietly(sock)
             lost(handler, exc)
             deadlines.pop(handler, None)
             self._count_closed()
@@ -220,7 +225,7 @@ class Worker:
                 sock = AcceptedSocket(family, socket.SOCK_STREAM, 0, fd)
             except OSError:
                 os.close(fd)
-                self._lost_before_serving()
+                self._count_closed()
                 continue
             self._drive(connect(server, sock), sock)
 
@@ -239,19 +244,12 @@ class Worker:
         except Exception as exc:  # OSError: the connection died first; anything else is logged, not lost
             if not isinstance(exc, OSError):
                 log.error("attaching a connection failed: %r", exc)
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # the master may still hold a copy: end it for the client now
-            except OSError:
-                pass
+            shutdown_quietly(sock)
             sock.close()
-            self._lost_before_serving()
+            self._count_closed()  # it died before aiohttp got it: still counted as closed
             return
         waiting._asyncio_future_blocking = False  # what a Task does with a future it was handed
         waiting.add_done_callback(functools.partial(self._drive, coro, sock))
-
-    def _lost_before_serving(self) -> None:
-        """A handed-over connection died before aiohttp got it: still report it closed."""
-        self._count_closed()
 
     async def _observe(self, request: web.Request, handler):
         """Time and count one request; answer with Connection: close while draining."""
