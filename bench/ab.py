@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.procstat import group_cpu
-from bench.systems import HOST, free_port, http_get
+from bench.systems import HOST, free_port, http_get, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,16 +85,8 @@ class Build:
         return [pid for pid in group_cpu(self.proc.pid) if pid != self.proc.pid]
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait(5)
+        if self.proc is not None:
+            stop_group(self.proc, 15)
 
 
 def measure(build: Build, opts, workdir: Path, tag: str) -> None:

@@ -180,23 +180,28 @@ class Running:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the group, wait for the leader, SIGKILL the group if anything is left."""
-        if self.proc is None:
-            return
+        if self.proc is not None:
+            stop_group(self.proc, timeout)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group proc leads (start_new_session), wait for it, SIGKILL what is left."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 2.0
+    while group_cpu(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if group_cpu(pgid):
         try:
-            os.killpg(self.pgid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + 2.0
-        while group_cpu(self.pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if group_cpu(self.pgid):
-            try:
-                os.killpg(self.pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+    if proc.poll() is None:
+        proc.wait(5)
