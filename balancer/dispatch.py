@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import enum
-import os
 import socket
 import time
 from collections import deque
 from typing import Callable
 
-from balancer import board, wire
+from balancer import board, handoff, wire
 
 
 class State(enum.Enum):
@@ -146,7 +145,7 @@ class Dispatcher:
     def _send(self, route: Route, ids: list[int], fds: list[int], families: list[int]) -> None:
         """Send one handoff message; on a full or broken channel take the fds back and re-route them."""
         try:
-            wire.send_fds(route.channel, wire.encode_handoff(ids, families), fds)
+            handoff.send_handoff(route.channel, ids, families, fds)
             route.dispatched += len(ids)
             route.sent_msgs = seq = (route.sent_msgs + 1) & board.HANDLED_MASK
             route.sent.append((seq, ids))
@@ -192,16 +191,17 @@ class Dispatcher:
                 # refused ids cannot be told apart. on_refuse() collects again once it has read it.
                 return
             route.seen_word = word
-            sent, unacked, close, handled_by = route.sent, route.unacked, os.close, board.handled_by
-            taken = 0
+            sent, unacked, handled_by = route.sent, route.unacked, board.handled_by
+            done: list[int] = []
             while sent and handled_by(sent[0][0], handled):
                 for conn_id in sent.popleft()[1]:
                     item = unacked.pop(conn_id, None)  # None: refused, already re-dispatched
                     if item is not None:
-                        close(item[0])
-                        taken += 1
+                        done.append(item[0])
+            taken = len(done)
             route.ack_progress = time.monotonic()
             if taken:
+                handoff.close_fds(done)  # the worker holds its own copies
                 route.taken += taken
                 route.stalled = False  # not after refusals alone: a refusing worker rests until the tick
         route.open_conns = max(0, route.taken - words[board.CLOSED])

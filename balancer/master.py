@@ -12,6 +12,7 @@ import time
 
 from balancer.config import Config, ConfigError
 from balancer.dispatch import Dispatcher, Route
+from balancer.handoff import EAGAIN, accept_many
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError
 from balancer.supervisor import Supervisor
@@ -64,20 +65,17 @@ class Master:
             self._pause()
             self._watch_capacity()
             return
-        accept = listener.sock._accept  # the raw fd: the master never needs a socket object for it
+        limit = min(room, ACCEPT_BATCH)
+        fds, err = accept_many(listener.sock, limit)
+        skipped = 0
+        while err in SKIP_ERRNOS and len(fds) + skipped < limit:  # that connection is gone; the next may be fine
+            skipped += 1
+            more, err = accept_many(listener.sock, limit - len(fds) - skipped)
+            fds += more
+        if err and err != EAGAIN and err not in SKIP_ERRNOS:
+            self._accept_failed(OSError(err, os.strerror(err)))
         family = listener.family
-        items = []
-        for _ in range(min(room, ACCEPT_BATCH)):
-            try:
-                fd, _addr = accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in SKIP_ERRNOS:
-                    continue
-                self._accept_failed(exc)
-                break
-            items.append((fd, family))
+        items = [(fd, family) for fd in fds]
         if items:
             self._accept_backoff = 0.0
             self.accepted += len(items)

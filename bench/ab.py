@@ -51,6 +51,9 @@ class Build:
         if not self.tree.exists():
             subprocess.run(["git", "worktree", "add", "--detach", "--force", str(self.tree), sha], cwd=REPO,
                            check=True, capture_output=True)
+        if (self.tree / "setup.py").exists():  # revisions with the C accelerator: build it beside the code
+            subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=self.tree, check=True,
+                           capture_output=True)
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log = root / f"balancer-{sha}.log"

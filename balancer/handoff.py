@@ -1,0 +1,59 @@
+"""The master's per-connection syscalls (accept a batch, send a hand-off, close its copies): C when built.
+
+`balancer/_speedups.c` is compiled at install when a C compiler is present. These Python versions are the
+reference it is tested against, and the fallback where it is missing or BALANCER_NO_EXTENSIONS is set.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from balancer import wire
+
+
+def accept_many_py(sock: socket.socket, limit: int) -> tuple[list[int], int]:
+    """Accept up to limit connections: (fds, errno), errno 0 at the limit, EAGAIN when the backlog ran dry."""
+    accept = sock._accept  # the raw fd: the master never needs a socket object for it
+    fds: list[int] = []
+    while len(fds) < limit:
+        try:
+            fd, _addr = accept()
+        except OSError as exc:
+            return fds, exc.errno
+        fds.append(fd)
+    return fds, 0
+
+
+def send_handoff_py(channel: socket.socket, ids: list[int], families: list[int], fds: list[int]) -> None:
+    """Send one hand-off message with its fds; BlockingIOError when the channel is full."""
+    if not 1 <= len(ids) <= wire.MAX_FDS_PER_MSG or len(families) != len(ids) or len(fds) != len(ids):
+        raise ValueError(f"a hand-off carries 1 to {wire.MAX_FDS_PER_MSG} fds with one id and family each")
+    wire.send_fds(channel, wire.encode_handoff(ids, families), fds)
+
+
+def close_fds_py(fds: list[int]) -> None:
+    """Close every fd, ignoring ones already gone."""
+    wire.close_all(fds)
+
+
+def _load_c():
+    """The C module when it is built, matches the wire format and is not switched off; else None."""
+    if os.environ.get("BALANCER_NO_EXTENSIONS"):
+        return None
+    try:
+        from balancer import _speedups
+    except ImportError:
+        return None
+    if _speedups.MAX_FDS != wire.MAX_FDS_PER_MSG:  # a stale build beside newer Python code
+        return None
+    return _speedups
+
+
+_c = _load_c()
+IMPLEMENTATION = "c" if _c is not None else "python"
+accept_many = _c.accept_many if _c is not None else accept_many_py
+send_handoff = _c.send_handoff if _c is not None else send_handoff_py
+close_fds = _c.close_fds if _c is not None else close_fds_py
+EAGAIN = errno.EAGAIN
