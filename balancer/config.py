@@ -11,6 +11,10 @@ DEFAULT_BACKEND = "workers.examples.hello:handler"
 DEFAULT_METRICS_BIND = "127.0.0.1:9359"
 LOOPS = ("auto", "asyncio", "uvloop")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Accept coalescing: a worker with this many connections open has work queued for longer than the wait,
+# so holding new connections in the backlog for --accept-coalesce does not leave it idle.
+COALESCE_BUSY = 8
+MAX_COALESCE = 0.05  # past this the wait is a latency the batching does not repay
 
 
 class ConfigError(ValueError):
@@ -71,6 +75,9 @@ class Config:
     worker_connections: int = opt(1000, "open connections per worker before the master stops giving it more",
                                   metavar="N")
     backlog: int = opt(2048, "listen backlog: where connections wait while every worker is at its cap", metavar="N")
+    accept_coalesce: float = opt(0.001, "seconds the master waits to accept again while every worker has "
+                                 f"{COALESCE_BUSY}+ connections open, so they go out in bigger batches (0: never)",
+                                 metavar="SECONDS")
     graceful_timeout: float = opt(30.0, "seconds a draining worker gets to finish in-flight requests",
                                   metavar="SECONDS")
     timeout: float = opt(30.0, "seconds without a heartbeat from a worker's event loop before it is killed",
@@ -118,6 +125,9 @@ class Config:
         for name in ("graceful_timeout", "timeout", "boot_timeout", "keepalive_timeout", "header_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.accept_coalesce <= MAX_COALESCE:
+            raise ConfigError(f"--accept-coalesce must be between 0 and {MAX_COALESCE} seconds, "
+                              f"got {self.accept_coalesce}")
         if self.loop not in LOOPS:
             raise ConfigError(f"--loop must be one of {', '.join(LOOPS)}")
         if self.log_level not in LOG_LEVELS:

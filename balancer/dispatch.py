@@ -105,6 +105,16 @@ class Dispatcher:
         """True when some worker is READY (full or not)."""
         return any(r is not None and r.state is State.READY for r in self.routes)
 
+    def all_busy(self, busy: int) -> bool:
+        """True when every ready worker has at least `busy` connections open."""
+        found = False
+        for r in self.routes:
+            if r is not None and r.state is State.READY:
+                if r.open_conns < busy:
+                    return False
+                found = True
+        return found
+
     def free_capacity(self) -> int:
         """How many more connections the ready workers can take right now."""
         room = 0

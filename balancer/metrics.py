@@ -14,7 +14,7 @@ from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFami
                                             Metric)
 from prometheus_client.utils import floatToGoString
 
-from balancer import __version__
+from balancer import __version__, handoff
 from balancer.config import parse_bind
 from balancer.dispatch import State
 from workers.stats import BUCKETS
@@ -207,12 +207,15 @@ class MetricsServer:
         yield counter("balancer_accept_paused_seconds",
                       "Seconds the master stopped accepting because no worker had room (backpressure).",
                       master.paused_total())
+        yield counter("balancer_accept_coalesced",
+                      "Times the master waited --accept-coalesce before accepting again, every worker being busy.",
+                      master.coalesced)
         yield counter("balancer_connections_redispatched",
                       "Handed-off connections given to another worker after a refusal, full channel or death.",
                       master.dispatcher.redispatched)
-        info = GaugeMetricFamily("balancer_build_info", "Versions in use; always 1.",
-                                 labels=["version", "python", "aiohttp"])
-        info.add_metric([__version__, platform.python_version(), aiohttp.__version__], 1)
+        info = GaugeMetricFamily("balancer_build_info", "Versions in use; always 1. handoff: c or python.",
+                                 labels=["version", "python", "aiohttp", "handoff"])
+        info.add_metric([__version__, platform.python_version(), aiohttp.__version__, handoff.IMPLEMENTATION], 1)
         yield info
         yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", len(sup.slots))
         yield gauge("balancer_start_time_seconds", "Unix time the master started.", master.started)

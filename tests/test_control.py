@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import stat
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from balancer.config import COALESCE_BUSY
 from tests.harness import Balancer
 from tests.test_integration import APP, fetch, run_cli, wait_until
 
@@ -67,3 +69,28 @@ def test_second_master_on_the_same_control_socket_refuses(tmp_path):
         r = run_cli("--bind", "127.0.0.1:0", "--control-socket", str(sock))
         assert r.returncode == 2 and "belongs to a running master" in r.stderr
         assert fetch(b).status == 200  # the first master is untouched
+
+
+@pytest.mark.parametrize("wait", ["0.05", "0"])
+def test_accept_coalesces_only_while_every_worker_is_busy(tmp_path, wait):
+    sock = tmp_path / "ctl.sock"
+    with Balancer("--workers", "2", "--accept-coalesce", wait, "--keepalive-timeout", "60",
+                  "--control-socket", str(sock), *APP) as b:
+        def status() -> dict:
+            return json.loads(ctl("status", "--control-socket", str(sock), "--json").stdout)
+
+        for _ in range(4):
+            assert fetch(b).status == 200
+        assert status()["coalesced"] == 0  # workers with few connections: every accept goes straight out
+        held = []  # idle keep-alive connections, dealt alternately: COALESCE_BUSY per worker
+        for _ in range(2 * COALESCE_BUSY):
+            conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+            conn.request("GET", "/")
+            assert conn.getresponse().read()
+            held.append(conn)
+        wait_until(lambda: all(w["open"] >= COALESCE_BUSY for w in status()["workers"]), 10, "busy workers")
+        slots = [fetch(b).getheader("X-Worker-Slot") for _ in range(4)]  # still served, still round robin
+        assert sorted(set(slots)) == ["0", "1"]
+        assert (status()["coalesced"] >= 1) == (wait != "0")
+        for conn in held:
+            conn.close()

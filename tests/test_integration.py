@@ -31,8 +31,11 @@ def fetch(b: Balancer, path: str = "/", close: bool = True, timeout: float = 10)
     return resp
 
 
-def test_default_backend_names_the_worker_and_round_robins_exactly():
-    with Balancer("--workers", "2") as b:
+@pytest.mark.parametrize("impl", ["C", "Python"])
+def test_default_backend_names_the_worker_and_round_robins_exactly(impl):
+    # Both hand-off paths serve: the C accelerator and the Python fallback it replaces.
+    with Balancer("--workers", "2", env={"BALANCER_NO_EXTENSIONS": "1" if impl == "Python" else ""}) as b:
+        assert b.wait_for(r"hand-off in (\w+)").group(1) == impl
         slots = [fetch(b).getheader("X-Worker-Slot") for _ in range(20)]
         assert sorted(set(slots)) == ["0", "1"]
         assert all(slots[i] != slots[i + 1] for i in range(19)), slots  # strictly alternating

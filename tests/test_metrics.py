@@ -152,6 +152,7 @@ def test_endpoints_and_promtool_accepts_the_exposition():
         for name in ("balancer_worker_cpu_seconds_total", "balancer_worker_resident_memory_bytes",
                      "balancer_worker_open_fds", "balancer_worker_start_time_seconds",
                      "balancer_worker_request_duration_seconds_bucket", "balancer_accept_paused_seconds_total",
+                     "balancer_accept_coalesced_total",
                      "balancer_accept_errors_total", "balancer_connections_redispatched_total",
                      "balancer_build_info", "balancer_worker_open_connections", "balancer_worker_requests_in_flight",
                      "balancer_worker_connections_dispatched_total"):
@@ -231,6 +232,7 @@ class FakeMaster:
     def __init__(self) -> None:
         self.config = type("Config", (), {"metrics_bind": "127.0.0.1:0"})()
         self.accepted, self.accept_errors, self.stopping, self.started = 0, {}, False, time.time()
+        self.coalesced = 0
         self.dispatcher = type("Dispatcher", (), {"redispatched": 0})()
         sup = self.supervisor = type("Supervisor", (), {})()
         sup.slots, sup.live, sup.restarts, sup.on_exit_hooks = [None, None], [], collections.Counter(), []

@@ -78,6 +78,19 @@ def test_pick_skips_unavailable(skip):
     close_routes(routes)
 
 
+def test_all_busy_needs_every_ready_worker_at_the_threshold():
+    d = Dispatcher(cap=100)
+    assert not d.all_busy(2)  # no ready worker: nothing to coalesce for
+    routes = ready_routes(d, 3)
+    try:
+        routes[0].open_conns, routes[1].open_conns, routes[2].open_conns = 5, 2, 9
+        assert d.all_busy(2) and not d.all_busy(3)
+        routes[1].state = State.DRAINING  # only ready workers count
+        assert d.all_busy(5) and not d.all_busy(6)
+    finally:
+        close_routes(routes)
+
+
 def test_unacked_count_toward_cap_and_stall_limit():
     d = Dispatcher(cap=100, max_unacked=3)
     routes = ready_routes(d, 1)
@@ -276,6 +289,8 @@ def test_parse_bind_bad(text):
     ({"loop": "tokio"}, "--loop must be one of"),
     ({"bind": ()}, "at least one --bind"),
     ({"metrics_bind": "unix:/x"}, "--metrics-bind must be HOST:PORT"),
+    ({"accept_coalesce": -0.001}, "--accept-coalesce must be between 0 and"),
+    ({"accept_coalesce": 0.5}, "--accept-coalesce must be between 0 and"),
 ])
 def test_config_rejects(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -1,0 +1,152 @@
+"""The master's accept/send/close syscalls, C and Python, on real listeners, socketpairs and fds."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import types
+
+import pytest
+
+from balancer import handoff, wire
+
+pytestmark = pytest.mark.timeout(30)
+
+try:
+    from balancer import _speedups  # tested even where BALANCER_NO_EXTENSIONS keeps the master off it
+except ImportError:
+    _speedups = None
+
+IMPLS = {
+    "python": types.SimpleNamespace(accept_many=handoff.accept_many_py, send_handoff=handoff.send_handoff_py,
+                                    close_fds=handoff.close_fds_py),
+    "c": _speedups,
+}
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def impl(request):
+    if IMPLS[request.param] is None:
+        # test_c_accelerator_is_built fails in this case, unless BALANCER_NO_EXTENSIONS asked for it
+        pytest.skip("balancer._speedups is not built")
+    return IMPLS[request.param]
+
+
+def test_c_accelerator_is_built():
+    if os.environ.get("BALANCER_NO_EXTENSIONS"):
+        assert handoff.IMPLEMENTATION == "python"
+    else:
+        assert handoff.IMPLEMENTATION == "c", "balancer/_speedups.c did not build: install gcc and the Python headers"
+        assert handoff.accept_many is _speedups.accept_many
+
+
+@pytest.fixture
+def listener():
+    sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def connect(listener: socket.socket, n: int) -> list[socket.socket]:
+    """n clients; a blocking connect on loopback returns once the connection is in the accept queue."""
+    return [socket.create_connection(listener.getsockname(), timeout=5) for _ in range(n)]
+
+
+def test_accept_many_takes_the_queue_up_to_the_limit_then_reports_eagain(impl, listener):
+    clients = connect(listener, 5)
+    first, err = impl.accept_many(listener, 3)
+    assert len(first) == 3 and err == 0
+    rest, err = impl.accept_many(listener, 10)
+    assert len(rest) == 2 and err == errno.EAGAIN
+    assert impl.accept_many(listener, 10) == ([], errno.EAGAIN)
+    try:
+        peers = set()
+        for fd in first + rest:
+            assert not os.get_inheritable(fd)  # close-on-exec: no worker inherits another's clients
+            with socket.socket(fileno=os.dup(fd)) as s:
+                peers.add(s.getpeername())
+        assert peers == {c.getsockname() for c in clients}
+    finally:
+        wire.close_all(first + rest)
+        for c in clients:
+            c.close()
+
+
+def test_accept_many_reports_a_failing_accept(impl):
+    with socket.socket() as not_listening:
+        not_listening.setblocking(False)
+        assert impl.accept_many(not_listening, 4) == ([], errno.EINVAL)
+
+
+def test_send_handoff_writes_the_wire_format_with_the_fds(impl):
+    master_end, worker_end = wire.channel_pair()
+    files = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
+    try:
+        ids, families = [1, 7, 0xFFFFFFFF], [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX]
+        impl.send_handoff(master_end, ids, families, files)
+        msg, fds, truncated = wire.recv_message(worker_end)
+        assert not truncated and msg[0] == wire.HANDOFF
+        assert wire.decode_handoff(msg) == (ids, families)
+        assert [os.fstat(fd).st_ino for fd in fds] == [os.fstat(fd).st_ino for fd in files]
+        assert fds != files  # the receiver got its own copies
+        wire.close_all(fds)
+    finally:
+        wire.close_all(files)
+        master_end.close()
+        worker_end.close()
+
+
+def test_send_handoff_on_a_full_channel_raises_blocking_io_error(impl):
+    master_end, worker_end = wire.channel_pair()
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            for _ in range(100_000):
+                impl.send_handoff(master_end, [1], [socket.AF_INET], [fd])
+        worker_end.close()  # discards the queued copies
+        with pytest.raises(OSError) as broken:
+            impl.send_handoff(master_end, [2], [socket.AF_INET], [fd])
+        assert not isinstance(broken.value, BlockingIOError)
+    finally:
+        os.close(fd)
+        master_end.close()
+
+
+@pytest.mark.parametrize("ids,families,nfds", [
+    ([], [], 0),  # nothing to send
+    (list(range(wire.MAX_FDS_PER_MSG + 1)), [2] * (wire.MAX_FDS_PER_MSG + 1), wire.MAX_FDS_PER_MSG + 1),
+    ([1, 2], [2], 2),  # lengths differ
+    ([1 << 32], [2], 1),  # id wider than the wire's 32 bits
+    ([1], [256], 1),  # family wider than a byte
+])
+def test_send_handoff_rejects_a_batch_the_wire_cannot_carry(impl, ids, families, nfds):
+    master_end, worker_end = wire.channel_pair()
+    files = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
+    try:
+        with pytest.raises((ValueError, OverflowError)):
+            impl.send_handoff(master_end, ids, families, files)
+        with pytest.raises(BlockingIOError):
+            worker_end.recv(16, socket.MSG_DONTWAIT)  # nothing half-sent
+    finally:
+        wire.close_all(files)
+        master_end.close()
+        worker_end.close()
+
+
+def test_close_fds_closes_runs_and_gaps_and_nothing_else(impl):
+    files = [os.open("/dev/null", os.O_RDONLY) for _ in range(12)]
+    keep = {files[3], files[8], files[11]}  # inside the runs' span: a close_range over a gap would take them
+    gone = sorted(set(files) - keep)
+    os.close(gone[0])  # already closed: ignored
+    try:
+        impl.close_fds([gone[2], gone[0], *gone[1:], gone[1]])  # unsorted, with a duplicate
+        for fd in gone:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        for fd in keep:
+            os.fstat(fd)
+        impl.close_fds([])
+    finally:
+        wire.close_all(sorted(keep))
