@@ -2,6 +2,7 @@
 
   python -m bench.ab e464b74 HEAD                 # Connection: close, 6 rounds x 5 s, 2 workers
   python -m bench.ab e464b74 cf5bc26 HEAD --mode keepalive --rounds 4
+  python -m bench.ab 'HEAD --accept-coalesce 0' 'HEAD BALANCER_NO_EXTENSIONS=1' HEAD   # options, environment
 
 Each revision is checked out in a temporary git worktree and started as its own balancer (own process group,
 own free port in 18000-18999, the hello backend, --metrics-bind none). Rounds alternate the order of the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,34 +40,45 @@ def cpu_ns(pid: int) -> int:
         return 0
 
 
-class Build:
-    """One revision: its worktree and its running balancer."""
+def parse_spec(spec: str) -> tuple[str, dict[str, str], list[str]]:
+    """'REV [NAME=VALUE ...] [--balancer-option ...]' -> (rev, environment, balancer arguments)."""
+    tokens = spec.split()
+    if not tokens or tokens[0].startswith("-") or "=" in tokens[0]:
+        raise ValueError(f"{spec!r}: a spec starts with a git revision")
+    env = dict(t.split("=", 1) for t in tokens[1:] if "=" in t and not t.startswith("-"))
+    args = [t for t in tokens[1:] if not ("=" in t and not t.startswith("-"))]
+    return tokens[0], env, args
 
-    def __init__(self, rev: str, root: Path, workers: int) -> None:
-        self.rev = rev
+
+class Build:
+    """One spec (a revision, maybe with environment and options): its worktree and its running balancer."""
+
+    def __init__(self, spec: str, index: int, root: Path, workers: int) -> None:
+        rev, self.env, self.args = parse_spec(spec)
         self.workers = workers
         sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True,
                              text=True).stdout.strip()
-        self.label = rev if rev == sha else f"{rev} ({sha})"
+        extra = " ".join(spec.split()[1:])
+        self.label = (rev if rev == sha else f"{rev} ({sha})") + (f" {extra}" if extra else "")
         self.tree = root / f"tree-{sha}"
-        if not self.tree.exists():
+        if not self.tree.exists():  # specs of one revision share its worktree
             subprocess.run(["git", "worktree", "add", "--detach", "--force", str(self.tree), sha], cwd=REPO,
                            check=True, capture_output=True)
-        if (self.tree / "setup.py").exists():  # revisions with the C accelerator: build it beside the code
-            subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=self.tree, check=True,
-                           capture_output=True)
+            if (self.tree / "setup.py").exists():  # revisions with the C accelerator: build it beside the code
+                subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=self.tree,
+                               check=True, capture_output=True)
         self.port = 0
         self.proc: subprocess.Popen | None = None
-        self.log = root / f"balancer-{sha}.log"
+        self.log = root / f"balancer-{index}-{sha}.log"
         self.runs: list[tuple[float, float, float, int]] = []  # (req/s, master us/conn, workers us/req, errors)
 
     def start(self) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "balancer", "--backend", "workers.examples.hello:handler",
                "--workers", str(self.workers), "--bind", f"{HOST}:{self.port}", "--metrics-bind", "none",
-               "--control-socket", str(self.log.with_suffix(".sock"))]
+               "--control-socket", str(self.log.with_suffix(".sock")), *self.args]
         # cwd = the worktree, and no PYTHONPATH: `-m balancer` and the workers import that revision's code.
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **self.env}
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=self.tree, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True, env=env)
@@ -124,7 +137,9 @@ def report(builds: list[Build], opts) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
-    parser.add_argument("revs", nargs="+", help="git revisions to compare (the first is the baseline)")
+    parser.add_argument("specs", nargs="+", metavar="SPEC",
+                        help="'REV [NAME=VALUE ...] [--option ...]': a git revision, maybe with environment and "
+                             "balancer options, as one argument (the first is the baseline)")
     parser.add_argument("--mode", choices=("close", "keepalive"), default="close")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=float, default=5)
@@ -134,12 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install wrk)")
     root = Path(tempfile.mkdtemp(prefix="balancer-ab-"))
-    builds = [Build(rev, root, opts.workers) for rev in opts.revs]
+    try:
+        for spec in opts.specs:
+            parse_spec(spec)
+    except ValueError as exc:
+        parser.error(str(exc))
+    builds = [Build(spec, i, root, opts.workers) for i, spec in enumerate(opts.specs)]
     try:
         for b in builds:
             b.start()
         for b in builds:
             b.wait_ready()
+            found = re.search(r"hand-off in (\w+)", b.log.read_text())  # revisions before 2a2b00c do not say
+            print(f"{b.label}: hand-off in {found.group(1) if found else 'Python'}", file=sys.stderr, flush=True)
         for i in range(opts.rounds):
             order = builds if i % 2 == 0 else builds[::-1]
             for b in order:

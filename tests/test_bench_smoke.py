@@ -66,10 +66,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
 def test_ab_smoke_runs_a_revision_from_its_own_worktree() -> None:
     if shutil.which("wrk") is None:
         pytest.skip("wrk missing (apt-get install wrk)")
-    proc = subprocess.run([sys.executable, "-m", "bench.ab", "HEAD", "--rounds", "1", "--duration", "1"], cwd=REPO,
-                          capture_output=True, text=True, timeout=50)
+    variant = "HEAD BALANCER_NO_EXTENSIONS=1 --accept-coalesce 0"  # environment and options reach that balancer
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", "HEAD", variant, "--rounds", "1", "--duration", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[round 1/1] HEAD" in proc.stderr
+    assert re.search(r"^HEAD \(\w+\): hand-off in C$", proc.stderr, re.M), proc.stderr[-3000:]
+    assert re.search(r"^HEAD \(\w+\) BALANCER_NO_EXTENSIONS=1 --accept-coalesce 0: hand-off in Python$", proc.stderr,
+                     re.M), proc.stderr[-3000:]
+    assert re.search(r"^\| HEAD \(\w+\) BALANCER_NO_EXTENSIONS=1 --accept-coalesce 0 \| [\d,]+ \|", proc.stdout, re.M)
     row = re.search(r"^\| HEAD \(\w+\) \| ([\d,]+) \| 1\.000x \| ([\d.]+) \| ([\d.]+) \| 0 \|", proc.stdout, re.M)
     assert row, proc.stdout
     assert int(row.group(1).replace(",", "")) > 0 and float(row.group(2)) > 0 and float(row.group(3)) > 0
