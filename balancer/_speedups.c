@@ -79,14 +79,14 @@ accept_many(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* Copy a list of ints into out[]; each must lie in [lo, hi]. */
 static int
-ints_from_list(PyObject *list, const char *what, long lo, long hi, long *out, Py_ssize_t n)
+ints_from_list(PyObject *list, const char *what, long long lo, long long hi, long long *out, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PyList_GET_ITEM(list, i));
+        long long v = PyLong_AsLongLong(PyList_GET_ITEM(list, i));
         if (v == -1 && PyErr_Occurred())
             return -1;
         if (v < lo || v > hi) {
-            PyErr_Format(PyExc_ValueError, "%s %ld out of range [%ld, %ld]", what, v, lo, hi);
+            PyErr_Format(PyExc_ValueError, "%s %lld out of range [%lld, %lld]", what, v, lo, hi);
             return -1;
         }
         out[i] = v;
@@ -120,12 +120,12 @@ send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "a hand-off carries 1 to %d fds, not %zd", MAX_FDS, n);
         return NULL;
     }
-    long values[MAX_FDS];
+    long long values[MAX_FDS];
     unsigned char payload[HEADER + 5 * MAX_FDS];
     payload[0] = HANDOFF;
     payload[1] = (unsigned char)(n & 0xFF);
     payload[2] = (unsigned char)(n >> 8);
-    if (ints_from_list(ids, "id", 0, (long)UINT32_MAX, values, n) < 0)
+    if (ints_from_list(ids, "id", 0, UINT32_MAX, values, n) < 0)
         return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint32_t id = (uint32_t)values[i]; /* native order, as array("I").tobytes() */

@@ -6,7 +6,6 @@ reference it is tested against, and the fallback where it is missing or BALANCER
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 
@@ -56,4 +55,3 @@ IMPLEMENTATION = "c" if _c is not None else "python"
 accept_many = _c.accept_many if _c is not None else accept_many_py
 send_handoff = _c.send_handoff if _c is not None else send_handoff_py
 close_fds = _c.close_fds if _c is not None else close_fds_py
-EAGAIN = errno.EAGAIN

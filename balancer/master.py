@@ -10,10 +10,10 @@ import resource
 import signal
 import time
 
+from balancer import handoff
 from balancer.config import COALESCE_BUSY, Config, ConfigError
 from balancer.dispatch import Dispatcher, Route
-from balancer import handoff
-from balancer.handoff import EAGAIN, accept_many
+from balancer.handoff import accept_many
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError
 from balancer.supervisor import Supervisor
@@ -75,7 +75,7 @@ class Master:
             skipped += 1
             more, err = accept_many(listener.sock, limit - len(fds) - skipped)
             fds += more
-        if err and err != EAGAIN and err not in SKIP_ERRNOS:
+        if err and err != errno.EAGAIN and err not in SKIP_ERRNOS:
             self._accept_failed(OSError(err, os.strerror(err)))
         family = listener.family
         items = [(fd, family) for fd in fds]
