@@ -6,6 +6,7 @@ PASS/MISS lines printed); it asserts no speed.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -67,8 +68,9 @@ def test_ab_smoke_runs_a_revision_from_its_own_worktree() -> None:
     if shutil.which("wrk") is None:
         pytest.skip("wrk missing (apt-get install wrk)")
     variant = "HEAD BALANCER_NO_EXTENSIONS=1 --accept-coalesce 0"  # environment and options reach that balancer
+    env = {k: v for k, v in os.environ.items() if k != "BALANCER_NO_EXTENSIONS"}  # plain HEAD runs the C path
     proc = subprocess.run([sys.executable, "-m", "bench.ab", "HEAD", variant, "--rounds", "1", "--duration", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=50)
+                          cwd=REPO, capture_output=True, text=True, timeout=50, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[round 1/1] HEAD" in proc.stderr
     assert re.search(r"^HEAD \(\w+\): hand-off in C$", proc.stderr, re.M), proc.stderr[-3000:]
