@@ -141,7 +141,8 @@ class ControlServer:
                 workers.append({"slot": w.slot, "pid": w.pid, "state": w.route.state.value,
                                 "open": w.route.open_conns, "dispatched": w.route.dispatched})
         return {"pid": os.getpid(), "target": sup.target if sup else 0, "accepted": master.accepted,
-                "coalesced": master.coalesced, "listening": [listener.label for listener in master.listeners], "workers": workers}
+                "coalesced": master.coalesced, "listening": [listener.label for listener in master.listeners],
+                "workers": workers}
 
 
 async def _alive(path: str) -> bool:

@@ -13,7 +13,6 @@ import time
 from balancer import handoff
 from balancer.config import COALESCE_BUSY, Config, ConfigError
 from balancer.dispatch import Dispatcher, Route
-from balancer.handoff import accept_many
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError
 from balancer.supervisor import Supervisor
@@ -69,6 +68,7 @@ class Master:
             self._watch_capacity()
             return
         limit = min(room, ACCEPT_BATCH)
+        accept_many = handoff.accept_many
         fds, err = accept_many(listener.sock, limit)
         skipped = 0
         while err in SKIP_ERRNOS and len(fds) + skipped < limit:  # that connection is gone; the next may be fine
@@ -97,19 +97,15 @@ class Master:
         messages and raised req/s by 16%: each wake-up, message and worker wake-up is paid per batch, and
         a worker with COALESCE_BUSY connections open has more than the wait's worth of work in hand.
         """
-        loop = asyncio.get_running_loop()
-        for listener in self.listeners:
-            loop.remove_reader(listener.sock.fileno())
+        self._read_listeners(False)
         self.coalesced += 1
-        self._coalesce_timer = loop.call_later(self.config.accept_coalesce, self._end_coalesce)
+        self._coalesce_timer = asyncio.get_running_loop().call_later(self.config.accept_coalesce, self._end_coalesce)
 
     def _end_coalesce(self) -> None:
         """Read the listeners again, unless accepting was paused meanwhile (then _resume re-adds them)."""
         self._coalesce_timer = None
         if not self.paused:
-            loop = asyncio.get_running_loop()
-            for listener in self.listeners:
-                loop.add_reader(listener.sock.fileno(), self._on_readable, listener)
+            self._read_listeners(True)
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of fds or memory: pause accepting with a growing delay instead of spinning a core."""
@@ -130,12 +126,19 @@ class Master:
         self._accept_retry = None
         self._on_capacity()
 
+    def _read_listeners(self, reading: bool) -> None:
+        """Start or stop reading every listener (for a pause, or a coalescing wait)."""
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            if reading:
+                loop.add_reader(listener.sock.fileno(), self._on_readable, listener)
+            else:
+                loop.remove_reader(listener.sock.fileno())
+
     def _pause(self) -> None:
         """Stop reading the listeners; the kernel backlog holds new connections meanwhile."""
         if not self.paused:
-            loop = asyncio.get_running_loop()
-            for listener in self.listeners:
-                loop.remove_reader(listener.sock.fileno())
+            self._read_listeners(False)
             self.paused = True
             self._paused_since = time.monotonic()
 
@@ -145,9 +148,7 @@ class Master:
             if self._coalesce_timer is not None:  # room came back during a wait: end it now
                 self._coalesce_timer.cancel()
                 self._coalesce_timer = None
-            loop = asyncio.get_running_loop()
-            for listener in self.listeners:
-                loop.add_reader(listener.sock.fileno(), self._on_readable, listener)
+            self._read_listeners(True)
             self.paused = False
             self.paused_seconds += time.monotonic() - self._paused_since
 
