@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import os
 import signal
 import socket
@@ -77,6 +78,39 @@ def test_backend_kinds(backend):
     with Balancer("--workers", "1", "--backend", backend) as b:
         resp = fetch(b)
         assert resp.status == 200 and resp.getheader("X-Worker-Slot") == "0"
+
+
+def test_bare_handler_gets_a_full_request_for_every_method_and_path_and_100_continue():
+    # A bare handler is served without aiohttp's router (workers/backend.py skip_router): it must still get
+    # a web.Request with app and match_info, every method and path, and Expect handled as aiohttp does.
+    with Balancer("--workers", "1", "--backend", "testapp:request_info") as b:
+        for method, path in [("GET", "/"), ("DELETE", "/a/b?c=d"), ("PATCH", "/x"), ("GET", "/y")]:
+            conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+            conn.request(method, path)
+            resp = conn.getresponse()
+            info = json.loads(resp.read())
+            conn.close()
+            assert resp.status == 200, (method, path)
+            assert info["method"] == method and info["path"] == path.split("?")[0]
+            assert info["request_class"] == "Request" and info["app"] == "Application"
+            assert info["config_dict"] == 0 and info["route_method"] == "*"
+            assert info["match_info"] == [info["path"]]  # only this request's own write
+        with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            reader = s.makefile("rb")
+            assert reader.readline() == b"HTTP/1.1 100 Continue\r\n"  # before any body byte is sent
+            assert reader.readline() == b"\r\n"
+            s.sendall(b"hello")
+            assert reader.readline().startswith(b"HTTP/1.1 200")
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            assert json.loads(reader.read(length))["body"] == 5
+        with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: sometime\r\n\r\nhello")
+            assert s.makefile("rb").readline().startswith(b"HTTP/1.1 417")
 
 
 def test_crashing_handler_costs_one_request_not_the_worker():

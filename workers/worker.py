@@ -16,7 +16,7 @@ from collections import deque
 from aiohttp import http_parser, streams, web
 
 from balancer import board, wire
-from workers.backend import BackendError, load_app
+from workers.backend import BackendError, load_app, skip_router
 from workers.stats import RequestStats
 
 log = logging.getLogger("balancer.worker")
@@ -88,10 +88,10 @@ class Worker:
         channel = self.channel
         channel.setblocking(False)
         try:
-            app = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
-                                 client_max_size=self.settings["client_max_size"])
+            backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
+                                     client_max_size=self.settings["client_max_size"])
             self.runner = web.AppRunner(
-                app,
+                backend.app,
                 handle_signals=False,
                 access_log=logging.getLogger("aiohttp.access") if self.settings.get("access_log") else None,
                 keepalive_timeout=self.settings["keepalive_timeout"],
@@ -104,7 +104,7 @@ class Worker:
         except Exception as exc:  # on_startup hooks are the user's code too
             log.debug("backend startup failed", exc_info=True)
             return self._boot_failed(f"backend startup failed: {type(exc).__name__}: {exc}")
-        self._hook_server(self.runner.server)
+        self._hook_server(self.runner.server, skip_router(backend) if backend.route else None)
         self.loop.add_reader(channel.fileno(), self._on_channel)
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         if not c_parser_in_use():
@@ -125,12 +125,13 @@ class Worker:
             print(f"balancer worker: {text}", file=sys.stderr)
         return BOOT_ERROR_EXIT
 
-    def _hook_server(self, server) -> None:
+    def _hook_server(self, server, dispatch=None) -> None:
         """Count connections in and out of aiohttp's Server (it has no public callbacks for this)."""
         self.server = server
         # Observe requests where aiohttp's Server calls the Application, outside every middleware: an
         # inserted middleware of our own cost ~6% of keep-alive throughput in aiohttp's per-middleware wrapping.
-        server.request_handler = functools.partial(self._observe, handler=server.request_handler)
+        # dispatch, for a bare handler, replaces the Application's routing (workers/backend.py skip_router).
+        server.request_handler = functools.partial(self._observe, handler=dispatch or server.request_handler)
         made, lost = server.connection_made, server.connection_lost
         header_timeout = self.settings["header_timeout"]
         clock = self.loop.time

@@ -50,6 +50,17 @@ async def echo(request: web.Request) -> web.Response:
     return web.Response(text=f"{total}\n", headers=_ident())
 
 
+async def request_info(request: web.Request) -> web.Response:
+    """What a bare handler sees of aiohttp's Request (it is served without the router)."""
+    body = await request.read()
+    request.match_info[request.path] = "seen"  # written per request: the next request must not see it
+    return web.json_response({"method": request.method, "path": request.path, "body": len(body),
+                              "request_class": type(request).__name__, "app": type(request.app).__name__,
+                              "config_dict": len(request.config_dict),
+                              "route_method": request.match_info.route.method,
+                              "match_info": sorted(request.match_info)})
+
+
 def create_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", whoami)
