@@ -233,8 +233,8 @@ class Dispatcher:
         self.dispatch(taken)
         self.collect(route)  # acks that waited for this refusal to be read
 
-    def evict(self, route: Route) -> None:
-        """The worker is gone or going: the fds it never took go to other workers."""
+    def evict(self, route: Route) -> int:
+        """The worker is gone or going: the fds it never took go to other workers; returns how many."""
         self.collect(route)  # what it took is its own: those clients go with it, never to a second worker
         taken = list(route.unacked.values())
         route.unacked.clear()
@@ -243,6 +243,7 @@ class Dispatcher:
         if taken:
             self.redispatched += len(taken)
             self.dispatch(taken)
+        return len(taken)
 
     def close_homeless(self) -> None:
         """At shutdown, close the fds no worker will ever take."""

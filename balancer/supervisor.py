@@ -118,8 +118,7 @@ class Supervisor:
         self.loop.remove_reader(w.channel.fileno())
         self.loop.remove_writer(w.channel.fileno())
         w.route.state = State.DEAD
-        pending = len(w.route.unacked)
-        self.dispatcher.evict(w.route)
+        pending = self.dispatcher.evict(w.route)  # counted after its last acks are read: those stay its own
         if pending:
             log.info("re-dispatched %d unacknowledged connections of worker slot=%d pid=%d",
                      pending, w.slot, w.pid)
