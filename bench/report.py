@@ -71,13 +71,41 @@ def _figure(agg: dict, figure: str) -> float | None:
     return agg.get(figure) if agg else None
 
 
+def _cell_figure(cell: dict, figure: str) -> float | None:
+    """One cell's value of a target's figure (None when the cell did not measure it)."""
+    if figure == "rps":
+        return cell["rps"]
+    if figure == "p99":
+        return cell["latency_us"]["p99"]
+    if cell["processes"] and cell["processes"][0]["role"] != "server":
+        return cell.get("leader_us_per_request")
+    return None
+
+
+def per_round(data: dict, workload: str, figure: str, peer: str | None) -> list[float]:
+    """The target's figure round by round: the subject's value, or its ratio to the peer's cell of that round.
+
+    The machine's speed drifts over minutes (a VM); cells of one round ran minutes apart at most, so the
+    spread of these shows how far a ratio of medians can be trusted.
+    """
+    def by_round(system: str) -> dict[int, float]:
+        return {c["round"]: v for c in data["cells"] if c["system"] == system and c["workload"] == workload
+                and c["ok"] and (v := _cell_figure(c, figure)) is not None}
+    mine = by_round(SUBJECT)
+    if peer is None:
+        return [mine[r] for r in sorted(mine)]
+    theirs = by_round(peer)
+    return [mine[r] / theirs[r] for r in sorted(mine) if theirs.get(r)]
+
+
 def targets(data: dict) -> list[dict]:
     agg = aggregate(data)
     rows = []
     for label, short, workload, figure, peer, op, threshold in TARGETS:
         mine = _figure(agg.get((SUBJECT, workload)), figure)
         row = {"label": label, "short": short, "workload": workload, "figure": figure, "peer": peer, "op": op,
-               "threshold": threshold, "value": None, "status": "n/a", "detail": ""}
+               "threshold": threshold, "value": None, "status": "n/a", "detail": "",
+               "rounds": per_round(data, workload, figure, peer)}
         if peer is None:
             if mine is not None:
                 row["value"] = mine
@@ -127,10 +155,17 @@ def _header(data: dict) -> list[str]:
     ]
 
 
+def _rounds(t: dict) -> str:
+    """The per-round figures of a target, as measured in each round."""
+    if not t["rounds"]:
+        return "-"
+    return ", ".join(f"{v:.2f}x" if t["peer"] else f"{v:.1f}" for v in t["rounds"])
+
+
 def _targets_table(data: dict) -> list[str]:
-    lines = ["| target | result | measured |", "|---|---|---|"]
+    lines = ["| target | result | measured (medians) | round by round |", "|---|---|---|---|"]
     for t in targets(data):
-        lines.append(f"| {t['label']} | {t['status']} | {t['detail'] or 'not measured'} |")
+        lines.append(f"| {t['label']} | {t['status']} | {t['detail'] or 'not measured'} | {_rounds(t)} |")
     return lines
 
 

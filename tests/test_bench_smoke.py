@@ -82,3 +82,22 @@ def test_ab_smoke_runs_a_revision_from_its_own_worktree() -> None:
     assert int(row.group(1).replace(",", "")) > 0 and float(row.group(2)) > 0 and float(row.group(3)) > 0
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
     assert "balancer-ab-" not in worktrees  # removed again
+
+
+def _cell(rnd: int, system: str, rps: float, ok: bool = True, leader_us: float = 0.0) -> dict:
+    role = "master" if system == "balancer" else "arbiter"
+    return {"round": rnd, "system": system, "workload": "hello-close", "ok": ok, "rps": rps,
+            "latency_us": {"p99": 1000.0}, "processes": [{"role": role}], "leader_us_per_request": leader_us}
+
+
+@pytest.mark.timeout(10)
+def test_per_round_ratios_pair_cells_of_the_same_round_only() -> None:
+    from bench import report
+
+    cells = [_cell(0, "balancer", 1100, leader_us=12.0), _cell(0, "gunicorn-uvloop", 1000),
+             _cell(1, "balancer", 900, leader_us=14.0), _cell(1, "gunicorn-uvloop", 0, ok=False),
+             _cell(2, "gunicorn-uvloop", 800), _cell(2, "balancer", 1000, leader_us=16.0)]
+    data = {"cells": cells}
+    assert report.per_round(data, "hello-close", "rps", "gunicorn-uvloop") == [1.1, 1.25]  # round 1's peer failed
+    assert report.per_round(data, "hello-close", "leader_us", None) == [12.0, 14.0, 16.0]
+    assert report.per_round(data, "template", "rps", "gunicorn-uvloop") == []
