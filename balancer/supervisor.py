@@ -190,10 +190,14 @@ class Supervisor:
                 raise BootError(f"cannot start a worker: {exc}") from None
             self._seat(slot, w)
         waiters = [w.ready for w in self.slots if w is not None]
-        try:
-            await asyncio.wait_for(asyncio.gather(*waiters), self.config.boot_timeout)
-        except asyncio.TimeoutError:
-            raise BootError(f"workers not ready within --boot-timeout {self.config.boot_timeout:g}s") from None
+        # asyncio.wait, not gather: cancelled by a signal during boot, gather would cancel the workers' ready
+        # futures and leave its own outcome unretrieved (logged as an error at shutdown).
+        done, pending = await asyncio.wait(waiters, timeout=self.config.boot_timeout,
+                                           return_when=asyncio.FIRST_EXCEPTION)
+        for ready in done:
+            ready.result()  # a BootError: the first worker that could not boot
+        if pending:
+            raise BootError(f"workers not ready within --boot-timeout {self.config.boot_timeout:g}s")
 
     async def replace(self, slot: int, reason: str) -> bool:
         """Start a replacement for slot, wait until ready, then drain the old worker."""

@@ -306,3 +306,14 @@ def test_ipv6_and_unix_binds(tmp_path):
         assert conn.getresponse().status == 200
         conn.close()
     assert not path.exists()
+
+
+def test_sigterm_while_workers_boot_exits_zero_cleanly():
+    with Balancer("--workers", "2", "--backend", "testapp:slow_boot", ready=False) as b:
+        wait_until(lambda: b.log().count("slow boot started") == 2, 20, "both workers to start booting")
+        pids = b.worker_pids()
+        b.signal(signal.SIGTERM)
+        assert b.wait(15) == 0
+        assert not [p for p in pids if pid_alive(p)]
+        log = b.log()
+        assert "never retrieved" not in log and "Traceback" not in log and "ERROR" not in log, log

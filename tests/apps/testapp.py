@@ -80,6 +80,13 @@ async def async_factory() -> web.Application:
     return create_app()
 
 
+async def slow_boot() -> web.Application:
+    """A factory that takes SLOW_BOOT seconds (default 60): workers stay booting meanwhile."""
+    print(f"slow boot started pid={os.getpid()}", file=sys.stderr, flush=True)
+    await asyncio.sleep(float(os.environ.get("SLOW_BOOT", "60")))
+    return create_app()
+
+
 not_callable = 42
 
 
