@@ -29,7 +29,8 @@ SKIP_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EN
                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH))
 # accept() errors that mean the process or system is out of resources: back off, keep serving.
 RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGQUIT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 class Master:
@@ -205,22 +206,14 @@ class Master:
         self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity)
         try:
             await self._start_services()
-            boot = asyncio.ensure_future(self.supervisor.start())
-            first_signal = asyncio.ensure_future(self.signals.get())
-            await asyncio.wait((boot, first_signal), return_when=asyncio.FIRST_COMPLETED)
-            if first_signal.done():
-                boot.cancel()
-                self.signals.put_nowait(first_signal.result())
-            else:
-                first_signal.cancel()
-                boot.result()
+            if await self._boot():
                 log.info("balancer %d workers serving on %s (pid %d, hand-off in %s)", self.config.workers,
                          ", ".join(listener.label for listener in self.listeners), os.getpid(),
                          "C" if handoff.IMPLEMENTATION == "c" else "Python")
             self._schedule_tick()
             while True:
                 sig = await self.signals.get()
-                if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                if sig in STOP_SIGNALS:
                     log.info("%s: graceful shutdown", signal.Signals(sig).name)
                     await self.shutdown()
                     return 0
@@ -231,6 +224,32 @@ class Master:
             raise
         finally:
             self._close_listeners()
+
+    async def _boot(self) -> bool:
+        """Start the workers; False when a stop signal came first (it is queued again for the main loop).
+
+        Other signals (SIGHUP, SIGTTIN, SIGTTOU) wait for the boot to finish: a reload or a resize of
+        workers that are not up yet would cut short the boot that reports whether the backend works.
+        """
+        boot = asyncio.ensure_future(self.supervisor.start())
+        later: list[int] = []
+        try:
+            while True:
+                next_signal = asyncio.ensure_future(self.signals.get())
+                await asyncio.wait((boot, next_signal), return_when=asyncio.FIRST_COMPLETED)
+                if not next_signal.done():
+                    next_signal.cancel()
+                    boot.result()  # a BootError propagates
+                    return True
+                sig = next_signal.result()
+                if sig in STOP_SIGNALS:
+                    boot.cancel()
+                    later.insert(0, sig)
+                    return False
+                later.append(sig)
+        finally:
+            for sig in later:
+                self.signals.put_nowait(sig)
 
     def handle_signal(self, sig: int) -> None:
         """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer."""

@@ -241,7 +241,10 @@ class Supervisor:
                 if self.slots[slot] is None:
                     continue  # respawning anyway, with fresh code
                 if not await self.replace(slot, "reload"):
-                    log.error("reload stopped at slot=%d; old workers keep serving", slot)
+                    if self.stopping:
+                        log.info("reload stopped at slot=%d: shutting down", slot)
+                    else:
+                        log.error("reload stopped at slot=%d; old workers keep serving", slot)
                     return False
             log.info("rolling reload done")
             return True

@@ -317,3 +317,15 @@ def test_sigterm_while_workers_boot_exits_zero_cleanly():
         assert not [p for p in pids if pid_alive(p)]
         log = b.log()
         assert "never retrieved" not in log and "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_sighup_while_workers_boot_reloads_after_the_boot_not_instead_of_it():
+    with Balancer("--workers", "2", "--backend", "testapp:slow_boot", ready=False, env={"SLOW_BOOT": "1"}) as b:
+        wait_until(lambda: b.log().count("slow boot started") == 2, 20, "both workers to start booting")
+        b.signal(signal.SIGHUP)
+        b.wait_ready(20)
+        b.wait_for("rolling reload done", 30)
+        log = b.log()
+        assert log.index("workers serving on") < log.index("rolling reload of 2 workers"), log
+        assert log.count("slow boot started") == 4 and "ERROR" not in log, log
+        assert fetch(b).status == 200
