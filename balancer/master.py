@@ -215,7 +215,7 @@ class Master:
                 sig = await self.signals.get()
                 if sig in STOP_SIGNALS:
                     log.info("%s: graceful shutdown", signal.Signals(sig).name)
-                    await self.shutdown()
+                    await self._shutdown_unless_hurried()
                     return 0
                 self.handle_signal(sig)
         except BootError:
@@ -224,6 +224,20 @@ class Master:
             raise
         finally:
             self._close_listeners()
+
+    async def _shutdown_unless_hurried(self) -> None:
+        """Graceful shutdown; a second stop signal meanwhile (Ctrl-C twice) kills the workers at once."""
+        drain = asyncio.ensure_future(self.shutdown())
+        while not drain.done():
+            next_signal = asyncio.ensure_future(self.signals.get())
+            await asyncio.wait((drain, next_signal), return_when=asyncio.FIRST_COMPLETED)
+            if not next_signal.done():
+                next_signal.cancel()
+            elif next_signal.result() in STOP_SIGNALS and self.supervisor is not None:
+                log.warning("%s again: stopping now; in-flight requests are cut off",
+                            signal.Signals(next_signal.result()).name)
+                self.supervisor.kill_all()
+        await drain
 
     async def _boot(self) -> bool:
         """Start the workers; False when a stop signal came first (it is queued again for the main loop).

@@ -333,6 +333,11 @@ class Supervisor:
 
     # ---- shutdown ---------------------------------------------------------------------------
 
+    def kill_all(self) -> None:
+        """SIGKILL every worker now (a second stop signal): in-flight requests are cut off."""
+        for w in self.processes():
+            w.signal(signal.SIGKILL)
+
     async def shutdown(self) -> None:
         """Drain every worker and wait for all to exit; SIGKILL the ones past the deadline."""
         self.stopping = True

@@ -329,3 +329,27 @@ def test_sighup_while_workers_boot_reloads_after_the_boot_not_instead_of_it():
         assert log.index("workers serving on") < log.index("rolling reload of 2 workers"), log
         assert log.count("slow boot started") == 4 and "ERROR" not in log, log
         assert fetch(b).status == 200
+
+
+def test_second_sigint_during_the_drain_stops_at_once():
+    with Balancer("--workers", "2", "--graceful-timeout", "60", *APP) as b:
+        pids = b.worker_pids()
+        out = {}
+
+        def slow() -> None:
+            try:
+                out["resp"] = fetch(b, "/slow?s=50", timeout=60)
+            except (OSError, http.client.HTTPException) as exc:
+                out["error"] = exc
+
+        th = threading.Thread(target=slow)
+        th.start()
+        b.wait_for("slow request started", 10)
+        b.signal(signal.SIGINT)
+        b.wait_for("SIGINT: graceful shutdown", 10)
+        b.signal(signal.SIGINT)
+        assert b.wait(15) == 0  # not the 50 s the request wants, nor the 60 s graceful timeout
+        th.join(15)
+        assert "error" in out, out  # its worker was killed: the one request in flight is cut off
+        assert not [p for p in pids if pid_alive(p)]
+        assert "SIGINT again: stopping now" in b.log()
