@@ -116,7 +116,7 @@ class ControlServer:
         cmd = request.get("cmd")
         if cmd == "status":
             return {"ok": True, **self.status()}
-        if sup is None or master.stopping:
+        if sup is None or not master.booted or master.stopping:
             return {"ok": False, "error": "the master is starting or stopping"}
         if cmd == "reload":
             ok = await sup.rolling_reload()

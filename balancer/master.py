@@ -44,6 +44,7 @@ class Master:
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.paused = True  # not reading the listeners: no worker ready yet, or all at their caps
         self.stopping = False
+        self.booted = False  # every first worker reported ready: reload and scale may act
         self.accepted = 0
         self.accept_errors: dict[str, int] = {}
         self.paused_seconds = 0.0
@@ -207,6 +208,7 @@ class Master:
         try:
             await self._start_services()
             if await self._boot():
+                self.booted = True
                 log.info("balancer %d workers serving on %s (pid %d, hand-off in %s)", self.config.workers,
                          ", ".join(listener.label for listener in self.listeners), os.getpid(),
                          "C" if handoff.IMPLEMENTATION == "c" else "Python")

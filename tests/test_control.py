@@ -94,3 +94,16 @@ def test_accept_coalesces_only_while_every_worker_is_busy(tmp_path, wait):
         assert (status()["coalesced"] >= 1) == (wait != "0")
         for conn in held:
             conn.close()
+
+
+def test_reload_and_scale_are_refused_while_the_first_workers_boot_and_status_answers(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with Balancer("--workers", "2", "--control-socket", str(sock), "--backend", "testapp:slow_boot",
+                  ready=False, env={"SLOW_BOOT": "30"}) as b:
+        wait_until(lambda: b.log().count("slow boot started") == 2, 20, "both workers to start booting")
+        for args in (("reload",), ("scale", "3")):
+            r = ctl(*args, "--control-socket", str(sock))
+            assert r.returncode == 1 and "starting or stopping" in r.stderr, (args, r.stdout, r.stderr)
+        status = json.loads(ctl("status", "--control-socket", str(sock), "--json").stdout)
+        assert status["target"] == 2 and {w["state"] for w in status["workers"]} == {"booting"}, status
+        assert b.log().count("slow boot started") == 2  # nothing was started beside the boot
