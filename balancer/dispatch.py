@@ -1,4 +1,4 @@
-"""Round-robin over ready workers, fds held until acknowledged, and re-dispatch of refused ones."""
+"""Least-loaded pick (round-robin among equals), fds held until acknowledged, re-dispatch of refused ones."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Route:
 
 
 class Dispatcher:
-    """Chooses the next ready worker under its cap, in round-robin order, and hands fds to it."""
+    """Chooses the least-loaded ready worker under its cap, round-robin among equals, and hands fds to it."""
 
     def __init__(self, cap: int, max_unacked: int = 256, on_blocked: Callable[[Route], None] | None = None) -> None:
         self.cap = cap
@@ -84,22 +84,35 @@ class Dispatcher:
         )
 
     def pick(self) -> Route | None:
-        """The next eligible route after the last one picked, or None when all are full."""
+        """The least-loaded eligible route, ties going round-robin from the last one picked; None when all are full.
+
+        Least-loaded, not plain round-robin: workers drift apart in speed (one shares its core with the load
+        generator or a noisy neighbour), and a new connection given to the one with a queue waits while the
+        other worker sits idle.
+        """
         # eligible() inlined: this runs once per connection.
         routes = self.routes
         n = len(routes)
         idx = self._next
         cap, max_unacked, ready = self.cap, self.max_unacked, State.READY
+        best = None
+        best_load = cap
+        best_idx = 0
         for _ in range(n):
             if idx >= n:
                 idx = 0
             route = routes[idx]
             idx += 1
             if (route is not None and route.state is ready and not route.send_blocked and not route.stalled
-                    and route.open_conns + len(route.unacked) < cap and len(route.unacked) < max_unacked):
-                self._next = idx
-                return route
-        return None
+                    and len(route.unacked) < max_unacked):
+                load = route.open_conns + len(route.unacked)
+                if load < best_load:
+                    best, best_load, best_idx = route, load, idx
+                    if load == 0:
+                        break
+        if best is not None:
+            self._next = best_idx
+        return best
 
     def any_ready(self) -> bool:
         """True when some worker is READY (full or not)."""
