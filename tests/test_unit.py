@@ -51,20 +51,24 @@ def test_round_robin_order():
     close_routes(routes)
 
 
+def open_on(d: Dispatcher, *loads: int) -> list[Route]:
+    """READY routes with these many connections open."""
+    routes = ready_routes(d, len(loads))
+    for r, load in zip(routes, loads):
+        r.open_conns = load
+    return routes
+
+
 def test_least_loaded_first_and_round_robin_among_equals():
     d = Dispatcher(cap=10)
-    routes = ready_routes(d, 3)
-    for r, load in zip(routes, (3, 1, 1)):
-        r.open_conns = load
+    routes = open_on(d, 3, 1, 1)
     assert [d.pick().slot for _ in range(4)] == [1, 2, 1, 2]
     close_routes(routes)
 
 
 def test_a_batch_fills_the_least_loaded_workers_up_to_the_others():
     d = Dispatcher(cap=10)
-    routes = ready_routes(d, 3)
-    for r, load in zip(routes, (4, 0, 1)):
-        r.open_conns = load
+    routes = open_on(d, 4, 0, 1)
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(7)]
     d.dispatch([(fd, socket.AF_INET) for fd in fds])
     assert [len(r.unacked) for r in routes] == [0, 4, 3]
