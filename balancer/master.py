@@ -259,6 +259,8 @@ class Master:
                     return True
                 sig = next_signal.result()
                 if sig in STOP_SIGNALS:
+                    if boot.done() and not boot.cancelled():
+                        boot.exception()  # a boot that failed just as the signal came: the stop wins, quietly
                     boot.cancel()
                     later.insert(0, sig)
                     return False
