@@ -334,7 +334,7 @@ class Supervisor:
     # ---- shutdown ---------------------------------------------------------------------------
 
     def kill_all(self) -> None:
-        """SIGKILL every worker now (a second stop signal): in-flight requests are cut off."""
+        """SIGKILL every worker now (past the shutdown deadline, or a second stop signal)."""
         for w in self.processes():
             w.signal(signal.SIGKILL)
 
@@ -357,6 +357,5 @@ class Supervisor:
         try:
             await asyncio.wait_for(self._all_gone.wait(), deadline)
         except asyncio.TimeoutError:
-            for w in self.processes():
-                w.signal(signal.SIGKILL)
+            self.kill_all()
             await asyncio.wait_for(self._all_gone.wait(), 5)
