@@ -227,17 +227,22 @@ class Master:
         finally:
             self._close_listeners()
 
+    async def _signal_unless_done(self, work: asyncio.Future) -> int | None:
+        """The next signal received, or None when work finishes first."""
+        next_signal = asyncio.ensure_future(self.signals.get())
+        await asyncio.wait((work, next_signal), return_when=asyncio.FIRST_COMPLETED)
+        if next_signal.done():
+            return next_signal.result()
+        next_signal.cancel()
+        return None
+
     async def _shutdown_unless_hurried(self) -> None:
         """Graceful shutdown; a second stop signal meanwhile (Ctrl-C twice) kills the workers at once."""
         drain = asyncio.ensure_future(self.shutdown())
         while not drain.done():
-            next_signal = asyncio.ensure_future(self.signals.get())
-            await asyncio.wait((drain, next_signal), return_when=asyncio.FIRST_COMPLETED)
-            if not next_signal.done():
-                next_signal.cancel()
-            elif next_signal.result() in STOP_SIGNALS and self.supervisor is not None:
-                log.warning("%s again: stopping now; in-flight requests are cut off",
-                            signal.Signals(next_signal.result()).name)
+            sig = await self._signal_unless_done(drain)
+            if sig in STOP_SIGNALS and self.supervisor is not None:
+                log.warning("%s again: stopping now; in-flight requests are cut off", signal.Signals(sig).name)
                 self.supervisor.kill_all()
         await drain
 
@@ -251,13 +256,10 @@ class Master:
         later: list[int] = []
         try:
             while True:
-                next_signal = asyncio.ensure_future(self.signals.get())
-                await asyncio.wait((boot, next_signal), return_when=asyncio.FIRST_COMPLETED)
-                if not next_signal.done():
-                    next_signal.cancel()
+                sig = await self._signal_unless_done(boot)
+                if sig is None:
                     boot.result()  # a BootError propagates
                     return True
-                sig = next_signal.result()
                 if sig in STOP_SIGNALS:
                     if boot.done() and not boot.cancelled():
                         boot.exception()  # a boot that failed just as the signal came: the stop wins, quietly
