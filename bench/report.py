@@ -29,6 +29,17 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _cell_figure(cell: dict, figure: str) -> float | None:
+    """One cell's value of a target's figure (None when the cell did not measure it)."""
+    if figure == "rps":
+        return cell["rps"]
+    if figure == "p99":
+        return cell["latency_us"]["p99"]
+    if cell["processes"] and cell["processes"][0]["role"] != "server":
+        return cell.get("leader_us_per_request")
+    return None
+
+
 def aggregate(data: dict) -> dict[tuple[str, str], dict]:
     """Per (system, workload): medians over the rounds that ran, error totals, CPU per process position."""
     out: dict[tuple[str, str], dict] = {}
@@ -49,8 +60,7 @@ def aggregate(data: dict) -> dict[tuple[str, str], dict]:
                     socket_errors=sum(c["errors"]["socket"] for c in ok),
                     non2xx=sum(c["errors"]["non2xx"] for c in ok),
                     requests=sum(c["requests"] for c in ok),
-                    leader_us=_median([c["leader_us_per_request"] for c in ok if "leader_us_per_request" in c
-                                       and c["processes"] and c["processes"][0]["role"] != "server"]),
+                    leader_us=_median([v for c in ok if (v := _cell_figure(c, "leader_us")) is not None]),
                     other_pct=_median([c["machine"]["other_pct"] for c in ok if "other_pct" in c.get("machine", {})]),
                     loadgen_pct=_median([100 * c["loadgen_cpu_s"] / c["duration_s"] for c in ok if c["duration_s"]]),
                 )
@@ -69,17 +79,6 @@ def aggregate(data: dict) -> dict[tuple[str, str], dict]:
 
 def _figure(agg: dict, figure: str) -> float | None:
     return agg.get(figure) if agg else None
-
-
-def _cell_figure(cell: dict, figure: str) -> float | None:
-    """One cell's value of a target's figure (None when the cell did not measure it)."""
-    if figure == "rps":
-        return cell["rps"]
-    if figure == "p99":
-        return cell["latency_us"]["p99"]
-    if cell["processes"] and cell["processes"][0]["role"] != "server":
-        return cell.get("leader_us_per_request")
-    return None
 
 
 def per_round(data: dict, workload: str, figure: str, peer: str | None) -> list[float]:
