@@ -119,7 +119,7 @@ class ControlServer:
         if sup is None or not master.booted or master.stopping:
             return {"ok": False, "error": "the master is starting or stopping"}
         if cmd == "reload":
-            ok = await sup.rolling_reload()
+            ok = await sup.request_reload()
             return {"ok": ok, **({} if ok else {"error": "reload failed or already running; see the master's log"})}
         if cmd == "scale":
             n = request.get("n")
@@ -138,8 +138,9 @@ class ControlServer:
         workers = []
         if sup is not None:
             for w in sorted(sup.processes(), key=lambda w: (w.slot, w.started)):
-                workers.append({"slot": w.slot, "pid": w.pid, "state": w.route.state.value,
-                                "open": w.route.open_conns, "dispatched": w.route.dispatched})
+                workers.append({"slot": w.slot, "pid": w.pid, "state": w.phase.value,
+                                "generation": w.generation, "open": w.link.open_conns,
+                                "dispatched": w.link.dispatched})
         return {"pid": os.getpid(), "target": sup.target if sup else 0, "accepted": master.accepted,
                 "coalesced": master.coalesced, "listening": [listener.label for listener in master.listeners],
                 "workers": workers}

@@ -9,10 +9,11 @@ import os
 import resource
 import signal
 import time
+from typing import Callable
 
 from balancer import handoff
 from balancer.config import COALESCE_BUSY, Config, ConfigError
-from balancer.dispatch import Dispatcher, Route
+from balancer.dispatch import Dispatcher, Link
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError
 from balancer.supervisor import Supervisor
@@ -184,16 +185,16 @@ class Master:
         if (self.dispatcher.homeless or (self.paused and self._accept_retry is None)) and self.dispatcher.any_ready():
             self._watch_capacity()
 
-    def _on_blocked(self, route: Route) -> None:
+    def _on_blocked(self, link: Link) -> None:
         """A worker's channel is full: it gets nothing until the kernel says it drained."""
         loop = asyncio.get_running_loop()
 
         def writable() -> None:
-            loop.remove_writer(route.channel.fileno())
-            route.send_blocked = False
+            loop.remove_writer(link.channel.fileno())
+            link.send_blocked = False
             self._on_capacity()
 
-        loop.add_writer(route.channel.fileno(), writable)
+        loop.add_writer(link.channel.fileno(), writable)
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -275,7 +276,7 @@ class Master:
         """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer."""
         sup = self.supervisor
         if sig == signal.SIGHUP:
-            asyncio.ensure_future(sup.rolling_reload())
+            sup.request_reload()  # a future, not a task: nothing to hold, it can only end True or False
         elif sig == signal.SIGTTIN:
             sup.scale(sup.target + 1)
         elif sig == signal.SIGTTOU:
@@ -297,14 +298,29 @@ class Master:
 
     def _schedule_tick(self) -> None:
         """Run supervision checks every TICK seconds."""
+        self._every_tick(self.supervisor.tick,
+                         self.dispatcher.collect_all,  # when idle, the master's copies of acked fds close here
+                         lambda: self.dispatcher.mark_overdue(time.monotonic(), STALL_AFTER),
+                         self._on_capacity)  # a ready worker may have been missed while all were blocked
+
+    def _every_tick(self, *steps: Callable[[], object]) -> None:
+        """Run steps every TICK seconds, each on its own: one failing step must not stop the others or the tick.
+
+        The timer is re-armed before any step runs, so an exception cannot end heartbeat checks, ack-overdue
+        marks or kill deadlines for good.
+        """
         loop = asyncio.get_running_loop()
+        if self._tick is not None:
+            self._tick.cancel()
 
         def tick() -> None:
-            self.supervisor.tick()
-            self.dispatcher.collect_all()  # when idle, the master's copies of taken fds close here
-            self.dispatcher.mark_stalled(time.monotonic(), STALL_AFTER)
-            self._on_capacity()  # a ready worker may have been missed while all were blocked
             self._tick = loop.call_later(TICK, tick)
+            for step in steps:
+                try:
+                    step()
+                except Exception:
+                    log.exception("periodic check %s failed; it runs again next tick",
+                                  getattr(step, "__qualname__", step))
 
         self._tick = loop.call_later(TICK, tick)
 
@@ -334,14 +350,7 @@ class Master:
 
     def _schedule_shutdown_tick(self) -> None:
         """Keep enforcing kill deadlines while draining."""
-        loop = asyncio.get_running_loop()
-
-        def tick() -> None:
-            self.supervisor.tick()
-            self.dispatcher.collect_all()
-            self._tick = loop.call_later(TICK, tick)
-
-        self._tick = loop.call_later(TICK, tick)
+        self._every_tick(self.supervisor.tick, self.dispatcher.collect_all)
 
     def _close_listeners(self) -> None:
         """Close every listening socket (and remove unix paths we created)."""

@@ -16,7 +16,7 @@ from prometheus_client.utils import floatToGoString
 
 from balancer import __version__, handoff
 from balancer.config import parse_bind
-from balancer.dispatch import State
+from balancer.dispatch import Phase
 from workers.stats import BUCKETS
 
 log = logging.getLogger("balancer")
@@ -52,6 +52,8 @@ class SlotFigures:
         self.buckets = [0] * len(LE)
         self.duration_sum = 0.0
         self.header_timeouts = 0
+        self.body_timeouts = 0
+        self.bad_requests = 0
         self.cpu = 0.0
         self.user: dict[str, dict[tuple, float]] = {}  # family -> (sample name, labels) -> value
         # Gauges: live workers only, never folded.
@@ -67,6 +69,7 @@ class SlotFigures:
         out = SlotFigures()
         out.dispatched, out.duration_sum = self.dispatched, self.duration_sum
         out.header_timeouts, out.cpu = self.header_timeouts, self.cpu
+        out.body_timeouts, out.bad_requests = self.body_timeouts, self.bad_requests
         out.requests = dict(self.requests)
         out.buckets = list(self.buckets)
         out.user = {name: dict(samples) for name, samples in self.user.items()}
@@ -88,6 +91,8 @@ class SlotFigures:
                 self.buckets[i] += running
         self.duration_sum += stats.get("sum", 0.0)
         self.header_timeouts += stats.get("header_timeouts", 0)
+        self.body_timeouts += stats.get("body_timeouts", 0)
+        self.bad_requests += stats.get("bad_requests", 0)
         if live:
             self.inflight += stats.get("inflight", 0)
         for name, typ, doc, samples in stats.get("metrics", ()):
@@ -152,7 +157,7 @@ class MetricsServer:
     async def handle_readyz(self, request: web.Request) -> web.Response:
         """200 while at least one worker is ready and the master is not shutting down, else 503."""
         sup = self.master.supervisor
-        ready = sum(1 for w in sup.processes() if w.route.state is State.READY)
+        ready = sum(1 for w in sup.processes() if w.phase is Phase.READY)
         if ready and not self.master.stopping:
             return web.Response(text=f"ready: {ready} workers\n")
         return web.Response(status=503, text="not ready\n")
@@ -163,7 +168,7 @@ class MetricsServer:
         """A worker was reaped: keep its last counters in its slot's base so the slot never goes back."""
         cpu = self._cpu_seen.pop(w.pid, 0.0)
         base = self.bases.setdefault(w.slot, SlotFigures())
-        base.add(w.stats, w.route.dispatched, cpu, self.families, live=False)
+        base.add(w.stats, w.link.dispatched, cpu, self.families, live=False)
 
     def figures(self) -> dict[int, SlotFigures]:
         """Every slot's figures now: its base plus its live workers (two of them during a reload)."""
@@ -182,9 +187,9 @@ class MetricsServer:
                 fig.rss += proc[1]
                 fig.fds += proc[2]
             seen[w.pid] = cpu
-            fig.add(w.stats, w.route.dispatched, cpu, self.families, live=True)
-            fig.open += w.route.open_conns
-            if w.route.state is State.READY:
+            fig.add(w.stats, w.link.dispatched, cpu, self.families, live=True)
+            fig.open += w.link.open_conns
+            if w.phase is Phase.READY:
                 fig.up = 1
             fig.start_time = max(fig.start_time, w.started_wall)
         for slot, w in enumerate(sup.slots):
@@ -237,6 +242,11 @@ class MetricsServer:
                        lambda f: f.inflight)
         yield per_slot(CounterMetricFamily, "balancer_worker_header_timeouts",
                        "Connections cut off for not sending complete headers in time.", lambda f: f.header_timeouts)
+        yield per_slot(CounterMetricFamily, "balancer_worker_body_timeouts",
+                       "Requests answered 408 for a body slower than --body-min-rate over --body-timeout.",
+                       lambda f: f.body_timeouts)
+        yield per_slot(CounterMetricFamily, "balancer_worker_bad_requests",
+                       "Malformed requests answered 400 by the HTTP parser.", lambda f: f.bad_requests)
         yield per_slot(CounterMetricFamily, "balancer_worker_cpu_seconds",
                        "User and system CPU seconds of the slot's workers.", lambda f: f.cpu)
         yield per_slot(GaugeMetricFamily, "balancer_worker_resident_memory_bytes",

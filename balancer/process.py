@@ -12,41 +12,54 @@ import sys
 import time
 
 from balancer import board, wire
-from balancer.dispatch import Route
+from balancer.dispatch import Link, Phase
+
 
 class BootError(RuntimeError):
     """A worker could not load the backend; its message is the one-line reason."""
 
 
 class WorkerProcess:
-    """One worker process: its pid, channel, route in the dispatcher, and what it last reported."""
+    """One record of the supervisor's table: a worker process, its phase, its link, what it last reported."""
 
-    def __init__(self, slot: int, proc: subprocess.Popen, channel, route: Route) -> None:
+    def __init__(self, slot: int, generation: int, proc, channel, link: Link, exit_fd: int,
+                 now: float | None = None) -> None:
         self.slot = slot
-        self.proc = proc
+        self.generation = generation  # the code generation it was started for (a reload raises the desired one)
+        self.proc = proc  # subprocess.Popen, or anything with pid, poll() and returncode
         self.pid = proc.pid
         self.channel = channel
-        self.route = route
-        self.pidfd = os.pidfd_open(proc.pid)
-        self.started = time.monotonic()
+        self.link = link
+        self.exit_fd = exit_fd  # readable once the process has exited: a pidfd
+        self.started = time.monotonic() if now is None else now
         self.started_wall = time.time()
         self.last_beat = self.started
         self.stats: dict = {}  # latest snapshot from the worker's heartbeat
-        self.reason = ""  # why it is leaving: reload, recycle, timeout, shutdown
+        self.reason = ""  # why it is leaving: reload, recycle, timeout, scale, shutdown, crash
+        self.recycle = False  # asked to be replaced (--max-requests, --max-memory)
         self.kill_at = 0.0  # monotonic deadline for SIGKILL once it has been told to go
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.exited = False
+
+    @property
+    def phase(self) -> Phase:
+        """booting, ready, draining or exited; kept on the link, where the dispatcher reads it per connection."""
+        return self.link.phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        self.link.phase = phase
 
     def signal(self, signum: int) -> None:
         """Send a signal unless the process is already reaped (its pid may be reused)."""
         if not self.exited:
             try:
-                os.kill(self.pid, signum)
+                self.proc.send_signal(signum)  # Popen checks its own returncode first
             except ProcessLookupError:
                 pass
 
 
-def spawn_process(slot: int, settings: dict, env: dict) -> WorkerProcess:
+def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> WorkerProcess:
     """Start a fresh interpreter for slot with its ends of a new channel and ack board inherited."""
     master_end, worker_end = wire.channel_pair()
     try:
@@ -66,12 +79,13 @@ def spawn_process(slot: int, settings: dict, env: dict) -> WorkerProcess:
         worker_end.close()
         os.close(board_fd)  # the mapping outlives it
     try:
-        return WorkerProcess(slot, proc, master_end, Route(slot, master_end, ack_board))
+        pidfd = os.pidfd_open(proc.pid)
     except BaseException:  # pidfd_open failed (out of fds): a worker we cannot watch must not live on
         proc.kill()
         proc.wait()
         master_end.close()
         raise
+    return WorkerProcess(slot, generation, proc, master_end, Link(slot, master_end, ack_board), pidfd)
 
 
 def worker_env() -> dict:

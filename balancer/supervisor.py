@@ -1,8 +1,9 @@
-"""Spawn, reap and replace worker processes: respawn with backoff, rolling reload, recycle, scale."""
+"""The worker pool as one table of process records, reconciled toward the desired size and code generation."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -13,94 +14,151 @@ from typing import Callable
 from balancer import wire
 from balancer.backoff import Backoff
 from balancer.config import Config
-from balancer.dispatch import Dispatcher, State
+from balancer.dispatch import Dispatcher, Phase
 from balancer.process import BootError, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
 
 log = logging.getLogger("balancer")
 
 KILL_GRACE = 2.0  # seconds between SIGABRT/graceful deadline and SIGKILL
+# Leaving on purpose: an exit for one of these reasons is neither a crash nor a failed boot.
+DISMISSED = frozenset(("scale", "shutdown"))
+
+Spawn = Callable[[int, int], WorkerProcess]  # (slot, generation) -> a started worker's record
 
 
 class Supervisor:
-    """Keeps `target` workers serving, one per slot, and replaces them without a gap."""
+    """Keeps `target` slots served by ready workers of the newest generation, replacing them without a gap.
 
-    def __init__(self, config: Config, dispatcher: Dispatcher, on_capacity: Callable[[], None]) -> None:
+    Every worker process has one record in `table` (pid -> WorkerProcess) with an explicit phase; everything
+    else (who serves a slot, what is being replaced, what drains) is derived from it. Events (exit, READY,
+    heartbeat, refusal) only update records; `reconcile` then moves the pool toward the desired one, as
+    gunicorn's manage_workers does, and runs again on every tick, so nothing depends on one edge being seen.
+    """
+
+    def __init__(self, config: Config, dispatcher: Dispatcher, on_capacity: Callable[[], None],
+                 spawn: Spawn | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.dispatcher = dispatcher
         self.on_capacity = on_capacity  # a worker became ready or freed a connection
         self.loop = asyncio.get_running_loop()
+        self.clock = clock
+        self.table: dict[int, WorkerProcess] = {}  # pid -> record, for every process not yet reaped
         self.target = config.workers
-        self.slots: list[WorkerProcess | None] = [None] * self.target
-        self.replacing: dict[int, WorkerProcess] = {}
-        self.retiring: set[WorkerProcess] = set()
+        self.generation = 0  # the code generation every slot should run; a reload raises it
+        self.failed_generation = -1  # a generation whose replacement could not boot: not retried until asked
         self.backoffs: dict[int, Backoff] = {}
+        self.not_before: dict[int, float] = {}  # slot -> earliest time its next worker may start
         self.restarts: Counter = Counter()  # (slot, reason) -> count
         self.on_exit_hooks: list[Callable[[WorkerProcess], None]] = []
+        self.started_up = False  # the first workers are all ready: from now on reconcile keeps the pool
         self.stopping = False
-        self.reloading = False
-        self._respawns: dict[int, asyncio.TimerHandle] = {}
+        self._reload_waiters: list[tuple[int, asyncio.Future]] = []
+        self._wakeup: asyncio.TimerHandle | None = None
+        self._reconciling = False
+        self._again = False
         self._all_gone = asyncio.Event()
-        self._env = worker_env()
+        self._all_gone.set()
+        if spawn is None:
+            settings, env = config.worker_settings(), worker_env()
+            spawn = lambda slot, generation: spawn_process(slot, generation, settings, env)  # noqa: E731
+        self._spawn = spawn
         self._inbox = wire.inbox()  # one receive buffer for every worker's channel
 
-    # ---- process lifecycle ----------------------------------------------------------------------
+    # ---- views of the table -------------------------------------------------------------------
+
+    def records(self) -> list[WorkerProcess]:
+        """Every worker process not yet reaped, in slot order, oldest first within a slot."""
+        return sorted(self.table.values(), key=lambda w: (w.slot, w.started, w.pid))
+
+    processes = records
+
+    def serving(self, slot: int) -> WorkerProcess | None:
+        """The newest ready worker of slot."""
+        best = None
+        for w in self.table.values():
+            if w.slot == slot and w.phase is Phase.READY and (best is None or w.started > best.started):
+                best = w
+        return best
+
+    @property
+    def slots(self) -> list[WorkerProcess | None]:
+        """The worker serving each wanted slot (None: none ready)."""
+        return [self.serving(slot) for slot in range(self.target)]
+
+    def _outdated(self, w: WorkerProcess) -> bool:
+        """True when w should be replaced: older code than wanted (and that reload has not failed), or recycling."""
+        return w.recycle or (w.generation < self.generation and self.generation != self.failed_generation)
+
+    # ---- spawning and events ------------------------------------------------------------------
 
     def spawn_worker(self, slot: int) -> WorkerProcess:
-        """Start a worker for slot and watch its channel and its exit."""
-        w = spawn_process(slot, self.config.worker_settings(), self._env)
+        """Start a worker for slot at the wanted generation; watch its channel and its exit."""
+        w = self._spawn(slot, self.generation)
+        self.table[w.pid] = w
         self._all_gone.clear()
         self.loop.add_reader(w.channel.fileno(), self._on_channel, w)
-        self.loop.add_reader(w.pidfd, self._on_exit, w)
-        log.debug("spawned worker slot=%d pid=%d", slot, w.pid)
+        self.loop.add_reader(w.exit_fd, self._on_exit, w)
+        self.dispatcher.set_links([r.link for r in self.records()])
+        log.debug("spawned worker slot=%d pid=%d generation=%d", slot, w.pid, w.generation)
         return w
 
-    def processes(self) -> list[WorkerProcess]:
-        """Every live worker process: serving, booting replacements and retiring ones."""
-        out = [w for w in self.slots if w is not None]
-        out.extend(self.replacing.values())
-        out.extend(self.retiring)
-        return out
+    def _read_channel(self, w: WorkerProcess) -> bool:
+        """Act on every message waiting on w's channel; False once the channel has ended.
 
-    def _on_channel(self, w: WorkerProcess) -> None:
-        """Read every message waiting on a worker's channel."""
+        A worker that died with handoffs unread makes the first recvmsg fail with ECONNRESET *before* the
+        messages it had queued (a REFUSE among them) are returned: keep reading until EOF or EAGAIN, or fds it
+        refused and fds it served could not be told apart.
+        """
+        if w.channel.fileno() < 0:
+            return False
         while True:
             try:
                 msg, fds, _ = wire.recv_message(w.channel, self._inbox)
             except BlockingIOError:
-                return
-            except OSError:
-                msg, fds = b"", []
+                return True
+            except ConnectionResetError:
+                continue
+            except OSError as exc:
+                log.warning("worker slot=%d pid=%d channel: %s", w.slot, w.pid, exc)
+                return False
             if fds:  # workers never send fds; never let one leak into the master
                 wire.close_all(fds)
             if not msg:
-                self._channel_closed(w)
-                return
+                return False
             try:
                 self._on_message(w, msg)
             except wire.ProtocolError as exc:
                 log.error("worker slot=%d pid=%d sent a bad message (%s); killing it", w.slot, w.pid, exc)
+                w.reason = w.reason or "crash"
                 w.signal(signal.SIGKILL)
-                self._channel_closed(w)
-                return
+                return False
+
+    def _on_channel(self, w: WorkerProcess) -> None:
+        """The channel is readable."""
+        if not self._read_channel(w):
+            self._close_channel(w)
 
     def _on_message(self, w: WorkerProcess, msg: bytes) -> None:
-        """Act on one message from a worker."""
+        """Update w's record from one message."""
         kind = msg[0]
         if kind == wire.BEAT:
-            w.last_beat = time.monotonic()
+            w.last_beat = self.clock()
             body = wire.decode_json(msg)
-            w.stats = body
-            if body.get("recycle") and w.route.state is State.READY and w is self.slots[w.slot]:
-                self.loop.create_task(self.replace(w.slot, "recycle"))
+            if isinstance(body, dict):
+                w.stats = body
+                if body.get("recycle") and not w.recycle and w.phase is Phase.READY:
+                    w.recycle = True
+                    self.changed()
         elif kind == wire.READY:
-            w.last_beat = time.monotonic()
-            w.route.state = State.READY
-            if not w.ready.done():
-                w.ready.set_result(True)
-            log.info("worker slot=%d pid=%d ready", w.slot, w.pid)
-            self.on_capacity()
+            w.last_beat = self.clock()
+            if w.phase is Phase.BOOTING:
+                w.phase = Phase.READY
+                if not w.ready.done():
+                    w.ready.set_result(True)
+                log.info("worker slot=%d pid=%d ready", w.slot, w.pid)
+                self.changed()
         elif kind == wire.REFUSE:
-            self.dispatcher.on_refuse(w.route, wire.decode_ids(msg))
+            self.dispatcher.on_refuse(w.link, wire.decode_ids(msg))
             self.on_capacity()
         elif kind == wire.BOOT_ERROR:
             text = str(wire.decode_json(msg))
@@ -111,85 +169,203 @@ class Supervisor:
         else:
             raise wire.ProtocolError(f"unknown message type {kind:#x}")
 
-    def _channel_closed(self, w: WorkerProcess) -> None:
-        """The worker's end is gone: hand its unacked fds to others now, before the reap."""
-        if w.route.state is State.DEAD and w.channel.fileno() < 0:
+    def _close_channel(self, w: WorkerProcess) -> None:
+        """The worker's end is gone: hand the fds it never took to others now, before the reap."""
+        if w.channel.fileno() < 0:
             return
         self.loop.remove_reader(w.channel.fileno())
         self.loop.remove_writer(w.channel.fileno())
-        w.route.state = State.DEAD
-        pending = self.dispatcher.evict(w.route)  # counted after its last acks are read: those stay its own
+        w.link.channel_lost = True
+        pending = self.dispatcher.evict(w.link)  # counted after its last messages are read: acked fds stay its own
         if pending:
-            log.info("re-dispatched %d unacknowledged connections of worker slot=%d pid=%d",
-                     pending, w.slot, w.pid)
+            log.info("re-dispatched %d unacknowledged connections of worker slot=%d pid=%d", pending, w.slot, w.pid)
         w.channel.close()
+        if not w.exited and w.phase is not Phase.DRAINING and not self.stopping:
+            # Supervised still: with no channel it sends no heartbeat, so --timeout aborts it if it lingers.
+            log.warning("worker slot=%d pid=%d closed its channel; waiting for it to exit", w.slot, w.pid)
         self.on_capacity()
 
     def _on_exit(self, w: WorkerProcess) -> None:
-        """Reap a worker and decide what its slot needs next."""
+        """Reap a worker: read what it left on its channel, drop its record, remember what its slot needs."""
         if w.proc.poll() is None:
             return
+        self.loop.remove_reader(w.exit_fd)
+        os.close(w.exit_fd)
+        self._read_channel(w)  # its last refusals and final heartbeat, before evicting and folding
+        self._close_channel(w)
+        was, code, slot = w.phase, w.proc.returncode, w.slot
         w.exited = True
-        self.loop.remove_reader(w.pidfd)
-        os.close(w.pidfd)
-        if w.channel.fileno() >= 0:
-            self._on_channel(w)  # take its last refusals before evicting: they tell taken fds from refused
-            self._channel_closed(w)
-        code = w.proc.returncode
+        w.phase = Phase.EXITED
+        del self.table[w.pid]
         if not w.ready.done():
             w.ready.set_exception(BootError(f"worker exited with {describe_exit(code)} before it was ready"))
             w.ready.exception()
         for hook in self.on_exit_hooks:
-            hook(w)
-        slot = w.slot
-        if w in self.retiring:
-            self.retiring.discard(w)
-            log.info("worker slot=%d pid=%d exited (%s)", slot, w.pid, w.reason)
-        elif self.replacing.get(slot) is w:
-            del self.replacing[slot]
-        elif slot < len(self.slots) and self.slots[slot] is w:
-            self._seat(slot, None)
-            if not self.stopping:
-                reason = w.reason or "crash"
-                self.restarts[(slot, reason)] += 1
-                uptime = time.monotonic() - w.started
-                delay = self.backoffs.setdefault(slot, Backoff()).failure(uptime)
-                log.warning("worker slot=%d pid=%d died (%s, %s); respawning in %.2fs",
-                            slot, w.pid, reason, describe_exit(code), delay)
-                self._respawns[slot] = self.loop.call_later(delay, self._respawn, slot)
-        if not self.processes():
+            try:
+                hook(w)
+            except Exception:
+                log.exception("exit hook failed for worker slot=%d pid=%d", slot, w.pid)
+        if was is Phase.DRAINING or w.reason in DISMISSED or self.stopping:
+            how = w.reason or "stopped"
+            log.info("worker slot=%d pid=%d exited (%s)", slot, w.pid, how if code == 0 else f"{how}, {describe_exit(code)}")
+        elif was is Phase.BOOTING:
+            self._boot_failed(w, code)
+        else:
+            reason = w.reason or "crash"
+            self.restarts[(slot, reason)] += 1
+            delay = self._back_off(slot, self.clock() - w.started)
+            log.warning("worker slot=%d pid=%d died (%s, %s); respawning in %.2fs",
+                        slot, w.pid, reason, describe_exit(code), delay)
+        if not self.table:
             self._all_gone.set()
+        self.changed()
 
-    def _seat(self, slot: int, w: WorkerProcess | None) -> None:
-        """Make w the worker serving slot (None: empty), for the supervisor and the dispatcher alike."""
-        self.slots[slot] = w
-        self.dispatcher.set_route(slot, w.route if w is not None else None)
+    def _boot_failed(self, w: WorkerProcess, code: int | None) -> None:
+        """A worker died before READY: a failed replacement stops its reload; an empty slot backs off."""
+        if not self.started_up:
+            return  # start() reports it
+        old = self.serving(w.slot)
+        delay = self._back_off(w.slot, 0.0)
+        if old is not None:
+            if w.generation > old.generation:
+                self.failed_generation = w.generation
+                log.error("replacement for slot=%d failed (%s); reload stopped at slot=%d; old workers keep serving",
+                          w.slot, describe_exit(code), w.slot)
+            else:
+                log.error("replacement for slot=%d failed (%s); keeping the old worker, retrying in %.2fs",
+                          w.slot, describe_exit(code), delay)
+        else:
+            log.warning("worker slot=%d pid=%d exited before it was ready (%s); respawning in %.2fs",
+                        w.slot, w.pid, describe_exit(code), delay)
 
-    def _respawn(self, slot: int) -> None:
-        """Start a new worker in an empty slot; when the system cannot start one now, retry later."""
-        self._respawns.pop(slot, None)
-        if self.stopping or slot >= self.target or self.slots[slot] is not None:
+    def _back_off(self, slot: int, uptime: float) -> float:
+        """Record a failure of slot; its next worker waits the returned delay."""
+        delay = self.backoffs.setdefault(slot, Backoff()).failure(uptime)
+        self.not_before[slot] = self.clock() + delay
+        return delay
+
+    # ---- reconcile ----------------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """Something in the table changed: reconcile now (once, however deeply this is re-entered)."""
+        if self._reconciling:
+            self._again = True
+            return
+        self._reconciling = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self.reconcile()
+        finally:
+            self._reconciling = False
+        self.dispatcher.set_links([w.link for w in self.records()])
+        self.on_capacity()
+
+    def reconcile(self) -> None:
+        """Move the real pool one step toward the desired one: size `target`, every slot at `generation`."""
+        if self.stopping:
+            for w in self.records():
+                if w.phase is Phase.READY:
+                    self.drain(w, "shutdown")
+                elif w.phase is Phase.BOOTING and not w.kill_at:
+                    self._dismiss(w, "shutdown", signal.SIGTERM)
+            self._settle_reloads()
+            return
+        if not self.started_up:
+            return  # start() boots the first workers and reports their failure itself
+        now = self.clock()
+        by_slot: dict[int, list[WorkerProcess]] = {}
+        for w in self.records():
+            by_slot.setdefault(w.slot, []).append(w)
+        replacing = False
+        candidates = []
+        for slot, recs in by_slot.items():
+            if slot >= self.target:
+                for w in recs:
+                    if w.phase is Phase.READY:
+                        self.drain(w, "scale")
+                    elif w.phase is Phase.BOOTING and not w.kill_at:
+                        self._dismiss(w, "scale", signal.SIGKILL)
+                continue
+            ready = [w for w in recs if w.phase is Phase.READY]
+            for old in ready[:-1]:  # a replacement is ready: only now may its predecessor drain
+                reason = "reload" if old.generation < ready[-1].generation else "recycle"
+                self.restarts[(slot, reason)] += 1
+                self.drain(old, reason)
+            if ready and any(w.phase is Phase.BOOTING for w in recs):
+                replacing = True
+        for slot in range(self.target):
+            recs = by_slot.get(slot, ())
+            current = self.serving(slot)
+            if any(w.phase is Phase.BOOTING for w in recs):
+                continue
+            if current is None:
+                self._start_when_allowed(slot, now)
+            elif self._outdated(current):
+                candidates.append(slot)
+        if candidates and not replacing:  # one replacement at a time: the others keep serving meanwhile
+            self._start_when_allowed(candidates[0], now)
+        for slot in [s for s in self.not_before if s >= self.target]:
+            del self.not_before[slot]
+        self._settle_reloads()
+
+    def _start_when_allowed(self, slot: int, now: float) -> None:
+        """Spawn for slot unless its back-off says wait (then wake up when it ends)."""
+        at = self.not_before.get(slot, 0.0)
+        if now < at:
+            self._wake_at(at)
             return
         try:
-            w = self.spawn_worker(slot)
-        except OSError as exc:  # out of fds or processes (EMFILE, ENFILE, EAGAIN, ENOMEM): not the backend's fault
-            delay = self.backoffs.setdefault(slot, Backoff()).failure(0.0)
+            self.spawn_worker(slot)
+        except OSError as exc:  # out of fds or processes: not the backend's fault
+            delay = self._back_off(slot, 0.0)
             log.error("cannot start a worker for slot=%d (%s); retrying in %.2fs", slot, exc, delay)
-            self._respawns[slot] = self.loop.call_later(delay, self._respawn, slot)
-            return
-        self._seat(slot, w)
+            self._wake_at(self.not_before[slot])
 
-    # ---- start, replace, scale --------------------------------------------------------------
+    def _wake_at(self, when: float) -> None:
+        """Reconcile again at `when` (the tick would too, later)."""
+        delay = max(0.0, when - self.clock())
+        if self._wakeup is not None:
+            if self._wakeup.when() <= self.loop.time() + delay:
+                return
+            self._wakeup.cancel()
+        self._wakeup = self.loop.call_later(delay, self._woken)
+
+    def _woken(self) -> None:
+        self._wakeup = None
+        self.changed()
+
+    def _settle_reloads(self) -> None:
+        """Answer the reload requests that have finished or failed."""
+        if not self._reload_waiters:
+            return
+        serving = self.slots
+        done_to = min((w.generation for w in serving if w is not None), default=-1)
+        full = all(w is not None and not w.recycle for w in serving)
+        keep = []
+        for generation, future in self._reload_waiters:
+            if future.done():
+                continue
+            if self.stopping or self.failed_generation >= generation:
+                future.set_result(False)
+            elif full and done_to >= generation:
+                log.info("rolling reload done (generation %d)", self.generation)
+                future.set_result(True)
+            else:
+                keep.append((generation, future))
+        self._reload_waiters = keep
+
+    # ---- start, reload, scale -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Spawn every slot and wait until all are ready; BootError if any cannot boot."""
         for slot in range(self.target):
             try:
-                w = self.spawn_worker(slot)
+                self.spawn_worker(slot)
             except OSError as exc:
                 raise BootError(f"cannot start a worker: {exc}") from None
-            self._seat(slot, w)
-        waiters = [w.ready for w in self.slots if w is not None]
+        waiters = [w.ready for w in self.records()]
         # asyncio.wait, not gather: cancelled by a signal during boot, gather would cancel the workers' ready
         # futures and leave its own outcome unretrieved (logged as an error at shutdown).
         done, pending = await asyncio.wait(waiters, timeout=self.config.boot_timeout,
@@ -198,164 +374,113 @@ class Supervisor:
             ready.result()  # a BootError: the first worker that could not boot
         if pending:
             raise BootError(f"workers not ready within --boot-timeout {self.config.boot_timeout:g}s")
+        self.started_up = True
+        self.changed()
 
-    async def replace(self, slot: int, reason: str) -> bool:
-        """Start a replacement for slot, wait until ready, then drain the old worker."""
-        if self.stopping or slot in self.replacing or slot >= self.target:
-            return False
-        try:
-            new = self.spawn_worker(slot)
-        except OSError as exc:
-            log.error("cannot start a replacement for slot=%d (%s); keeping the old worker", slot, exc)
-            return False
-        self.replacing[slot] = new
-        try:
-            await asyncio.wait_for(asyncio.shield(new.ready), self.config.boot_timeout)
-        except (BootError, asyncio.TimeoutError) as exc:
-            if self.stopping:
-                return False  # shutdown interrupted the reload: nothing failed
-            log.error("replacement for slot=%d failed (%s); keeping the old worker",
-                      slot, exc or "not ready within --boot-timeout")
-            self._kill_now(new)
-            return False
-        if self.replacing.get(slot) is not new:
-            return False
-        del self.replacing[slot]
-        old = self.slots[slot]
-        self._seat(slot, new)
-        self.on_capacity()
-        if old is not None:
-            self.restarts[(slot, reason)] += 1
-            self.drain(old, reason)
-        return True
+    def request_reload(self) -> asyncio.Future:
+        """Ask for every slot to run fresh code; the future says True when all do, False if the reload stopped.
 
-    async def rolling_reload(self) -> bool:
-        """Replace every slot one at a time; stop at the first replacement that cannot boot."""
-        if self.reloading:
-            log.info("reload already in progress")
-            return False
-        self.reloading = True
-        try:
-            log.info("rolling reload of %d workers", self.target)
-            for slot in range(self.target):
-                if self.slots[slot] is None:
-                    continue  # respawning anyway, with fresh code
-                if not await self.replace(slot, "reload"):
-                    if self.stopping:
-                        log.info("reload stopped at slot=%d: shutting down", slot)
-                    else:
-                        log.error("reload stopped at slot=%d; old workers keep serving", slot)
-                    return False
-            log.info("rolling reload done")
-            return True
-        finally:
-            self.reloading = False
+        Asked during a reload, it raises the wanted generation: the running pass continues to it, and slots it
+        already replaced are replaced once more, so every worker ends up on code read after the last ask.
+        """
+        future = self.loop.create_future()
+        if self.stopping:
+            future.set_result(False)
+            return future
+        self.generation += 1
+        self._reload_waiters.append((self.generation, future))
+        log.info("rolling reload of %d workers (generation %d)", self.target, self.generation)
+        self.changed()
+        return future
 
     def scale(self, n: int) -> None:
         """Grow or shrink to n workers at runtime."""
-        if n < 1 or self.stopping:
+        if n < 1 or self.stopping or n == self.target:
             return
-        old = self.target
-        self.target = n
-        if n > old:
-            self.slots.extend([None] * (n - old))
-            for slot in range(old, n):
-                self._respawn(slot)
-        else:
-            for slot in range(n, old):
-                w = self.slots[slot]
-                if slot in self._respawns:
-                    self._respawns.pop(slot).cancel()
-                if w is not None:
-                    self.drain(w, "scale")
-                if slot in self.replacing:
-                    self._kill_now(self.replacing.pop(slot))
-            del self.slots[n:]
-            self.dispatcher.truncate(n)
-        log.info("scaled from %d to %d workers", old, n)
+        old, self.target = self.target, n
+        log.info("scaling from %d to %d workers", old, n)
+        self.changed()
 
     def drain(self, w: WorkerProcess, reason: str) -> None:
         """Stop giving w connections and tell it to finish in-flight requests and exit."""
-        if w.slot < len(self.slots) and self.slots[w.slot] is w:
-            self.slots[w.slot] = None
         w.reason = w.reason or reason
-        w.route.state = State.DRAINING
-        self.retiring.add(w)
-        w.kill_at = time.monotonic() + self.config.graceful_timeout + KILL_GRACE
+        w.phase = Phase.DRAINING
+        w.kill_at = self.clock() + self.config.graceful_timeout + KILL_GRACE
+        if w.channel.fileno() < 0:
+            w.signal(signal.SIGTERM)
+            return
         try:
             wire.send_fds(w.channel, bytes((wire.DRAIN,)), [])
-        except OSError:
-            w.signal(signal.SIGTERM)  # channel full or gone: the signal does the same
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                w.signal(signal.SIGTERM)  # channel full or short of memory: the signal does the same
 
-    def _kill_now(self, w: WorkerProcess) -> None:
-        """Kill a worker that never served (failed replacement)."""
-        if self.replacing.get(w.slot) is w:
-            del self.replacing[w.slot]
-        w.reason = w.reason or "failed"
-        w.route.state = State.DRAINING
-        self.retiring.add(w)
-        w.signal(signal.SIGKILL)
+    def _dismiss(self, w: WorkerProcess, reason: str, signum: int) -> None:
+        """End a worker that never served (scaled away or shutting down while it boots)."""
+        w.reason = reason
+        w.kill_at = self.clock() + KILL_GRACE
+        w.signal(signum)
 
     # ---- periodic checks ----------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Heartbeat and boot deadlines, kill deadlines for draining workers, memory recycling."""
-        now = time.monotonic()
-        for w in self.processes():
+        """Heartbeat and boot deadlines, kill deadlines, memory recycling, then reconcile."""
+        now = self.clock()
+        for w in self.records():
             if w.kill_at and now >= w.kill_at:
                 log.warning("worker slot=%d pid=%d did not exit in time; SIGKILL", w.slot, w.pid)
                 w.signal(signal.SIGKILL)
                 w.kill_at = now + 60  # don't repeat every tick while the kernel reaps it
             elif w.kill_at:
                 continue
-            elif w.route.state is State.READY and now - w.last_beat > self.config.timeout:
+            elif w.phase is Phase.READY and now - w.last_beat > self.config.timeout:
                 log.error("worker slot=%d pid=%d sent no heartbeat for %.1fs (--timeout %g); aborting it",
                           w.slot, w.pid, now - w.last_beat, self.config.timeout)
                 self._abort(w, "timeout")
-            elif w.route.state is State.BOOTING and now - w.started > self.config.boot_timeout:
+            elif w.phase is Phase.BOOTING and now - w.started > self.config.boot_timeout:
                 log.error("worker slot=%d pid=%d not ready within --boot-timeout; killing it", w.slot, w.pid)
-                self._abort(w, "timeout")
+                w.reason = "timeout"
+                w.kill_at = now + KILL_GRACE
+                w.signal(signal.SIGKILL)
         if self.config.max_memory and not self.stopping:
             limit = self.config.max_memory * 1024 * 1024
-            for w in list(self.slots):
-                if w is not None and w.route.state is State.READY and w.slot not in self.replacing:
-                    if rss_bytes(w.pid) > limit:
-                        log.warning("worker slot=%d pid=%d passed --max-memory %d MiB; recycling",
-                                    w.slot, w.pid, self.config.max_memory)
-                        self.loop.create_task(self.replace(w.slot, "recycle"))
+            for w in self.records():
+                if w.phase is Phase.READY and not w.recycle and rss_bytes(w.pid) > limit:
+                    log.warning("worker slot=%d pid=%d passed --max-memory %d MiB; recycling",
+                                w.slot, w.pid, self.config.max_memory)
+                    w.recycle = True
+        self.changed()
 
     def _abort(self, w: WorkerProcess, reason: str) -> None:
-        """SIGABRT now (a traceback-worthy death), SIGKILL if that does not do it."""
+        """SIGABRT now (a traceback-worthy death), SIGKILL if that does not do it; its slot is refilled at once."""
         w.reason = reason
-        w.route.state = State.DRAINING  # its unacked fds are re-dispatched when it is reaped
-        w.kill_at = time.monotonic() + KILL_GRACE
+        w.phase = Phase.DRAINING  # its unacked fds are re-dispatched once its channel is read to the end
+        self.restarts[(w.slot, reason)] += 1
+        w.kill_at = self.clock() + KILL_GRACE
         w.signal(signal.SIGABRT)
 
     # ---- shutdown ---------------------------------------------------------------------------
 
     def kill_all(self) -> None:
         """SIGKILL every worker now (past the shutdown deadline, or a second stop signal)."""
-        for w in self.processes():
+        for w in self.records():
             w.signal(signal.SIGKILL)
 
     async def shutdown(self) -> None:
         """Drain every worker and wait for all to exit; SIGKILL the ones past the deadline."""
         self.stopping = True
-        for handle in self._respawns.values():
-            handle.cancel()
-        self._respawns.clear()
-        for w in self.processes():
-            if w.route.state is State.BOOTING or w in self.replacing.values():
-                w.reason = "shutdown"
-                w.signal(signal.SIGTERM)
-                w.kill_at = time.monotonic() + KILL_GRACE
-            elif w not in self.retiring:
-                self.drain(w, "shutdown")
-        if not self.processes():
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        self.changed()
+        if not self.table:
             return
         deadline = self.config.graceful_timeout + 2 * KILL_GRACE + 1
         try:
             await asyncio.wait_for(self._all_gone.wait(), deadline)
         except asyncio.TimeoutError:
             self.kill_all()
-            await asyncio.wait_for(self._all_gone.wait(), 5)
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), 5)
+            except asyncio.TimeoutError:
+                log.error("workers %s did not exit after SIGKILL", sorted(self.table))

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer import wire
-from balancer.dispatch import State
+from balancer.dispatch import Phase
 from balancer.metrics import MetricsServer
 from tests.harness import Balancer
 from workers.stats import BUCKETS, RequestStats
@@ -220,8 +220,8 @@ def test_kill_9_under_load_counters_never_go_back_and_crash_is_counted():
 class FakeWorker:
     def __init__(self, slot: int, pid: int, requests: int, dispatched: int, metrics=None) -> None:
         self.slot, self.pid, self.exited, self.started_wall = slot, pid, False, time.time()
-        self.route = type("Route", (), {})()
-        self.route.state, self.route.open_conns, self.route.dispatched = State.READY, 2, dispatched
+        self.link = type("Link", (), {})()
+        self.phase, self.link.open_conns, self.link.dispatched = Phase.READY, 2, dispatched
         buckets = [0] * (len(BUCKETS) + 1)
         buckets[0] = requests
         self.stats = {"requests": [["GET", 200, requests]], "buckets": buckets, "sum": 0.001 * requests,
@@ -305,10 +305,10 @@ def test_readyz_healthz_and_the_log_line(caplog):
                 assert await status("/healthz") == 200
                 assert await status("/readyz") == 503  # no worker at all
                 w = FakeWorker(0, os.getpid(), 1, 1)
-                w.route.state = State.BOOTING
+                w.phase = Phase.BOOTING
                 master.supervisor.live = [w]
                 assert await status("/readyz") == 503
-                w.route.state = State.READY
+                w.phase = Phase.READY
                 assert await status("/readyz") == 200
                 master.stopping = True
                 assert await status("/readyz") == 503

@@ -13,19 +13,19 @@ from balancer import board, wire
 from balancer.backoff import Backoff
 from balancer.cli import build_parser, parse_config
 from balancer.config import Config, ConfigError, parse_bind
-from balancer.dispatch import Dispatcher, Route, State
+from balancer.dispatch import Dispatcher, Link, Phase
 
 
-def ready_routes(d: Dispatcher, n: int) -> list[Route]:
-    """n READY routes whose channels are real socketpairs (drained by the caller if needed)."""
+def ready_routes(d: Dispatcher, n: int) -> list[Link]:
+    """n READY links whose channels are real socketpairs (drained by the caller if needed)."""
     routes = []
     for slot in range(n):
         master_end, worker_end = wire.channel_pair()
-        r = Route(slot, master_end)
+        r = Link(slot, master_end)
         r.peer = worker_end
-        r.state = State.READY
-        d.set_route(slot, r)
+        r.phase = Phase.READY
         routes.append(r)
+    d.set_links(list(routes))
     return routes
 
 
@@ -39,7 +39,7 @@ def release_all(d: Dispatcher, routes) -> None:
     """Take every fd the dispatcher holds back, close them, and close the routes' channels."""
     for r in routes:
         d.evict(r)
-        d.set_route(r.slot, None)
+    d.set_links([])
     d.close_homeless()
     close_routes(routes)
 
@@ -51,7 +51,7 @@ def test_round_robin_order():
     close_routes(routes)
 
 
-def open_on(d: Dispatcher, *loads: int) -> list[Route]:
+def open_on(d: Dispatcher, *loads: int) -> list[Link]:
     """READY routes with these many connections open."""
     routes = ready_routes(d, len(loads))
     for r, load in zip(routes, loads):
@@ -76,7 +76,7 @@ def test_a_batch_fills_the_least_loaded_workers_up_to_the_others():
     release_all(d, routes)
 
 
-@pytest.mark.parametrize("skip", ["busy", "draining", "dead", "booting", "blocked", "stalled", "empty"])
+@pytest.mark.parametrize("skip", ["busy", "draining", "lost", "booting", "blocked", "overdue", "resting", "gone"])
 def test_pick_skips_unavailable(skip):
     d = Dispatcher(cap=2)
     routes = ready_routes(d, 3)
@@ -84,21 +84,23 @@ def test_pick_skips_unavailable(skip):
     if skip == "busy":
         r.open_conns = 2
     elif skip == "draining":
-        r.state = State.DRAINING
-    elif skip == "dead":
-        r.state = State.DEAD
+        r.phase = Phase.DRAINING
+    elif skip == "lost":
+        r.channel_lost = True
     elif skip == "booting":
-        r.state = State.BOOTING
+        r.phase = Phase.BOOTING
+    elif skip == "resting":
+        r.resting = True
     elif skip == "blocked":
         r.send_blocked = True
-    elif skip == "stalled":
+    elif skip == "overdue":
         r.unacked = {1: (-1, socket.AF_INET)}
         r.ack_progress = 100.0
-        d.mark_stalled(now=100.4, after=0.5)
+        d.mark_overdue(now=100.4, after=0.5)
         assert d.eligible(r)
-        d.mark_stalled(now=100.6, after=0.5)
+        d.mark_overdue(now=100.6, after=0.5)
     else:
-        d.set_route(1, None)
+        d.set_links([routes[0], routes[2]])
     assert [d.pick().slot for _ in range(4)] == [0, 2, 0, 2]
     close_routes(routes)
 
@@ -110,7 +112,7 @@ def test_all_busy_needs_every_ready_worker_at_the_threshold():
     try:
         routes[0].open_conns, routes[1].open_conns, routes[2].open_conns = 5, 2, 9
         assert d.all_busy(2) and not d.all_busy(3)
-        routes[1].state = State.DRAINING  # only ready workers count
+        routes[1].phase = Phase.DRAINING  # only ready workers count
         assert d.all_busy(5) and not d.all_busy(6)
     finally:
         close_routes(routes)
@@ -153,13 +155,13 @@ def test_refuse_and_evict_redispatch_elsewhere():
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
     d.dispatch([(fd, socket.AF_INET) for fd in fds])
     assert [len(r.unacked) for r in routes] == [2, 2]
-    routes[0].state = State.DRAINING
+    routes[0].phase = Phase.DRAINING
     d.on_refuse(routes[0], list(routes[0].unacked))
     assert len(routes[1].unacked) == 4 and d.redispatched == 2
-    routes[0].state = State.READY
-    d.mark_stalled(time.monotonic(), 0.5)  # the tick ends the rest a refusal earns
-    assert not routes[0].stalled
-    routes[1].state = State.DEAD
+    routes[0].phase = Phase.READY
+    d.mark_overdue(time.monotonic(), 0.5)  # the tick ends the rest a refusal earns
+    assert not routes[0].resting
+    routes[1].channel_lost = True
     d.evict(routes[1])
     assert len(routes[0].unacked) == 4 and d.redispatched == 6
     routes[0].board[board.HANDLED] = board.pack(routes[0].sent_msgs, 1)  # the first message was the refused one
@@ -189,9 +191,9 @@ def test_board_acks_wait_for_the_refusal_they_cover():
     # The worker refused message 1 and took message 2; the board says so before its REFUSE is read.
     r.board[board.HANDLED] = board.pack(2, 1)
     d.collect(r)
-    assert len(r.unacked) == 2 and fd_is_open(second) and r.taken == 0  # cannot tell which was refused yet
+    assert len(r.unacked) == 2 and fd_is_open(second) and r.acked_total == 0  # cannot tell which was refused yet
     d.on_refuse(r, refused_ids)  # reading the REFUSE collects again
-    assert r.taken == 1 and not fd_is_open(second) and list(r.unacked) == []
+    assert r.acked_total == 1 and not fd_is_open(second) and list(r.unacked) == []
     assert first[0] in [fd for fd, _ in routes[1].unacked.values()]  # the refused fd went to the other worker
     r.board[board.CLOSED] = 1
     d.collect(r)
@@ -203,14 +205,14 @@ def test_evict_redispatches_only_what_the_board_does_not_ack():
     d = Dispatcher(cap=10)
     routes = ready_routes(d, 2)
     r, other = routes
-    other.state = State.DRAINING  # everything goes to r first
+    other.phase = Phase.DRAINING  # everything goes to r first
     taken = os.open("/dev/null", os.O_RDONLY)
     waiting = os.open("/dev/null", os.O_RDONLY)
     d.dispatch([(taken, socket.AF_INET)])
     d.dispatch([(waiting, socket.AF_INET)])
     r.board[board.HANDLED] = board.pack(1, 0)  # it took message 1, then died before handling message 2
-    r.state = State.DEAD
-    other.state = State.READY
+    r.channel_lost = True
+    other.phase = Phase.READY
     assert d.evict(r) == 1  # the count the master logs: read after the board, so only the untaken one
     assert not fd_is_open(taken)  # its client went with the dead worker; no second worker sees it
     assert [fd for fd, _ in other.unacked.values()] == [waiting] and d.redispatched == 1
@@ -244,7 +246,7 @@ def test_refusing_worker_rests_until_the_tick_so_fds_do_not_bounce():
     d.on_refuse(routes[1], list(routes[1].unacked))
     assert len(d.homeless) == 2 and not routes[0].unacked and not routes[1].unacked
     assert d.redispatched == 3 and d.free_capacity() == 0
-    d.mark_stalled(time.monotonic(), 0.5)
+    d.mark_overdue(time.monotonic(), 0.5)
     assert d.free_capacity() == 20
     d.retry_homeless()
     assert not d.homeless and [len(r.unacked) for r in routes] == [1, 1]
