@@ -120,7 +120,10 @@ class ControlServer:
             return {"ok": False, "error": "the master is starting or stopping"}
         if cmd == "reload":
             ok = await sup.request_reload()
-            return {"ok": ok, **({} if ok else {"error": "reload failed or already running; see the master's log"})}
+            if ok:
+                return {"ok": True}
+            return {"ok": False, "error": "reload stopped: a replacement could not boot, or the master is stopping; "
+                                          "see its log"}
         if cmd == "scale":
             n = request.get("n")
             if not isinstance(n, int) or n < 1:

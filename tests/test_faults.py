@@ -1,0 +1,234 @@
+"""Supervisor fault paths on the real CLI: failed and hung replacements, reloads during reloads, scaling mid-reload."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from balancer import dispatch, wire
+from balancer.config import Config
+from balancer.dispatch import Dispatcher, Link, Phase
+from tests.harness import Balancer, pid_alive
+from tests.test_integration import fetch, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+# The app reads its behaviour from files beside it at import, so a test changes "the deployed code" by writing
+# them: version.txt is what it answers, boot.txt what its import does ("ok", "exit", "sleep S", "sleep-slot N S").
+EDITABLE = '''
+import os, time
+from pathlib import Path
+from aiohttp import web
+HERE = Path(__file__).parent
+VERSION = (HERE / "version.txt").read_text().strip()
+BOOT = (HERE / "boot.txt").read_text().split()
+SLOT = os.environ.get("BALANCER_WORKER_SLOT")
+if BOOT[0] == "exit":
+    os._exit(7)
+if BOOT[0] == "sleep":
+    time.sleep(float(BOOT[1]))
+if BOOT[0] == "sleep-slot" and SLOT == BOOT[1]:
+    time.sleep(float(BOOT[2]))
+async def handler(request):
+    return web.Response(text=VERSION, headers={"X-Worker-Pid": str(os.getpid()), "X-Worker-Slot": SLOT})
+'''
+
+
+def deploy(tmp_path: Path, version: str, boot: str = "ok") -> None:
+    (tmp_path / "version.txt").write_text(version)
+    (tmp_path / "boot.txt").write_text(boot)
+    (tmp_path / "editable.py").write_text(EDITABLE)
+
+
+def editable(tmp_path: Path, *args: str) -> Balancer:
+    return Balancer("--app-dir", str(tmp_path), "--backend", "editable:handler",
+                    "--control-socket", str(tmp_path / "ctl.sock"), "--pid-file", str(tmp_path / "master.pid"),
+                    *args)
+
+
+def status(tmp_path: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "balancer", "status", "--control-socket", str(tmp_path / "ctl.sock"),
+                        "--json"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def stop_promptly(b: Balancer, tmp_path: Path, within: float) -> None:
+    """SIGTERM: exit 0 within `within` seconds, leaving no worker, control socket or pid file behind."""
+    workers = b.worker_pids()
+    started = time.monotonic()
+    b.signal(signal.SIGTERM)
+    assert b.wait(within + 5) == 0, b.log()
+    took = time.monotonic() - started
+    assert took < within, f"shutdown took {took:.1f}s"
+    assert not (tmp_path / "ctl.sock").exists() and not (tmp_path / "master.pid").exists()
+    assert not [pid for pid in workers if pid_alive(pid)]
+    assert "Traceback" not in b.log() and "never retrieved" not in b.log(), b.log()
+
+
+def test_replacement_dying_at_import_leaves_no_phantom_and_shutdown_is_prompt(tmp_path):
+    deploy(tmp_path, "v1")
+    with editable(tmp_path, "--workers", "2") as b:
+        old = sorted(b.worker_pids())
+        deploy(tmp_path, "v2", "exit")  # os._exit at import: no BOOT_ERROR message, just a dead process
+        mark = b.mark()
+        b.signal(signal.SIGHUP)
+        b.wait_for(r"replacement for slot=0 failed \(exit code 7\); reload stopped", 30, start=mark)
+        wait_until(lambda: sorted(b.worker_pids()) == old, 10, "the failed replacement to be reaped")
+        s = status(tmp_path)
+        assert sorted((w["pid"], w["state"]) for w in s["workers"]) == [(pid, "ready") for pid in old]
+        assert fetch(b).body == b"v1"
+        stop_promptly(b, tmp_path, within=5)  # the phantom made this wait graceful + 5 s and exit 1
+
+
+def test_scale_down_while_a_slot_is_being_replaced(tmp_path):
+    deploy(tmp_path, "v1")
+    with editable(tmp_path, "--workers", "2", "--log-level", "debug") as b:
+        deploy(tmp_path, "v2", "sleep-slot 1 60")  # slot 0's replacement boots, slot 1's hangs at import
+        mark = b.mark()
+        b.signal(signal.SIGHUP)
+        hung = int(b.wait_for(r"spawned worker slot=1 pid=(\d+) generation=1", 30, start=mark).group(1))
+        mark = b.mark()
+        b.signal(signal.SIGTTOU)
+        b.wait_for(r"worker slot=1 pid=\d+ exited \(scale\)", 20, start=mark)
+        wait_until(lambda: not pid_alive(hung), 10, "the booting replacement of slot 1 to be dismissed")
+        wait_until(lambda: [w["slot"] for w in status(tmp_path)["workers"]] == [0], 10, "one worker left")
+        assert {fetch(b).body for _ in range(3)} == {b"v2"}
+        assert "IndexError" not in b.log()
+        stop_promptly(b, tmp_path, within=5)
+
+
+def test_reload_during_a_reload_ends_with_every_worker_on_the_newest_code(tmp_path):
+    deploy(tmp_path, "v1")
+    with editable(tmp_path, "--workers", "2", "--log-level", "debug") as b:
+        deploy(tmp_path, "v2", "sleep 1")
+        mark = b.mark()
+        b.signal(signal.SIGHUP)
+        b.wait_for(r"worker slot=0 pid=\d+ exited \(reload\)", 30, start=mark)  # slot 0 now runs v2
+        deploy(tmp_path, "v3", "sleep 1")
+        b.signal(signal.SIGHUP)  # during the first pass: it must not be dropped
+        b.wait_for(r"rolling reload done \(generation 2\)", 60, start=mark)
+        wait_until(lambda: len(b.worker_pids()) == 2, 20, "replaced workers to exit")
+        s = status(tmp_path)
+        assert [(w["slot"], w["generation"], w["state"]) for w in s["workers"]] == [(0, 2, "ready"), (1, 2, "ready")]
+        assert {fetch(b).body for _ in range(6)} == {b"v3"}
+        assert "already in progress" not in b.log()
+
+
+def test_old_worker_serves_until_its_replacement_is_ready(tmp_path):
+    deploy(tmp_path, "v1")
+    with editable(tmp_path, "--workers", "1", "--log-level", "debug") as b:
+        old = b.worker_pids()[0]
+        deploy(tmp_path, "v2", "sleep 3")
+        mark = b.mark()
+        b.signal(signal.SIGHUP)
+        new = int(b.wait_for(r"spawned worker slot=0 pid=(\d+) generation=1", 30, start=mark).group(1))
+        started = time.monotonic()
+        resp = fetch(b, timeout=10)  # while the replacement sleeps in its import
+        assert resp.getheader("X-Worker-Pid") == str(old) and resp.body == b"v1"
+        assert time.monotonic() - started < 2.5
+        assert f"worker slot=0 pid={new} ready" not in b.log()
+        b.wait_for(rf"worker slot=0 pid={new} ready", 30, start=mark)
+        b.wait_for(rf"worker slot=0 pid={old} exited \(reload\)", 30, start=mark)
+        assert fetch(b).body == b"v2"
+
+
+def test_control_reload_during_a_reload_reports_done(tmp_path):
+    deploy(tmp_path, "v1")
+    with editable(tmp_path, "--workers", "2") as b:
+        deploy(tmp_path, "v2", "sleep 1")
+        cmd = [sys.executable, "-m", "balancer", "reload", "--control-socket", str(tmp_path / "ctl.sock")]
+        first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        b.wait_for(r"rolling reload of 2 workers \(generation 1\)", 30)
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        out, err = first.communicate(timeout=60)
+        assert (first.returncode, out.strip()) == (0, "reloaded"), err
+        assert (second.returncode, second.stdout.strip()) == (0, "reloaded"), second.stderr
+        assert {w["generation"] for w in status(tmp_path)["workers"]} == {2}
+
+
+# ---- the master's side of send errors, and ticks that survive their own exceptions -----------------------
+
+
+class FailingSend:
+    def __init__(self, err: int) -> None:
+        self.err = err
+
+    def __call__(self, channel, ids, families, fds):
+        raise OSError(self.err, os.strerror(self.err))
+
+
+@pytest.mark.parametrize("err,lost", [(errno.ENOBUFS, False), (errno.ENOMEM, False), (errno.EPIPE, True),
+                                      (errno.ECONNRESET, True)])
+def test_send_error_rests_or_loses_a_worker_and_its_fds_go_to_another(monkeypatch, err, lost):
+    d = Dispatcher(cap=10)
+    links = []
+    for slot in range(2):
+        master_end, worker_end = wire.channel_pair()
+        link = Link(slot, master_end)
+        link.peer, link.phase = worker_end, Phase.READY
+        links.append(link)
+    d.set_links(list(links))
+    real = dispatch.handoff.send_handoff
+    failing = FailingSend(err)
+    monkeypatch.setattr(dispatch.handoff, "send_handoff",
+                        lambda ch, *a: (failing if ch is links[0].channel else real)(ch, *a))
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        d.dispatch([(fd, socket.AF_INET)])
+        assert not links[0].unacked and [f for f, _ in links[1].unacked.values()] == [fd]
+        assert links[0].channel_lost is lost and links[0].resting is not lost
+        assert links[0].phase is Phase.READY  # the supervisor decides its fate, not a send
+        d.mark_overdue(time.monotonic(), 0.5)  # the tick ends a rest, never a lost channel
+        assert d.eligible(links[0]) is not lost
+    finally:
+        d.evict(links[1])
+        os.close(fd) if fd_open(fd) else None
+        for link in links:
+            link.channel.close()
+            link.peer.close()
+
+
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_a_failing_tick_step_does_not_stop_the_ticks(caplog):
+    from balancer.master import Master
+
+    async def scenario():
+        master = Master(Config(workers=1))
+        calls = {"boom": 0, "after": 0}
+        enough = asyncio.Event()
+
+        def boom():
+            calls["boom"] += 1
+            raise RuntimeError("collect failed")
+
+        def after():
+            calls["after"] += 1
+            if calls["after"] >= 3:
+                enough.set()
+
+        master._every_tick(boom, after)
+        await asyncio.wait_for(enough.wait(), 5)
+        master._tick.cancel()
+        return calls
+
+    calls = asyncio.run(scenario())
+    assert calls["boom"] >= 3 and calls["after"] >= 3
+    assert "periodic check" in caplog.text and "collect failed" in caplog.text
