@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -232,3 +233,52 @@ def test_a_failing_tick_step_does_not_stop_the_ticks(caplog):
     calls = asyncio.run(scenario())
     assert calls["boom"] >= 3 and calls["after"] >= 3
     assert "periodic check" in caplog.text and "collect failed" in caplog.text
+
+
+def test_sigstopped_worker_is_passed_over_then_aborted_and_its_connections_redispatched():
+    """The master alone finds the stopped worker: ack overdue, no heartbeat for --timeout, abort, re-dispatch."""
+    from tests.test_integration import APP
+
+    timeout = 2.0
+    with Balancer("--workers", "2", "--timeout", str(timeout), *APP) as b:
+        victim, other = b.worker_pids()
+        os.kill(victim, signal.SIGSTOP)  # this test never kills it: the master must
+        stopped_at = time.monotonic()
+        results: dict[int, object] = {}
+
+        def one(i: int) -> None:
+            try:
+                resp = fetch(b, f"/?n={i}", timeout=30)
+                results[i] = (resp.status, resp.getheader("X-Worker-Pid"), time.monotonic() - stopped_at)
+            except OSError as exc:
+                results[i] = repr(exc)
+
+        mark = b.mark()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+        for th in threads:
+            th.start()
+        wait_until(lambda: len(results) >= 5, 20, "the live worker's half")
+        early = dict(results)
+        assert len(early) < 10, "nothing went to the stopped worker"
+        parked = 10 - len(early)
+        # Once its acks are overdue the stopped worker is passed over: new clients are served at once.
+        time.sleep(0.6)
+        quick = time.monotonic()
+        resp = fetch(b, timeout=5)
+        assert resp.status == 200 and resp.getheader("X-Worker-Pid") == str(other)
+        assert time.monotonic() - quick < 1.0
+        b.wait_for(rf"worker slot=\d pid={victim} sent no heartbeat for [\d.]+s \(--timeout 2\); aborting it",
+                   timeout + 5, start=mark)
+        b.wait_for(rf"worker slot=\d pid={victim} did not exit in time; SIGKILL", 10, start=mark)
+        m = b.wait_for(rf"re-dispatched (\d+) unacknowledged connections of worker slot=\d pid={victim}", 10,
+                       start=mark)
+        assert int(m.group(1)) == parked
+        for th in threads:
+            th.join(20)
+        late = {i: r for i, r in results.items() if i not in early}
+        assert sorted(results) == list(range(10))
+        assert all(r[0] == 200 and r[1] != str(victim) for r in results.values()), results
+        # the parked ones waited for --timeout plus the SIGABRT grace, not for ever and not less
+        assert all(timeout <= r[2] < timeout + 2 + 3 for r in late.values()), late
+        assert not pid_alive(victim)
+        wait_until(lambda: len(b.worker_pids()) == 2, 20, "the slot to be refilled")
