@@ -26,11 +26,16 @@ def test_five_rolling_reloads_under_keepalive_load_lose_nothing():
         stop, results, t = run_load(b.url + "/", 32, new_conn=False)
         wait_until(lambda: len(results) > 500, 20, "load to start")
         for i in range(5):
+            before = slots_pids(b)
             mark = b.mark()
             b.signal(signal.SIGHUP)
             b.wait_for("rolling reload done", 30, start=mark)
+            wait_until(lambda: not before & slots_pids(b), 20, "the old workers to drain and exit")
             seen = len(results)
             wait_until(lambda: len(results) > seen + 200, 20, "requests after a reload")
+            # the traffic moved: the kept-alive clients reconnected to the new workers
+            served_by = {fetch(b).getheader("X-Worker-Pid") for _ in range(4)}
+            assert served_by <= {str(pid) for pid in slots_pids(b)} and len(served_by) == 2
         stop.set()
         t.join(20)
         failed = [r for r in results if not r[0]]
