@@ -77,12 +77,21 @@ accept_many(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(Ni)", fds, err);
 }
 
-/* Copy a list of ints into out[]; each must lie in [lo, hi]. */
+/* Copy the first n items of a list of ints into out[]; each must lie in [lo, hi].
+ * Converting an item may run Python code (__index__) that changes the list: each item is held while it is
+ * converted, and the length is checked again before every read. */
 static int
 ints_from_list(PyObject *list, const char *what, long long lo, long long hi, long long *out, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
-        long long v = PyLong_AsLongLong(PyList_GET_ITEM(list, i));
+        if (i >= PyList_GET_SIZE(list)) {
+            PyErr_Format(PyExc_ValueError, "the %s list changed size during the call", what);
+            return -1;
+        }
+        PyObject *item = PyList_GET_ITEM(list, i);
+        Py_INCREF(item);
+        long long v = PyLong_AsLongLong(item);
+        Py_DECREF(item);
         if (v == -1 && PyErr_Occurred())
             return -1;
         if (v < lo || v > hi) {
@@ -143,6 +152,11 @@ send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     memset(&control, 0, sizeof(control));
     if (ints_from_list(fds, "fd", 0, INT32_MAX, values, n) < 0)
         return NULL;
+    if (PyList_GET_SIZE(ids) != n || PyList_GET_SIZE(families) != n || PyList_GET_SIZE(fds) != n) {
+        /* a conversion above changed a list it had read already: what would go out is not what was asked */
+        PyErr_SetString(PyExc_ValueError, "ids, families or fds changed size during the call");
+        return NULL;
+    }
     struct iovec iov = {payload, (size_t)(HEADER + 5 * n)};
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
@@ -177,7 +191,8 @@ compare_ints(const void *a, const void *b)
 static int close_range_works = 1; /* cleared on the first ENOSYS: kernels before 5.9 */
 
 /* close_fds(fds): close every fd, ignoring ones already gone. Runs of consecutive numbers, the usual case
- * because the kernel hands out the lowest free fds, take one close_range call each. */
+ * because the kernel hands out the lowest free fds, take one close_range call each. A list that an
+ * __index__ shortens while it is read is closed up to where it ends, as the Python loop does. */
 static PyObject *
 close_fds(PyObject *module, PyObject *list)
 {
@@ -193,8 +208,11 @@ close_fds(PyObject *module, PyObject *list)
     if (fds == NULL)
         return PyErr_NoMemory();
     Py_ssize_t count = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PyList_GET_ITEM(list, i));
+    for (Py_ssize_t i = 0; i < n && i < PyList_GET_SIZE(list); i++) {
+        PyObject *item = PyList_GET_ITEM(list, i); /* held: converting it may drop the list's reference */
+        Py_INCREF(item);
+        long v = PyLong_AsLong(item);
+        Py_DECREF(item);
         if (v == -1 && PyErr_Occurred()) {
             if (fds != small)
                 PyMem_Free(fds);

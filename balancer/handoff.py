@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from operator import index
 
 from balancer import wire
 
@@ -27,6 +28,9 @@ def accept_many_py(sock: socket.socket, limit: int) -> tuple[list[int], int]:
 
 def send_handoff_py(channel: socket.socket, ids: list[int], families: list[int], fds: list[int]) -> None:
     """Send one hand-off message with its fds; BlockingIOError when the channel is full."""
+    # Convert first, check after: an __index__ may change the lists as they are read, and the message must
+    # carry exactly the ids, families and fds that were checked.
+    ids, families, fds = list(map(index, ids)), list(map(index, families)), list(map(index, fds))
     if not 1 <= len(ids) <= wire.MAX_FDS_PER_MSG or len(families) != len(ids) or len(fds) != len(ids):
         raise ValueError(f"a hand-off carries 1 to {wire.MAX_FDS_PER_MSG} fds with one id and family each")
     wire.send_fds(channel, wire.encode_handoff(ids, families), fds)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import subprocess
+import sys
 import types
 
 import pytest
@@ -150,3 +152,74 @@ def test_close_fds_closes_runs_and_gaps_and_nothing_else(impl):
         impl.close_fds([])
     finally:
         wire.close_all(sorted(keep))
+
+
+# Run in a child interpreter: a crash there fails the test instead of killing pytest.
+MUTATING_INDEX = r'''
+import os, socket, sys, types
+from balancer import handoff, wire
+
+if sys.argv[1] == "c":
+    from balancer import _speedups as impl
+else:
+    impl = types.SimpleNamespace(send_handoff=handoff.send_handoff_py, close_fds=handoff.close_fds_py)
+
+
+class Clears:
+    """An int-like whose conversion empties a list: the list's items vanish while C code may hold them."""
+
+    def __init__(self, value, victim):
+        self.value, self.victim = value, victim
+
+    def __index__(self):
+        self.victim.clear()
+        return self.value
+
+
+def nothing_sent(end):
+    try:
+        end.recv(16, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    return False
+
+
+master_end, worker_end = wire.channel_pair()
+files = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
+for target in ("ids", "families", "fds"):
+    ids, families, fds = [7, 8, 9], [socket.AF_INET] * 3, list(files)
+    lists = {"ids": ids, "families": families, "fds": fds}
+    ids[0] = Clears(7, lists[target])  # the first conversion empties one of the three lists
+    try:
+        impl.send_handoff(master_end, ids, families, fds)
+    except ValueError as exc:
+        print(f"{target}: refused: {exc}")
+    else:
+        print(f"{target}: sent")
+    assert nothing_sent(worker_end), target
+
+victim = list(files)
+victim[1] = Clears(files[1], victim)
+impl.close_fds(victim)  # closes what it read before the list emptied, as a Python loop would
+closed = []
+for fd in files:
+    try:
+        os.fstat(fd)
+    except OSError:
+        closed.append(fd)
+print("closed", closed == files[:2])
+'''
+
+
+@pytest.mark.parametrize("name", sorted(IMPLS))
+def test_an_index_that_empties_a_list_mid_call_is_refused_not_a_crash(name):
+    if IMPLS[name] is None:
+        pytest.skip("balancer._speedups is not built")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", MUTATING_INDEX, name], cwd=root, capture_output=True, text=True,
+                       timeout=20)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)  # -11: the master would have segfaulted
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["ids", "families", "fds"]
+    assert all(": refused:" in line for line in lines[:3]), lines
+    assert lines[3] == "closed True", lines
