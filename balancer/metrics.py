@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import platform
@@ -36,11 +37,27 @@ def read_proc(pid: int) -> tuple[float, int, int] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        fds = open_fd_count(pid)
     except (OSError, IndexError):
         return None
     # fields[0] is stat field 3 (state): utime is field 14, stime 15, rss 24 (in pages).
     return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[21]) * PAGE_SIZE, fds
+
+
+def open_fd_count(pid: int) -> int:
+    """How many fds pid has open: Linux 6.2+ gives it as the size of /proc/PID/fd, older kernels need a listing."""
+    path = f"/proc/{pid}/fd"
+    return os.stat(path).st_size or len(os.listdir(path))
+
+
+def read_procs(pids: list[int]) -> dict[int, tuple[float, int, int]]:
+    """read_proc for each pid still there; runs in a thread, never on the master's loop."""
+    out = {}
+    for pid in pids:
+        figures = read_proc(pid)
+        if figures is not None:
+            out[pid] = figures
+    return out
 
 
 class SlotFigures:
@@ -114,6 +131,7 @@ class MetricsServer:
         self.bases: dict[int, SlotFigures] = {}  # slot -> counters of its workers that have exited
         self.families: dict[str, tuple[str, str]] = {}  # backend family -> (type, help), last seen
         self._cpu_seen: dict[int, float] = {}  # pid -> CPU seconds at the last scrape, folded on exit
+        self._proc: dict[int, tuple[float, int, int]] = {}  # pid -> read_proc(), read off the loop per scrape
         self._skipped: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -146,7 +164,10 @@ class MetricsServer:
     # ---- HTTP ---------------------------------------------------------------------------------
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        """Collect now and answer in the format the Accept header asks for."""
+        """Read the workers' /proc figures in a thread, then collect and answer in the format asked for."""
+        # A worker's fd table grows with its connections: reading it on the loop would stall every accept.
+        pids = [w.pid for w in self.master.supervisor.processes() if not w.exited]
+        self._proc = await asyncio.get_running_loop().run_in_executor(None, read_procs, pids)
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
 
@@ -179,11 +200,11 @@ class MetricsServer:
         seen = {}
         for w in sup.processes():
             fig = out.get(w.slot) or out.setdefault(w.slot, SlotFigures())
-            proc = None if w.exited else read_proc(w.pid)
+            proc = None if w.exited else self._proc.get(w.pid)  # None too for a worker newer than the reading
             if proc is None:
                 cpu = self._cpu_seen.get(w.pid, 0.0)  # a figure it already showed must not vanish
             else:
-                cpu = proc[0]
+                cpu = max(proc[0], self._cpu_seen.get(w.pid, 0.0))  # concurrent scrapes: never backwards
                 fig.rss += proc[1]
                 fig.fds += proc[2]
             seen[w.pid] = cpu
