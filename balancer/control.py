@@ -10,10 +10,12 @@ import os
 import re
 import signal
 import socket
+import stat
 import struct
 import sys
 
 from balancer.config import Config, ConfigError, parse_bind
+from balancer.listeners import file_identity, unix_socket_alive, unlink_if_ours
 
 log = logging.getLogger("balancer")
 
@@ -52,41 +54,49 @@ class ControlServer:
         self.path = config.control_socket or default_socket_path(label)
         self.pid_file = config.pid_file
         self.server: asyncio.AbstractServer | None = None
+        # (st_dev, st_ino) of the files we created: close() removes only those, never a successor's.
+        self.identity: tuple[int, int] | None = None
+        self.pid_identity: tuple[int, int] | None = None
 
     async def start(self) -> None:
         """Create the socket 0600 (no window where others could connect) and the pid file."""
-        directory = os.path.dirname(self.path) or "."
         if not self.master.config.control_socket:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        if os.path.exists(self.path):
-            if await _alive(self.path):
-                raise ConfigError(f"control socket {self.path} belongs to a running master; "
-                                  "pass --control-socket to run another")
-            os.unlink(self.path)
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self._clear_stale_socket()
         old_umask = os.umask(0o177)
         try:
             self.server = await asyncio.start_unix_server(self._handle, path=self.path)
+            self.identity = file_identity(self.path)
         except OSError as exc:
             raise ConfigError(f"cannot create control socket {self.path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
         if self.pid_file:
-            with open(self.pid_file, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            self.pid_identity = write_pid_file(self.pid_file)
         log.info("control socket at %s", self.path)
 
+    def _clear_stale_socket(self) -> None:
+        """Remove a socket file left by a dead master; refuse a live one and anything not a socket."""
+        try:
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise ConfigError(f"control socket {self.path} exists and is not a socket")
+            if unix_socket_alive(self.path):
+                raise ConfigError(f"control socket {self.path} belongs to a running master; "
+                                  "pass --control-socket to run another")
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"cannot create control socket {self.path}: {exc.strerror}") from None
+
     async def close(self) -> None:
-        """Stop serving and remove the socket and pid files."""
+        """Stop serving and remove the socket and pid files we created."""
         if self.server is not None:
             self.server.close()
             self.server = None
-        for path in (self.path, self.pid_file):
-            if path:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        unlink_if_ours(self.path, self.identity)
+        unlink_if_ours(self.pid_file, self.pid_identity)
+        self.identity = self.pid_identity = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer one request, after checking the peer runs as our user."""
@@ -149,14 +159,21 @@ class ControlServer:
                 "workers": workers}
 
 
-async def _alive(path: str) -> bool:
-    """True if something answers on the unix socket at path."""
+def write_pid_file(path: str) -> tuple[int, int]:
+    """Write our pid to path; its (st_dev, st_ino). A file we could not finish is removed."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 2)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    return True
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot write pid file {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        unlink_if_ours(path, (st.st_dev, st.st_ino))
+        raise ConfigError(f"cannot write pid file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return st.st_dev, st.st_ino
 
 
 def request(path: str, body: dict, timeout: float | None) -> dict:

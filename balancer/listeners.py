@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -16,21 +17,50 @@ KEEPALIVE_IDLE, KEEPALIVE_INTVL, KEEPALIVE_CNT = 60, 10, 6
 class Listener:
     """One non-blocking listening socket and what the dispatcher needs to know about it."""
 
-    def __init__(self, sock: socket.socket, label: str, unlink: str = "") -> None:
+    def __init__(self, sock: socket.socket, label: str, unlink: str = "",
+                 identity: tuple[int, int] | None = None) -> None:
         self.sock = sock
         self.label = label
         self.family = sock.family
-        self.unlink = unlink  # unix path we created and remove on close
+        self.unlink = unlink  # unix path we created and remove on close, if it is still the file we made:
+        self.identity = identity  # its (st_dev, st_ino) right after our bind()
         sock.setblocking(False)
 
     def close(self) -> None:
         """Close the socket and remove a unix path we bound."""
         self.sock.close()
         if self.unlink:
-            try:
-                os.unlink(self.unlink)
-            except OSError:
-                pass
+            unlink_if_ours(self.unlink, self.identity)
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of path, None if it is gone."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def unlink_if_ours(path: str, identity: tuple[int, int] | None) -> None:
+    """Remove path only if it is still the file we created: another process may have replaced it since."""
+    if identity is not None and file_identity(path) == identity:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def unix_socket_alive(path: str) -> bool:
+    """True if a process listens on the unix socket at path; False for a stale socket file or none."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a live server with a full backlog answers EAGAIN instead of blocking us
+        err = probe.connect_ex(path)
+    if err in (0, errno.EAGAIN, errno.EINPROGRESS, errno.EPROTOTYPE):  # EPROTOTYPE: a live non-stream socket
+        return True
+    if err in (errno.ECONNREFUSED, errno.ENOENT):  # nobody listens: the file outlived its process
+        return False
+    raise OSError(err, os.strerror(err))  # EACCES and the like: we cannot tell, so we must not take it over
 
 
 def set_inherited_options(sock: socket.socket, keepalive: bool) -> None:
@@ -66,21 +96,28 @@ def bind_tcp(bind: Bind, backlog: int, keepalive: bool = True) -> Listener:
 
 
 def bind_unix(bind: Bind, backlog: int) -> Listener:
-    """Bind a unix-domain listener, replacing a stale socket file but never a regular file."""
+    """Bind a unix-domain listener, replacing a stale socket file but never a live socket or a regular file."""
     path = bind.path
     try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            if unix_socket_alive(path):
+                raise ConfigError(f"cannot bind {bind}: another process is listening there")
             os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise ConfigError(f"cannot bind {bind}: {exc.strerror}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    identity = None
     try:
         sock.bind(path)
+        identity = file_identity(path)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
+        unlink_if_ours(path, identity)
         raise ConfigError(f"cannot bind {bind}: {exc.strerror}") from None
-    return Listener(sock, str(bind), unlink=path)
+    return Listener(sock, str(bind), unlink=path, identity=identity)
 
 
 def systemd_listeners() -> list[Listener]:

@@ -283,18 +283,32 @@ class Master:
             sup.scale(max(1, sup.target - 1))
 
     async def _start_services(self) -> None:
-        """Start the metrics endpoint and the control socket (each optional)."""
-        if self.config.metrics_bind != "none":
-            from balancer.metrics import MetricsServer
-
-            metrics = MetricsServer(self)
-            await metrics.start()  # logs "metrics on http://HOST:PORT/metrics"
-            self.services.append(metrics)
+        """Start the metrics endpoint and the control socket; if one fails, close what started and raise."""
         from balancer.control import ControlServer
 
-        control = ControlServer(self)
-        await control.start()
-        self.services.append(control)
+        try:
+            if self.config.metrics_bind != "none":
+                from balancer.metrics import MetricsServer
+
+                metrics = MetricsServer(self)
+                self.services.append(metrics)  # before start(): a half-started server is closed too
+                try:
+                    await metrics.start()  # logs "metrics on http://HOST:PORT/metrics"
+                except OSError as exc:
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise ConfigError(f"cannot bind metrics {self.config.metrics_bind}: {reason}") from None
+            control = ControlServer(self)
+            self.services.append(control)
+            await control.start()
+        except BaseException:
+            await self._close_services()
+            raise
+
+    async def _close_services(self) -> None:
+        """Close the metrics endpoint and the control socket (it removes only the files it created)."""
+        services, self.services = self.services, []
+        for service in services:
+            await service.close()
 
     def _schedule_tick(self) -> None:
         """Run supervision checks every TICK seconds."""
