@@ -13,6 +13,7 @@ import socket
 import stat
 import struct
 import sys
+import tempfile
 
 from balancer.config import Config, ConfigError, parse_bind
 from balancer.listeners import file_identity, unix_socket_alive, unlink_if_ours
@@ -23,12 +24,50 @@ MAX_REQUEST = 4096  # one JSON line; anything longer is not ours
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
+class ForeignPeer(Exception):
+    """The control socket is served by a process of another user: not our master."""
+
+
 def runtime_dir() -> str:
-    """A directory only this user can enter: $XDG_RUNTIME_DIR, else /tmp/balancer-<uid> (made 0700)."""
+    """Where default control sockets live: $XDG_RUNTIME_DIR/balancer, else $TMPDIR/balancer-<uid> (/tmp)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isdir(base):
         return os.path.join(base, "balancer")
-    return f"/tmp/balancer-{os.getuid()}"
+    return os.path.join(tempfile.gettempdir(), f"balancer-{os.getuid()}")
+
+
+def check_private_dir(directory: str) -> None:
+    """Refuse a directory another user could write into (delete our socket, plant a fake master there).
+
+    In a shared /tmp anyone can create balancer-<uid> first: only a real directory of ours that nobody
+    else may enter is trusted. One of ours with a wide mode is refused too, not narrowed: whatever others
+    put in it meanwhile would stay.
+    """
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise ConfigError(f"cannot use control socket directory {directory}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"control socket directory {directory} is not a directory; remove it")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"control socket directory {directory} belongs to uid {st.st_uid}, not to us "
+                          f"(uid {os.getuid()}): another user could plant a fake master there; remove it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(f"control socket directory {directory} has mode {stat.S_IMODE(st.st_mode):04o}, "
+                          f"must be 0700 so no other user can enter it: chmod 700 {directory}")
+
+
+def private_runtime_dir() -> str:
+    """runtime_dir(), created 0700 if missing, after check_private_dir."""
+    directory = runtime_dir()
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create control socket directory {directory}: {exc.strerror}") from None
+    check_private_dir(directory)
+    return directory
 
 
 def default_socket_path(bind_label: str) -> str:
@@ -38,9 +77,11 @@ def default_socket_path(bind_label: str) -> str:
 
 
 def client_socket_path(control_socket: str, bind: str) -> str:
-    """The path a client should use: --control-socket, or the default for --bind."""
+    """The path a client should use: --control-socket, or the default for --bind (in a directory we trust)."""
     if control_socket:
         return control_socket
+    if os.path.lexists(runtime_dir()):  # missing: the connect reports that no master runs
+        check_private_dir(runtime_dir())
     return default_socket_path(str(parse_bind(bind)))
 
 
@@ -61,7 +102,7 @@ class ControlServer:
     async def start(self) -> None:
         """Create the socket 0600 (no window where others could connect) and the pid file."""
         if not self.master.config.control_socket:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            private_runtime_dir()
         self._clear_stale_socket()
         old_umask = os.umask(0o177)
         try:
@@ -176,11 +217,20 @@ def write_pid_file(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def check_peer(sock: socket.socket, path: str) -> None:
+    """Trust only a server running as our user (or root): anyone can bind a socket where ours should be."""
+    _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    if uid not in (os.getuid(), 0):
+        raise ForeignPeer(f"{path} is served by a process of uid {uid}, not by us (uid {os.getuid()}): "
+                          "not our master; nothing was sent")
+
+
 def request(path: str, body: dict, timeout: float | None) -> dict:
     """Send one request to the master at path and return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        check_peer(sock, path)
         sock.sendall(json.dumps(body).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -215,6 +265,9 @@ def client_main(command: str, argv: list[str]) -> int:
     except (FileNotFoundError, ConnectionRefusedError):
         print(f"balancer: error: no balancer master at {path} (is it running? pass --control-socket)",
               file=sys.stderr)
+        return 2
+    except ForeignPeer as exc:
+        print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
         print(f"balancer: error: {path}: {exc}", file=sys.stderr)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -107,3 +110,105 @@ def test_reload_and_scale_are_refused_while_the_first_workers_boot_and_status_an
         status = json.loads(ctl("status", "--control-socket", str(sock), "--json").stdout)
         assert status["target"] == 2 and {w["state"] for w in status["workers"]} == {"booting"}, status
         assert b.log().count("slow boot started") == 2  # nothing was started beside the boot
+
+
+# ---- the default control-socket directory and the client's trust in what answers there -------------------
+
+NOBODY = 65534  # a uid that is not ours (the tests run as root; setuid needs no user entry)
+
+
+def private_env(tmp_path) -> dict:
+    """No XDG_RUNTIME_DIR: the default control sockets go to $TMPDIR/balancer-<uid>, here under tmp_path."""
+    return {**os.environ, "XDG_RUNTIME_DIR": "", "TMPDIR": str(tmp_path)}
+
+
+def run_env(env: dict, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "balancer", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, start_new_session=True)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the master's INFO/WARNING log lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not re.search(r"\] (INFO|WARNING) ", line)]
+
+
+def test_default_directory_is_made_0700_and_the_client_finds_the_master_there(tmp_path):
+    runtime = tmp_path / f"balancer-{os.getuid()}"
+    with Balancer("--workers", "1", env={"XDG_RUNTIME_DIR": "", "TMPDIR": str(tmp_path)}) as b:
+        assert stat.S_IMODE(os.lstat(runtime).st_mode) == 0o700
+        assert os.listdir(runtime) == [b.address.replace(":", "-") + ".sock"]
+        r = run_env(private_env(tmp_path), "status", "--bind", b.address, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["pid"] == b.pid, r.stderr
+    assert os.listdir(runtime) == []
+
+
+@pytest.mark.parametrize("owner,mode", [("us", 0o777), ("us", 0o750), ("nobody", 0o700)],
+                         ids=["ours-0777", "ours-0750", "nobodys-0700"])
+def test_a_default_directory_others_could_write_to_is_refused(tmp_path, owner, mode):
+    runtime = tmp_path / f"balancer-{os.getuid()}"
+    runtime.mkdir()
+    os.chmod(runtime, mode)
+    if owner == "nobody":
+        os.chown(runtime, NOBODY, NOBODY)
+    env = private_env(tmp_path)
+    r = run_env(env, "--bind", "127.0.0.1:0", "--metrics-bind", "none", "--workers", "1")
+    assert r.returncode == 2, r.stderr
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"balancer: error: control socket directory {runtime} "), lines
+    assert (f"belongs to uid {NOBODY}" if owner == "nobody" else f"has mode {mode:04o}") in lines[0]
+    assert os.listdir(runtime) == [] and stat.S_IMODE(os.lstat(runtime).st_mode) == mode  # nothing made there
+    r = run_env(env, "stop")  # the client does not trust it either
+    assert r.returncode == 2 and f"control socket directory {runtime}" in r.stderr and not r.stdout, r
+
+
+def serve_as_another_user(path: str, uid: int) -> int:
+    """Fork a fake master that listens on path as uid and answers every request with ok; its pid."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(ready_r)
+            os.setgid(uid)
+            os.setuid(uid)
+            listener.listen(4)  # a listener's peer credentials are those in effect at listen()
+            os.write(ready_w, b"x")
+            listener.settimeout(30)
+            while True:
+                conn, _ = listener.accept()
+                try:
+                    conn.settimeout(5)
+                    conn.recv(4096)
+                    conn.sendall(b'{"ok": true, "target": 9}\n')
+                except OSError:
+                    pass
+                conn.close()
+        finally:
+            os._exit(0)
+    listener.close()
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"x"  # listening: a refused connect would not test the check
+    os.close(ready_r)
+    return pid
+
+
+def test_the_client_refuses_a_fake_master_run_by_another_user(tmp_path):
+    runtime = tmp_path / f"balancer-{os.getuid()}"
+    runtime.mkdir(mode=0o700)
+    fake = str(runtime / "127.0.0.1-8000.sock")  # where `balancer stop` looks by default
+    pid = serve_as_another_user(fake, NOBODY)
+    try:
+        with socket.socket(socket.AF_UNIX) as probe:  # the fake really answers
+            probe.connect(fake)
+            probe.sendall(b"{}\n")
+            assert probe.recv(100).startswith(b'{"ok": true')
+        for args in (("stop",), ("scale", "9"), ("status",), ("stop", "--control-socket", fake)):
+            r = run_env(private_env(tmp_path), *args)
+            assert r.returncode == 2, (args, r)
+            assert "stopping" not in r.stdout and "scaling" not in r.stdout and not r.stdout, (args, r)
+            assert r.stderr.strip() == (f"balancer: error: {fake} is served by a process of uid {NOBODY}, not by us "
+                                        f"(uid {os.getuid()}): not our master; nothing was sent"), (args, r)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
