@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +23,10 @@ pytestmark = pytest.mark.timeout(60)
 class FakeMaster:
     """The test plays the master: owns the channel and a listening socket whose fds it hands over."""
 
-    def __init__(self, backend: str = "testapp:create_app", **overrides) -> None:
+    def __init__(self, backend: str = "testapp:create_app", worker_sndbuf: int = 0, **overrides) -> None:
         self.channel, worker_end = wire.channel_pair()
+        if worker_sndbuf:
+            worker_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, worker_sndbuf)
         board_fd, self.board = board.create()
         settings = dict(Config(backend=backend, app_dir=str(HERE / "apps"), **overrides).worker_settings(), slot=0)
         self.proc = subprocess.Popen(
@@ -137,7 +140,7 @@ def test_refuses_while_draining_and_master_keeps_the_fd(master):
     master.wait_board()
     busy_server.close()
     busy_client.sendall(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")  # keep-alive request in flight
-    master.recv((wire.BEAT,))  # the worker's loop has taken the request by its next heartbeat
+    master.recv((wire.BEAT,))  # the worker's loop has started the request by its next heartbeat
     master.channel.send(bytes((wire.DRAIN,)))
     client, server = master.connection()
     ids = master.handoff([server])
@@ -227,3 +230,68 @@ def test_ready_reports_the_c_http_parser():
     assert body["pid"] == m.proc.pid
     assert body["c_parser"] is True, "aiohttp's C parser must be in use (the Python one accepts 'chunked, chunked')"
     m.close()
+
+
+def test_handoffs_queued_when_the_master_died_are_still_served(master):
+    """The master dies with our reports unread: the worker's next recvmsg fails with ECONNRESET, then returns
+    what the master had sent. Those fds are now the worker's only copies: it must read on and serve them."""
+    assert select.select([master.channel], [], [], 5)[0], "no heartbeat queued"  # left unread on purpose
+    os.kill(master.proc.pid, signal.SIGSTOP)  # so that the handoff is still queued when our end closes
+    try:
+        client, server = master.connection()
+        client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        master.handoff([server])
+        server.close()
+        master.channel.close()
+    finally:
+        os.kill(master.proc.pid, signal.SIGCONT)
+    client.settimeout(10)
+    data = b"".join(iter(lambda: client.recv(65536), b""))
+    assert data.startswith(b"HTTP/1.1 200") and f"X-Worker-Pid: {master.proc.pid}".encode() in data
+    client.close()
+    assert master.proc.wait(10) == 0
+
+
+def beats_until_eof(m: FakeMaster, timeout: float = 15.0) -> list[dict]:
+    """Every heartbeat body the worker sends until it closes its end."""
+    out = []
+    while msg := m.recv((wire.BEAT,), timeout):
+        out.append(wire.decode_json(msg))
+    return out
+
+
+def test_drain_ends_with_a_final_heartbeat_counting_every_request(master):
+    master.recv((wire.BEAT,))  # just after a beat: the requests below come after it
+    for _ in range(5):
+        client, server = master.connection()
+        master.handoff([server])
+        master.wait_board()
+        server.close()
+        assert get(client).startswith(b"HTTP/1.1 200")
+        client.close()
+    master.channel.send(bytes((wire.DRAIN,)))
+    beats = beats_until_eof(master)
+    assert beats and beats[-1]["final"] is True and beats[-1]["count"] == 5 and beats[-1]["inflight"] == 0
+    assert not any(b.get("final") for b in beats[:-1])
+    assert master.proc.wait(10) == 0
+
+
+def test_a_small_send_buffer_keeps_heartbeats_flowing():
+    """A backend's metrics past what the channel can carry in one datagram: the beats shrink, never stop."""
+    m = FakeMaster(backend="runtimeapp:create_app", worker_sndbuf=8192, timeout=2)  # 16 KiB once doubled
+    try:
+        m.wait_ready()
+        for _ in range(3):
+            msg = m.recv((wire.BEAT,), timeout=5)
+            assert msg, "the worker closed its channel"
+            body = wire.decode_json(msg)
+            assert body["count"] == 0 and 0 < len(body.get("metrics", [])) < 2000
+        client, server = m.connection()
+        m.handoff([server])
+        m.wait_board()
+        server.close()
+        assert get(client).startswith(b"HTTP/1.1 200")
+        client.close()
+        assert m.proc.poll() is None
+    finally:
+        m.close()

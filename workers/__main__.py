@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import faulthandler
 import json
 import logging
 import os
@@ -42,6 +43,9 @@ def loop_factory(choice: str):
 
 def main() -> int:
     """Parse the master's arguments, then run the worker until it drains."""
+    # A backend's C extension that crashes the process (SIGSEGV, SIGABRT...) still leaves the Python stack of
+    # every thread in the log (the master's stderr, which workers share).
+    faulthandler.enable(file=sys.stderr)
     parser = argparse.ArgumentParser(prog="python -m workers")
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--board-fd", type=int, required=True)

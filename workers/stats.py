@@ -12,9 +12,12 @@ log = logging.getLogger("balancer.worker")
 # Upper bounds in seconds, shared with the master's histogram (Prometheus le labels).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
-# A heartbeat is one datagram (wire.MAX_MSG_BYTES, 256 KiB) and a too-big send fails outright: the backend's
-# own metrics get at most this many bytes of JSON.
-MAX_USER_BYTES = 128 * 1024
+# A heartbeat is one datagram, and it must stay far below the channel's send buffer (~208 KiB by default):
+# a datagram past the buffer fails outright (EMSGSIZE), and a big one holds the room acks and refusals need.
+# The worker's own figures always go; the backend's metrics get what is left of this.
+HEARTBEAT_BYTES = 32 * 1024
+BEAT_EXTRAS = 128  # bytes kept for the fields the heartbeat adds to a snapshot ("open", "final", "recycle")
+_COMPACT = (",", ":")  # as wire.encode_json writes it
 
 
 class RequestStats:
@@ -41,8 +44,8 @@ class RequestStats:
         self.duration_sum += seconds
         self.count += 1
 
-    def snapshot(self) -> dict:
-        """A JSON-able copy of the figures, with the backend's own prometheus_client metrics if it has any."""
+    def snapshot(self, max_bytes: int = HEARTBEAT_BYTES) -> dict:
+        """A JSON-able copy of the figures, with as many of the backend's prometheus_client metrics as fit."""
         body = {
             "requests": [[m, s, n] for (m, s), n in self.requests.items()],
             "buckets": list(self.buckets),
@@ -53,8 +56,9 @@ class RequestStats:
         }
         # A backend that never imported prometheus_client registered nothing: don't pay for the import.
         if "prometheus_client" in sys.modules:
+            room = max_bytes - BEAT_EXTRAS - len(json.dumps(body, separators=_COMPACT))
             try:
-                metrics = self.user_metrics()
+                metrics = self.user_metrics(room)
             except Exception:  # a broken custom collector must not stop the heartbeat that carries it
                 metrics = []
                 if not self._warned_collect:
@@ -64,7 +68,7 @@ class RequestStats:
                 body["metrics"] = metrics
         return body
 
-    def user_metrics(self) -> list:
+    def user_metrics(self, room: int = HEARTBEAT_BYTES) -> list:
         """The default REGISTRY's families as [name, type, help, [[suffix, labels, value], ...]].
 
         The process/platform/gc collectors are left out: the master reads those figures from /proc itself.
@@ -82,23 +86,24 @@ class RequestStats:
                 samples = [[s.name[cut:], s.labels, s.value] for s in family.samples if not s.name.endswith("_created")]
                 out.append([name, family.type, family.documentation, samples])
         # Measuring with C json is cheaper than estimating sample by sample in Python; trimming is the rare case.
-        if len(json.dumps(out)) > MAX_USER_BYTES:
-            out = self._trim(out)
+        if len(json.dumps(out, separators=_COMPACT)) + len(',"metrics":') > room:
+            out = self._trim(out, room)
         return out
 
-    def _trim(self, families: list) -> list:
-        """The leading families that fit in MAX_USER_BYTES; warn once."""
-        room = MAX_USER_BYTES
+    def _trim(self, families: list, room: int) -> list:
+        """The leading families that fit in room bytes of JSON; warn once."""
+        total = room
+        room -= len(',"metrics":[]')
         kept = []
         for family in families:
-            room -= len(json.dumps(family)) + 1
+            room -= len(json.dumps(family, separators=_COMPACT)) + 1
             if room < 0:
                 break
             kept.append(family)
         if not self._warned_cap:
             self._warned_cap = True
             log.warning("prometheus_client metrics past %d KiB; the master sees only the first %d of %d families",
-                        MAX_USER_BYTES // 1024, len(kept), len(families))
+                        max(total, 0) // 1024, len(kept), len(families))
         return kept
 
     def _defaults(self) -> frozenset[str]:
