@@ -359,31 +359,3 @@ def test_wire_codecs_roundtrip_and_reject_garbage():
         wire.decode_ids(b"R\x02\x00\x01")
     with pytest.raises(wire.ProtocolError):
         wire.decode_json(b"B{nope")
-
-
-def test_worker_publishes_no_count_ahead_of_a_refusal_still_in_its_outbox():
-    import asyncio
-
-    from workers.worker import Worker
-
-    async def scenario():
-        channel, master_end = wire.channel_pair()
-        view = board.private()
-        w = Worker(channel, {"slot": 0}, view)
-        channel.setblocking(False)
-        w.draining = True  # every handoff is refused
-        w._outbox.append(b"queued earlier")  # the channel to the master is full: reports wait in order
-        w.loop.add_writer(channel.fileno(), w._flush_outbox)
-        fd = os.open("/dev/null", os.O_RDONLY)
-        w._on_message(wire.encode_handoff([7], [socket.AF_INET]), [fd], False)
-        assert view[board.HANDLED] == 0  # the REFUSE is not out yet, so neither is the count that covers it
-        with pytest.raises(OSError):
-            os.fstat(fd)  # the worker closed its copy at once
-        w._flush_outbox()
-        assert board.unpack(view[board.HANDLED]) == (1, 1)
-        got = [master_end.recv(100), master_end.recv(100)]
-        assert got[0] == b"queued earlier" and wire.decode_ids(got[1]) == [7]
-        channel.close()
-        master_end.close()
-
-    asyncio.run(scenario())
