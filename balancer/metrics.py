@@ -168,6 +168,7 @@ class MetricsServer:
         # A worker's fd table grows with its connections: reading it on the loop would stall every accept.
         pids = [w.pid for w in self.master.supervisor.processes() if not w.exited]
         self._proc = await asyncio.get_running_loop().run_in_executor(None, read_procs, pids)
+        self.master.dispatcher.collect_all()  # open connections as of now, not as of the last tick
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
 

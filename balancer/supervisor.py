@@ -165,7 +165,9 @@ class Supervisor:
             if not w.ready.done():
                 w.ready.set_exception(BootError(text))
                 w.ready.exception()  # mark retrieved: a respawn may have nobody awaiting it
-            log.error("worker slot=%d pid=%d failed to boot: %s", w.slot, w.pid, text)
+            # At the first boot the master's exit line says it once; after that, the log is the only report.
+            log.log(logging.ERROR if self.started_up else logging.DEBUG, "worker slot=%d pid=%d failed to boot: %s",
+                    w.slot, w.pid, text)
         else:
             raise wire.ProtocolError(f"unknown message type {kind:#x}")
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import aiohttp
 import pytest
@@ -32,12 +33,24 @@ def fetch(b: Balancer, path: str = "/", close: bool = True, timeout: float = 10)
     return resp
 
 
+def open_connections(b: Balancer) -> float:
+    """Connections the master counts open on all workers, from a real scrape."""
+    with urllib.request.urlopen(f"http://{b.metrics_address}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("balancer_worker_open_connections{"))
+
+
 @pytest.mark.parametrize("impl", ["C", "Python"])
 def test_default_backend_names_the_worker_and_round_robins_exactly(impl):
     # Both hand-off paths serve: the C accelerator and the Python fallback it replaces.
     with Balancer("--workers", "2", env={"BALANCER_NO_EXTENSIONS": "1" if impl == "Python" else ""}) as b:
         assert b.wait_for(r"hand-off in (\w+)").group(1) == impl
-        slots = [fetch(b).getheader("X-Worker-Slot") for _ in range(20)]
+        slots = []
+        for _ in range(20):
+            slots.append(fetch(b).getheader("X-Worker-Slot"))
+            # Least-loaded first: a worker whose close the master has not seen yet is not idle. Idle ones alternate.
+            wait_until(lambda: open_connections(b) == 0, 5, "the worker to report its connection closed")
         assert sorted(set(slots)) == ["0", "1"]
         assert all(slots[i] != slots[i + 1] for i in range(19)), slots  # strictly alternating
         body = fetch(b).body.decode()
