@@ -86,7 +86,12 @@ class Config:
                               metavar="SECONDS")
     keepalive_timeout: float = opt(5.0, "seconds an idle keep-alive connection is kept open", metavar="SECONDS")
     header_timeout: float = opt(10.0, "seconds a client gets to send complete request headers", metavar="SECONDS")
-    client_max_size: int = opt(1024 ** 2, "largest request body in bytes, streamed or not", metavar="BYTES")
+    client_max_size: int = opt(1024 ** 2, "largest request body in bytes, streamed or not; it replaces an "
+                               "Application's own client_max_size", metavar="BYTES")
+    body_timeout: float = opt(10.0, "window in which a request body must bring --body-min-rate x SECONDS bytes, "
+                              "or get 408 and lose its connection (slow POST); 0: no deadline", metavar="SECONDS")
+    body_min_rate: int = opt(500, "bytes per second a request body must average over each --body-timeout window; "
+                             "0: any byte will do (an idle timeout)", metavar="BYTES")
     max_requests: int = opt(0, "recycle a worker after this many requests (0: never)", metavar="N")
     max_requests_jitter: int = opt(0, "add up to this many to --max-requests per worker", metavar="N")
     max_memory: int = opt(0, "recycle a worker whose resident memory passes this many MiB (0: never)",
@@ -119,7 +124,7 @@ class Config:
         for name in ("workers", "worker_connections", "backlog", "client_max_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_requests", "max_requests_jitter", "max_memory"):
+        for name in ("max_requests", "max_requests_jitter", "max_memory", "body_timeout", "body_min_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         for name in ("graceful_timeout", "timeout", "boot_timeout", "keepalive_timeout", "header_timeout"):
@@ -141,7 +146,8 @@ class Config:
     def worker_settings(self) -> dict:
         """The subset of options a worker needs, as plain JSON-able values."""
         keys = ("backend", "app_dir", "keepalive_timeout", "header_timeout", "client_max_size", "graceful_timeout",
-                "loop", "log_level", "access_log", "tcp_keepalive", "max_requests", "max_requests_jitter")
+                "loop", "log_level", "access_log", "tcp_keepalive", "max_requests", "max_requests_jitter",
+                "body_timeout", "body_min_rate")
         out = {k: getattr(self, k) for k in keys}
         out["beat_interval"] = min(1.0, self.timeout / 4)  # several beats fit in one --timeout
         return out

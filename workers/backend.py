@@ -103,11 +103,20 @@ async def _expect_then_handle(request: web.Request, expect, handler):
     return await handler(request)
 
 
+def limit_body(app: web.Application, client_max_size: int) -> web.Application:
+    """Give app --client-max-size, which aiohttp's request.read() and post() check: one limit for every backend."""
+    # It replaces what the Application set (aiohttp's default is 1 MiB). The worker turns larger bodies away
+    # before any handler runs, so a larger value here could never apply and a smaller one would contradict the
+    # option; a route that wants less checks request.content_length itself.
+    app._client_max_size = client_max_size  # no public setter; aiohttp reads it for every request it makes
+    return app
+
+
 async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 2) -> Backend:
     """Resolve spec to a Backend: an Application given directly, built by a (sync or async) factory, or a handler."""
     obj = import_target(spec, app_dir)
     if isinstance(obj, web.Application):
-        return Backend(obj)
+        return Backend(limit_body(obj, client_max_size))
     if not callable(obj) or isinstance(obj, type):
         raise BackendError(f"{spec!r} is {_kind(obj)}; expected an async handler (request) -> Response, "
                            "an aiohttp.web.Application, or a factory returning one")
@@ -128,7 +137,7 @@ async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 
         raise BackendError(f"factory {spec!r} raised: {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, web.Application):
         raise BackendError(f"factory {spec!r} returned {_kind(result)}; expected an aiohttp.web.Application")
-    return Backend(result)
+    return Backend(limit_body(result, client_max_size))
 
 
 def _kind(obj) -> str:

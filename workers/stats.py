@@ -30,6 +30,8 @@ class RequestStats:
         self.count = 0
         self.inflight = 0
         self.header_timeouts = 0
+        self.body_timeouts = 0  # requests answered 408: their body came slower than --body-min-rate
+        self.bad_requests = 0  # malformed requests answered 400 by aiohttp's parser
         self._default_names: frozenset[str] | None = None
         self._warned_cap = False
         self._warned_collect = False
@@ -53,6 +55,8 @@ class RequestStats:
             "count": self.count,
             "inflight": self.inflight,
             "header_timeouts": self.header_timeouts,
+            "body_timeouts": self.body_timeouts,
+            "bad_requests": self.bad_requests,
         }
         # A backend that never imported prometheus_client registered nothing: don't pay for the import.
         if "prometheus_client" in sys.modules:

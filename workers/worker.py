@@ -11,19 +11,19 @@ import signal
 import sys
 from time import perf_counter
 
-from aiohttp import http_parser, streams, web
+from aiohttp import http_parser, web
 
 from balancer import wire
 from workers.backend import BackendError, load_app, skip_router
 from workers.channel import Channel
 from workers.connections import Connections, shutdown_quietly
 from workers.heartbeat import Heartbeat
+from workers.limits import Limits
 from workers.stats import RequestStats
 
 log = logging.getLogger("balancer.worker")
 
 BOOT_ERROR_EXIT = 3
-HEADER_SWEEP = 0.25  # seconds between header-deadline sweeps: the deadline is kept to within this
 
 
 def c_parser_in_use() -> bool:
@@ -48,12 +48,10 @@ class Worker:
         self.master_gone = False
         self.stopped = self.loop.create_future()  # set when it is time to drain
         self.runner: web.AppRunner | None = None
-        # protocol -> monotonic deadline for its first request's headers. Insertion order is deadline order
-        # (one fixed timeout), so a periodic sweep pops expired ones from the front: no timer per connection.
-        self._deadlines: dict = {}
+        self.limits = Limits(settings, self.stats, self.loop)  # header and body deadlines, body size, bad requests
+        self._deadlines = self.limits.deadlines  # protocol -> its header deadline, lifted by its first request
         limit = settings.get("max_requests", 0)
         self.request_limit = limit + random.randint(0, settings.get("max_requests_jitter", 0)) if limit else 0
-        self._pumps: set[asyncio.Task] = set()  # body-limit pumps, referenced until done
 
     # ---- boot ------------------------------------------------------------------------------
 
@@ -69,6 +67,7 @@ class Worker:
                 keepalive_timeout=self.settings["keepalive_timeout"],
                 tcp_keepalive=False,  # SO_KEEPALIVE and its timings are inherited from the master's listener
                 shutdown_timeout=1.0,  # only what is still running at the graceful deadline waits this
+                logger=self.limits.server_log,  # bad requests counted, error tracebacks rate-limited
             )
             await self.runner.setup()
         except BackendError as exc:
@@ -83,7 +82,7 @@ class Worker:
             log.warning("aiohttp's C HTTP parser is not in use; the pure-Python parser is slower and laxer")
         self.channel.send(wire.encode_json(wire.READY, {"pid": os.getpid(), "c_parser": c_parser_in_use()}))
         self.heartbeat.start()
-        self._sweep_header_deadlines()
+        self.limits.sweep()
         await self.stopped
         await self._drain()
         return 0
@@ -105,15 +104,13 @@ class Worker:
         # dispatch, for a bare handler, replaces the Application's routing (workers/backend.py skip_router).
         server.request_handler = functools.partial(self._observe, handler=dispatch or server.request_handler)
         made, lost = server.connection_made, server.connection_lost
-        header_timeout = self.settings["header_timeout"]
-        clock = self.loop.time
+        watch_headers, deadlines = self.limits.watch_headers, self._deadlines
         socks = self.connections.socks
         count_closed = self.connections.count_closed
-        deadlines = self._deadlines
 
         def connection_made(handler, transport):
             made(handler, transport)
-            deadlines[handler] = clock() + header_timeout
+            watch_headers(handler)
 
         def connection_lost(handler, exc=None):
             sock = socks.pop(handler, None)
@@ -129,32 +126,19 @@ class Worker:
         server.connection_made = connection_made
         server.connection_lost = connection_lost
 
-    def _sweep_header_deadlines(self) -> None:
-        """Cut off clients that have not completed their first request's headers in time (slowloris)."""
-        now = self.loop.time()
-        deadlines = self._deadlines
-        while deadlines:
-            handler, deadline = next(iter(deadlines.items()))
-            if deadline > now:
-                break
-            del deadlines[handler]
-            self.stats.header_timeouts += 1
-            handler.force_close()
-        if not self.master_gone or deadlines:
-            self.loop.call_later(HEADER_SWEEP, self._sweep_header_deadlines)
-
     # ---- the hot path ------------------------------------------------------------------------
 
     async def _observe(self, request: web.Request, handler):
         """Time and count one request; answer with Connection: close while draining."""
-        self._deadlines.pop(request.protocol, None)
+        self._deadlines.pop(request.protocol, None)  # its headers are in: the header deadline is lifted
         stats = self.stats
         stats.inflight += 1
         start = perf_counter()  # loop.time() has millisecond resolution under uvloop
         status = 500
+        body = None
         try:
             if request.body_exists:
-                request = self._limit_body(request)
+                body = self.limits.watch_body(request)  # may raise 413
             response = await handler(request)
             status = response.status
             if self.draining:
@@ -167,42 +151,12 @@ class Worker:
             status = 499  # client went away mid-request
             raise
         finally:
+            if body is not None:
+                self.limits.release_body(body)
             stats.inflight -= 1
             stats.observe(request.method, status, perf_counter() - start)
             if self.request_limit and stats.count >= self.request_limit:
                 self.heartbeat.ask_recycle()
-
-    def _limit_body(self, request: web.Request) -> web.Request:
-        """Enforce --client-max-size on every body: by Content-Length up front, by counting when chunked."""
-        limit = self.settings["client_max_size"]
-        length = request.content_length
-        if length is not None:
-            if length > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
-            return request  # the parser never reads past Content-Length
-        # _payload, not .content: .content is cached on first read, and the swap below must not be undone
-        source = request._payload
-        limited = streams.StreamReader(request.protocol, 2 ** 16, loop=self.loop)
-
-        async def pump() -> None:
-            total = 0
-            try:
-                async for chunk in source.iter_any():
-                    total += len(chunk)
-                    if total > limit:
-                        limited.set_exception(web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total))
-                        return
-                    limited.feed_data(chunk)
-                limited.feed_eof()
-            except Exception as exc:
-                limited.set_exception(exc)
-
-        task = self.loop.create_task(pump())
-        self._pumps.add(task)
-        task.add_done_callback(self._pumps.discard)
-        # aiohttp has no public way to swap a request's body stream; only chunked uploads pay for this.
-        request._payload = limited
-        return request
 
     # ---- leaving -------------------------------------------------------------------------------
 

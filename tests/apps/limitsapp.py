@@ -1,0 +1,41 @@
+"""Backends for the limit tests: body readers of each kind, a handler that answers before reading, slow ones."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from testapp import _ident, create_app as _base_app
+
+
+async def read_all(request: web.Request) -> web.Response:
+    """request.read(): aiohttp checks the Application's client_max_size here."""
+    body = await request.read()
+    return web.Response(text=f"{len(body)}\n", headers=_ident())
+
+
+async def reject(request: web.Request) -> web.Response:
+    """Answer before reading the body, as an auth check does after a lookup of ?s= seconds."""
+    await asyncio.sleep(float(request.query.get("s", "0.05")))
+    return web.Response(status=401, text="no\n", headers=_ident())
+
+
+async def lazy_echo(request: web.Request) -> web.Response:
+    """Busy for ?s= seconds before reading the body: it piles up unread meanwhile."""
+    await asyncio.sleep(float(request.query.get("s", "2")))
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+    return web.Response(text=f"{total}\n", headers=_ident())
+
+
+def create_app() -> web.Application:
+    app = _base_app()
+    app.router.add_post("/read", read_all)
+    app.router.add_post("/reject", reject)
+    app.router.add_post("/lazy", lazy_echo)
+    return app
+
+
+app = create_app()  # an Application instance, not a factory
