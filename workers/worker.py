@@ -41,11 +41,11 @@ class Worker:
         self.stats = RequestStats()
         self.connections = Connections(self.loop, ack_board)
         self.channel = Channel(channel_sock, self.loop, ack_board, serve=self.connections.serve,
-                               on_drain=functools.partial(self.stop, "master"), on_gone=self._master_gone)
+                               on_drain=functools.partial(self.stop, "master"),
+                               on_gone=functools.partial(self.stop, "master gone"))
         self.heartbeat = Heartbeat(self.loop, self.channel, self.stats, self.connections,
                                    settings.get("beat_interval", 1.0))
         self.draining = False
-        self.master_gone = False
         self.stopped = self.loop.create_future()  # set when it is time to drain
         self.runner: web.AppRunner | None = None
         self.limits = Limits(settings, self.stats, self.loop)  # header and body deadlines, body size, bad requests
@@ -167,11 +167,6 @@ class Worker:
         if not self.stopped.done():
             log.debug("draining (%s)", why)
             self.stopped.set_result(why)
-
-    def _master_gone(self) -> None:
-        """The channel closed: the master died. Finish what we have and exit."""
-        self.master_gone = True
-        self.stop("master gone")
 
     async def _drain(self) -> None:
         """No new connections; each open one closes after its next response or keep-alive expiry; report last."""
