@@ -1,0 +1,382 @@
+"""The master's side of the supervisor's model test, and the promises it checks.
+
+The real Supervisor and Dispatcher, wired as balancer/master.py wires them, on a real asyncio loop that the test
+steps by hand with its timers on a fake clock, against fake workers (tests/fakeworker.py) on real socketpairs
+and ack boards. tests/test_supervisor_model.py drives it with hypothesis; the checks here are the product's
+promises: one connection, one worker; no record for a reaped process and no process without a record; a
+rolling reload drains no worker before its replacement is ready; counters never go backwards and match what the
+workers published; once faults stop the pool converges to its target on the newest code; shutdown ends within
+the graceful timeout plus a small bound and leaves nothing open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import types
+from collections import Counter
+
+from balancer import dispatch, wire
+from balancer.config import Config
+from balancer.dispatch import Dispatcher, Phase
+from balancer.master import STALL_AFTER, TICK
+from balancer.supervisor import KILL_GRACE, Supervisor
+from tests.fakeworker import FakeClock, FakeTimeLoop, FakeWorker, make_worker, step
+
+WORKERS = 2
+CAP = 8  # --worker-connections: small, so backpressure and homeless fds happen, and above what a channel holds
+GRACEFUL = 5.0
+TIMEOUT = 3.0  # heartbeat timeout
+BOOT_TIMEOUT = 4.0
+CONVERGE_WITHIN = 60.0  # fake seconds the pool gets to settle once faults stop (back-off caps at 10 s)
+SHUTDOWN_BOUND = GRACEFUL + KILL_GRACE + 2 * TICK  # the drain, the SIGKILL grace, the tick that sees it
+FIRST_PID = 1 << 30  # above any real pid: a stray signal could never reach a real process
+
+
+class Conn:
+    """One accepted connection: the client's end, and the worker (pid) that acked it."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.served_by: int | None = None
+
+
+class PoolModel:
+    """A master's supervisor and dispatcher against fake workers; its check_* methods assert the promises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = False  # shut down: every rule is over
+        self.auto = False  # every fake behaves at each loop turn (shutdown, and the teardown phase)
+        self.clock = FakeClock()
+        self.loop = FakeTimeLoop(self.clock)
+        self.loop.set_exception_handler(self._loop_error)  # a callback that raised must fail the test, not log
+        self._real_time = dispatch.time
+        dispatch.time = types.SimpleNamespace(monotonic=self.clock)  # the dispatcher's ack-progress stamps
+        self.fakes: dict[int, FakeWorker] = {}
+        self.next_pid = FIRST_PID
+        self.spawn_failures = 0
+        self.conns: dict[int, Conn] = {}  # inode of the server end -> connection
+        self.violations: list[str] = []
+        self.reloads: list[tuple[int, asyncio.Future]] = []
+        self.seen: dict[str, int] = {}
+        self.restarts_seen: Counter = Counter()
+        self.gap_checked: set[int] = set()
+        self.config = Config(workers=WORKERS, worker_connections=CAP, graceful_timeout=GRACEFUL, timeout=TIMEOUT,
+                             boot_timeout=BOOT_TIMEOUT)
+        self.dispatcher = Dispatcher(CAP, on_blocked=self._on_blocked)
+        self.sup: Supervisor = self.call(lambda: Supervisor(self.config, self.dispatcher, self._on_capacity,
+                                                            spawn=self._spawn, clock=self.clock))
+        try:
+            self.auto = True
+            boot = self.loop.create_task(self.sup.start())
+            for _ in range(10):
+                if boot.done():
+                    break
+                self.pump()
+            boot.result()
+            self.auto = False
+        except BaseException:
+            self.cleanup()
+            raise
+
+    # ---- the master's side, as balancer/master.py wires it -------------------------------------
+
+    def call(self, fn, *args):
+        """Run fn inside the loop (the supervisor asks for the running loop)."""
+
+        async def inside():
+            return fn(*args)
+
+        return self.loop.run_until_complete(inside())
+
+    def _loop_error(self, loop, context: dict) -> None:
+        """An exception escaped a reader callback or timer, or a future's exception was never retrieved."""
+        exc = context.get("exception")
+        self.violations.append(f"event loop: {context.get('message')}: {exc!r}")
+
+    def _on_capacity(self) -> None:
+        if self.dispatcher.homeless:
+            self.dispatcher.retry_homeless()
+
+    def _on_blocked(self, link) -> None:
+        def writable() -> None:
+            self.loop.remove_writer(link.channel.fileno())
+            link.send_blocked = False
+            self._on_capacity()
+
+        self.loop.add_writer(link.channel.fileno(), writable)
+
+    def _spawn(self, slot: int, generation: int):
+        if self.spawn_failures:
+            self.spawn_failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        pid = self.next_pid
+        self.next_pid += 1
+        record, fake = make_worker(slot, generation, pid, self.clock(), self._on_serve)
+        self.fakes[pid] = fake
+        return record
+
+    def _on_serve(self, fake: FakeWorker, inodes: list[int]) -> None:
+        for inode in inodes:
+            conn = self.conns.get(inode)
+            if conn is None:
+                self.violations.append(f"worker pid={fake.pid} was handed fd inode {inode} nobody accepted")
+            elif conn.served_by is not None:
+                self.violations.append(f"connection {inode} served twice: by pid={conn.served_by}, then by "
+                                       f"pid={fake.pid} ({self.fakes[conn.served_by].events} / {fake.events})")
+            else:
+                conn.served_by = fake.pid
+
+    def pump(self, rounds: int = 4) -> None:
+        """Let fakes act on signals (and behave, in auto mode) and the loop run, a few times over."""
+        # Drains are checked before any fake can act on them: a behaving worker drains and exits in one round.
+        for _ in range(rounds):
+            self.check_no_gap()
+            for fake in list(self.fakes.values()):
+                if self.auto:
+                    fake.behave()
+                else:
+                    fake.react()
+            step(self.loop)
+        self.check_no_gap()
+
+    def master_tick(self) -> None:
+        """The master's periodic steps (Master._schedule_tick)."""
+        self.call(self.sup.tick)
+        self.check_no_gap()
+        self.call(self.dispatcher.collect_all)
+        self.call(self.dispatcher.mark_overdue, self.clock(), STALL_AFTER)
+        self.call(self._on_capacity)
+
+    def advance(self, dt: float) -> None:
+        """Time passes: running workers read their channels and beat, then the master ticks."""
+        for fake in list(self.fakes.values()):
+            if self.auto:
+                fake.behave()
+                if fake.running:
+                    fake.close_conns(len(fake.conns))  # with faults over, clients finish too
+            fake.run_loop()
+        self.pump()
+        self.clock.advance(dt)
+        self.master_tick()
+        self.check_counts()
+        self.pump()
+
+    def live(self, pred=lambda f: True) -> list[FakeWorker]:
+        return [f for pid, f in sorted(self.fakes.items()) if f.alive and pred(f)]
+
+    def pick(self, i: int, pred=lambda f: True) -> FakeWorker | None:
+        fakes = self.live(pred)
+        return fakes[i % len(fakes)] if fakes else None
+
+    def arrive(self, sizes: list[int]) -> None:
+        """Master._on_readable for each batch: collect acks, accept up to the free room, dispatch."""
+        for size in sizes:
+            self.call(self.dispatcher.collect_all)
+            room = self.dispatcher.free_capacity()
+            if room <= 0 or self.dispatcher.homeless:
+                break  # accepting is paused: the kernel backlog holds them
+            items = []
+            for _ in range(min(size, room)):
+                client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.setblocking(False)
+                inode = os.fstat(server.fileno()).st_ino
+                self.conns[inode] = Conn(client)
+                items.append((server.detach(), socket.AF_UNIX))
+            self.call(self.dispatcher.dispatch, items)
+
+    # ---- promises -----------------------------------------------------------------------------
+
+    def check_table(self) -> None:
+        """No record for a reaped process; the dispatcher sees exactly the table's workers."""
+        for pid, w in self.sup.table.items():
+            fake = self.fakes[pid]
+            assert fake.alive, f"record for pid={pid} (slot {w.slot}, {w.phase.value}) whose process exited " \
+                               f"and was reaped: {fake.events}"
+        for fake in self.live():
+            assert fake.pid in self.sup.table, f"live worker pid={fake.pid} has no record: {fake}"
+        links = {id(w.link) for w in self.sup.table.values()}
+        stray = [link.slot for link in self.dispatcher.links if id(link) not in links]
+        assert not stray, f"dispatcher links for slots {stray} belong to no record"
+
+    def master_held(self) -> dict[int, list[str]]:
+        """inode -> where the master holds a copy: 'homeless' or 'pid=N'."""
+        held: dict[int, list[str]] = {}
+        places = [("homeless", list(self.dispatcher.homeless))]
+        links = {id(link): link for link in self.dispatcher.links}
+        owner = {}
+        for w in self.sup.table.values():
+            links[id(w.link)] = w.link
+            owner[id(w.link)] = w.pid
+        for key, link in links.items():
+            places.append((f"pid={owner.get(key, '?')}", list(link.unacked.values())))
+        for where, items in places:
+            for fd, _family in items:
+                try:
+                    inode = os.fstat(fd).st_ino
+                except OSError:
+                    raise AssertionError(f"the master lists fd {fd} ({where}) but it is closed") from None
+                held.setdefault(inode, []).append(where)
+        return held
+
+    def check_connections(self) -> None:
+        """Every connection is held by the master until one worker acks it, and then only by that worker."""
+        held = self.master_held()
+        for inode, where in held.items():
+            assert inode in self.conns, f"the master holds inode {inode} ({where}) that was never accepted"
+            assert len(where) == 1, f"connection {inode} held twice by the master: {where}"
+            conn = self.conns[inode]
+            if conn.served_by is not None:
+                assert where == [f"pid={conn.served_by}"], \
+                    f"connection {inode} acked by pid={conn.served_by} is queued again ({where[0]}): " \
+                    f"{self.fakes[conn.served_by].events}"
+        for inode, conn in self.conns.items():
+            if conn.served_by is None:
+                assert inode in held, f"connection {inode} was dropped: no worker took it and the master let go"
+
+    def check_no_gap(self) -> None:
+        """A worker drained for reload or recycle has a replacement in its slot that already reported READY."""
+        for w in self.sup.table.values():
+            if w.phase is Phase.DRAINING and w.reason in ("reload", "recycle") and w.pid not in self.gap_checked:
+                self.gap_checked.add(w.pid)
+                heirs = [f for f in self.fakes.values()
+                         if f.slot == w.slot and f.pid > w.pid and f.ever_ready and f.generation >= w.generation]
+                assert heirs, f"slot {w.slot} pid={w.pid} drained ({w.reason}) before any replacement was ready: " \
+                              f"{[f for f in self.fakes.values() if f.slot == w.slot]}"
+
+    def check_monotonic(self) -> None:
+        """Counters never go backwards."""
+        for key, value in self.sup.restarts.items():
+            assert value >= self.restarts_seen[key], f"restarts{key} went from {self.restarts_seen[key]} to {value}"
+        self.restarts_seen = Counter(self.sup.restarts)
+        for name, value in (("generation", self.sup.generation), ("failed_generation", self.sup.failed_generation),
+                            ("redispatched", self.dispatcher.redispatched)):
+            assert value >= self.seen.get(name, value), f"{name} went from {self.seen[name]} to {value}"
+            self.seen[name] = value
+
+    def check_counts(self) -> None:
+        """Right after a collect, each link's figures are exactly what its worker published."""
+        for w in self.sup.table.values():
+            fake = self.fakes[w.pid]
+            if fake.alive and fake.channel_open and not fake.outbox and not w.link.channel_lost:
+                assert w.link.acked_total == fake.acked, \
+                    f"pid={w.pid}: master counts {w.link.acked_total} acked, worker acked {fake.acked}"
+                assert w.link.open_conns == len(fake.conns), \
+                    f"pid={w.pid}: master counts {w.link.open_conns} open, worker has {len(fake.conns)}"
+
+    # ---- the end: faults stop, the pool converges, shutdown ----------------------------------
+
+    def converged(self) -> str:
+        """'' when `target` ready workers serve one slot each on the newest code, every fd placed; else why not."""
+        # The old code counts as newest while the newest generation could not boot (the reload stopped).
+        sup = self.sup
+        records = sup.records()
+        slots = sorted(w.slot for w in records)
+        if slots != list(range(sup.target)):
+            return f"slots {slots}, target {sup.target}"
+        for w in records:
+            if w.phase is not Phase.READY:
+                return f"slot {w.slot} pid={w.pid} is {w.phase.value}"
+            if w.generation != sup.generation and not (sup.failed_generation == sup.generation
+                                                       and w.generation < sup.generation):
+                return f"slot {w.slot} runs generation {w.generation}, wanted {sup.generation} " \
+                       f"(failed {sup.failed_generation})"
+            if w.recycle:
+                return f"slot {w.slot} pid={w.pid} asked to be recycled and was not"
+            fake = self.fakes[w.pid]
+            if not fake.running or fake.state != "ready" or not fake.channel_open:
+                return f"slot {w.slot} pid={w.pid} looks ready but is not: {fake}"  # timeouts will tell
+        if self.dispatcher.homeless:
+            return f"{len(self.dispatcher.homeless)} homeless connections"
+        unacked = sum(len(w.link.unacked) for w in records)
+        if unacked:
+            return f"{unacked} connections not acked"
+        return ""
+
+    def converge(self) -> None:
+        """Faults stop: every worker behaves (stalls and hangs already there are the supervisor's to clear)."""
+        self.auto = True
+        self.spawn_failures = 0
+        start = self.clock()
+        while True:
+            self.advance(TICK)
+            self.check_table()
+            self.check_connections()
+            self.check_no_gap()
+            why = self.converged()
+            if not why:
+                break
+            assert self.clock() - start < CONVERGE_WITHIN, \
+                f"the pool did not converge within {CONVERGE_WITHIN}s once faults stopped: {why}; " \
+                f"records {self.sup.records()}; fakes {self.live()}"
+        for _ in range(4):  # and it stays there
+            self.advance(TICK)
+        why = self.converged()
+        assert not why, f"the pool left its converged state: {why}"
+        failed = self.sup.failed_generation
+        for generation, future in self.reloads:
+            assert future.done(), f"reload to generation {generation} never answered"
+            # True once every slot ran it; False only when it (or a later one) failed to boot.
+            assert future.result() or generation <= failed, \
+                f"reload to generation {generation} answered False, yet no generation from it on failed ({failed})"
+        self.check_monotonic()
+        assert not self.violations, self.violations
+
+    def shut_down(self) -> None:
+        """Master.shutdown with its shutdown tick, the clock moving; every worker process must be gone in time."""
+        self.auto = True
+        start = self.clock()
+
+        async def master_shutdown():
+            await self.sup.shutdown()
+            self.dispatcher.close_homeless()
+
+        task = self.loop.create_task(master_shutdown())
+        while True:
+            self.pump()
+            if task.done():
+                break
+            assert self.clock() - start <= SHUTDOWN_BOUND, \
+                f"shutdown still running after {self.clock() - start:.2f}s: {self.sup.records()} {self.live()}"
+            self.clock.advance(TICK)
+            self.call(self.sup.tick)
+            self.check_no_gap()
+            self.call(self.dispatcher.collect_all)
+        task.result()
+        self.done = True
+        assert not self.sup.table, f"records left after shutdown: {self.sup.records()}"
+        assert not self.live(), f"workers alive after shutdown: {self.live()}"
+        assert not self.dispatcher.homeless
+        assert not any(link.unacked for link in self.dispatcher.links)
+        for generation, future in self.reloads:
+            assert future.done(), f"reload to generation {generation} never answered"
+        for inode, conn in self.conns.items():
+            try:
+                data = conn.client.recv(1)
+            except BlockingIOError:
+                raise AssertionError(f"connection {inode} still open after shutdown "
+                                     f"(served by {conn.served_by})") from None
+            assert data == b"", data
+        assert not self.violations, self.violations
+
+    def cleanup(self) -> None:
+        """Close everything an example opened, whether it passed or not."""
+        dispatch.time = self._real_time
+        held = [fd for fd, _ in self.dispatcher.homeless]
+        for w in list(self.sup.table.values()):  # records the supervisor never reaped (a failed example)
+            held += [fd for fd, _ in w.link.unacked.values()]
+            try:
+                self.loop.remove_reader(w.exit_fd)
+                os.close(w.exit_fd)
+            except OSError:
+                pass
+            w.channel.close()
+        wire.close_all(held)
+        for fake in self.fakes.values():
+            fake.release()
+        for conn in self.conns.values():
+            conn.client.close()
+        self.loop.close()
