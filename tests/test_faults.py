@@ -258,9 +258,7 @@ def test_sigstopped_worker_is_passed_over_then_aborted_and_its_connections_redis
         for th in threads:
             th.start()
         wait_until(lambda: len(results) >= 5, 20, "the live worker's half")
-        early = dict(results)
-        assert len(early) < 10, "nothing went to the stopped worker"
-        parked = 10 - len(early)
+        assert len(results) < 10, "nothing went to the stopped worker"
         # Once its acks are overdue the stopped worker is passed over: new clients are served at once.
         time.sleep(0.6)
         quick = time.monotonic()
@@ -272,13 +270,14 @@ def test_sigstopped_worker_is_passed_over_then_aborted_and_its_connections_redis
         b.wait_for(rf"worker slot=\d pid={victim} did not exit in time; SIGKILL", 10, start=mark)
         m = b.wait_for(rf"re-dispatched (\d+) unacknowledged connections of worker slot=\d pid={victim}", 10,
                        start=mark)
-        assert int(m.group(1)) == parked
         for th in threads:
             th.join(20)
-        late = {i: r for i, r in results.items() if i not in early}
         assert sorted(results) == list(range(10))
         assert all(r[0] == 200 and r[1] != str(victim) for r in results.values()), results
-        # the parked ones waited for --timeout plus the SIGABRT grace, not for ever and not less
-        assert all(timeout <= r[2] < timeout + 2 + 3 for r in late.values()), late
+        # The ones parked on the stopped worker waited for --timeout plus the SIGABRT grace, not for ever;
+        # the others were answered long before: exactly the re-dispatched ones are late.
+        late = {i: r for i, r in results.items() if r[2] >= timeout}
+        assert len(late) == int(m.group(1)) >= 1
+        assert all(r[2] < timeout + 2 + 3 for r in late.values()), late
         assert not pid_alive(victim)
         wait_until(lambda: len(b.worker_pids()) == 2, 20, "the slot to be refilled")
