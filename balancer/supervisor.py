@@ -15,6 +15,7 @@ from balancer import wire
 from balancer.backoff import Backoff
 from balancer.config import Config
 from balancer.dispatch import Dispatcher, Phase
+from balancer.pool import Wanted, plan
 from balancer.process import BootError, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
 
 log = logging.getLogger("balancer")
@@ -84,10 +85,6 @@ class Supervisor:
     def slots(self) -> list[WorkerProcess | None]:
         """The worker serving each wanted slot (None: none ready)."""
         return [self.serving(slot) for slot in range(self.target)]
-
-    def _outdated(self, w: WorkerProcess) -> bool:
-        """True when w should be replaced: older code than wanted (and that reload has not failed), or recycling."""
-        return w.recycle or (w.generation < self.generation and self.generation != self.failed_generation)
 
     # ---- spawning and events ------------------------------------------------------------------
 
@@ -265,59 +262,26 @@ class Supervisor:
         self.on_capacity()
 
     def reconcile(self) -> None:
-        """Move the real pool one step toward the desired one: size `target`, every slot at `generation`."""
-        if self.stopping:
-            for w in self.records():
-                if w.phase is Phase.READY:
-                    self.drain(w, "shutdown")
-                elif w.phase is Phase.BOOTING and not w.kill_at:
-                    self._dismiss(w, "shutdown", signal.SIGTERM)
-            self._settle_reloads()
-            return
-        if not self.started_up:
-            return  # start() boots the first workers and reports their failure itself
-        now = self.clock()
-        by_slot: dict[int, list[WorkerProcess]] = {}
-        for w in self.records():
-            by_slot.setdefault(w.slot, []).append(w)
-        replacing = False
-        candidates = []
-        for slot, recs in by_slot.items():
-            if slot >= self.target:
-                for w in recs:
-                    if w.phase is Phase.READY:
-                        self.drain(w, "scale")
-                    elif w.phase is Phase.BOOTING and not w.kill_at:
-                        self._dismiss(w, "scale", signal.SIGKILL)
-                continue
-            ready = [w for w in recs if w.phase is Phase.READY]
-            for old in ready[:-1]:  # a replacement is ready: only now may its predecessor drain
-                reason = "reload" if old.generation < ready[-1].generation else "recycle"
-                self.restarts[(slot, reason)] += 1
-                self.drain(old, reason)
-            if ready and any(w.phase is Phase.BOOTING for w in recs):
-                replacing = True
-        for slot in range(self.target):
-            recs = by_slot.get(slot, ())
-            current = self.serving(slot)
-            if any(w.phase is Phase.BOOTING for w in recs):
-                continue
-            if current is None:
-                self._start_when_allowed(slot, now)
-            elif self._outdated(current):
-                candidates.append(slot)
-        if candidates and not replacing:  # one replacement at a time: the others keep serving meanwhile
-            self._start_when_allowed(candidates[0], now)
-        for slot in [s for s in self.not_before if s >= self.target]:
-            del self.not_before[slot]
+        """Move the real pool one step toward the wanted one: size `target`, every slot at `generation`."""
+        if self.started_up or self.stopping:  # before, start() boots the first workers and reports failures
+            wanted = Wanted(self.target, self.generation, self.failed_generation, self.stopping)
+            steps = plan(self.records(), wanted, self.not_before, self.clock())
+            for w, reason in steps.drain:
+                if reason in ("reload", "recycle"):
+                    self.restarts[(w.slot, reason)] += 1
+                self.drain(w, reason)
+            for w, reason in steps.dismiss:
+                self._dismiss(w, reason, signal.SIGTERM if reason == "shutdown" else signal.SIGKILL)
+            for slot in steps.spawn:
+                self._start(slot)
+            for at in steps.wait.values():
+                self._wake_at(at)
+            for slot in [s for s in self.not_before if s >= self.target]:
+                del self.not_before[slot]
         self._settle_reloads()
 
-    def _start_when_allowed(self, slot: int, now: float) -> None:
-        """Spawn for slot unless its back-off says wait (then wake up when it ends)."""
-        at = self.not_before.get(slot, 0.0)
-        if now < at:
-            self._wake_at(at)
-            return
+    def _start(self, slot: int) -> None:
+        """Spawn for slot; when the system cannot start one now, back off and retry."""
         try:
             self.spawn_worker(slot)
         except OSError as exc:  # out of fds or processes: not the backend's fault
