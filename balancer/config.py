@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field, fields
+
+from balancer.cpus import available_cpus
 
 DEFAULT_BACKEND = "workers.examples.hello:handler"
 # 9100 is node_exporter and 9090 Prometheus; 9359 is free in the exporter port registry.
@@ -15,6 +16,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # so holding new connections in the backlog for --accept-coalesce does not leave it idle.
 COALESCE_BUSY = 8
 MAX_COALESCE = 0.05  # past this the wait is a latency the batching does not repay
+# One worker per CPU this process may use, not per CPU the machine has: a pod limited to 2 CPUs on a 64-core
+# node would otherwise start 64 workers that the CFS quota throttles in turn.
+DEFAULT_WORKERS = available_cpus()
 
 
 class ConfigError(ValueError):
@@ -71,7 +75,9 @@ class Config:
                        metavar="DIR")
     bind: tuple[str, ...] = opt(("127.0.0.1:8000",), "listen address; repeatable: HOST:PORT, [::1]:PORT, unix:/path",
                                 metavar="ADDR", repeat=True)
-    workers: int = opt(os.cpu_count() or 1, "number of worker processes (default: CPU count)", metavar="N")
+    workers: int = opt(DEFAULT_WORKERS, "number of worker processes (default: the CPUs this process may use: "
+                       "its affinity mask (taskset, cpuset), capped by its cgroup's CPU quota (cpu.max) rounded up, "
+                       f"at least 1; here {DEFAULT_WORKERS})", metavar="N")
     worker_connections: int = opt(1000, "open connections per worker before the master stops giving it more",
                                   metavar="N")
     backlog: int = opt(2048, "listen backlog: where connections wait while every worker is at its cap", metavar="N")
