@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from balancer.cpus import available_cpus
+from balancer.trusted import parse_allow_ips
 
 DEFAULT_BACKEND = "workers.examples.hello:handler"
 # 9100 is node_exporter and 9090 Prometheus; 9359 is free in the exporter port registry.
@@ -111,6 +112,10 @@ class Config:
     control_socket: str = opt("", "path of the 0600 control socket (default: $XDG_RUNTIME_DIR or /tmp, per port)",
                               metavar="PATH")
     pid_file: str = opt("", "write the master's pid here", metavar="PATH")
+    proxy_headers: bool = opt(True, "take the client's address, scheme and host from X-Forwarded-For/-Proto/-Host "
+                              "or Forwarded, only when the peer is in --forwarded-allow-ips")
+    forwarded_allow_ips: str = opt("127.0.0.1", "peers trusted with proxy headers: comma-separated IPs and CIDR "
+                                   "networks, or * for every peer; unix-socket peers always are", metavar="IPS")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,6 +148,10 @@ class Config:
             raise ConfigError(f"--loop must be one of {', '.join(LOOPS)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        try:
+            parse_allow_ips(self.forwarded_allow_ips)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def binds(self) -> list[Bind]:
@@ -153,7 +162,7 @@ class Config:
         """The subset of options a worker needs, as plain JSON-able values."""
         keys = ("backend", "app_dir", "keepalive_timeout", "header_timeout", "client_max_size", "graceful_timeout",
                 "loop", "log_level", "access_log", "tcp_keepalive", "max_requests", "max_requests_jitter",
-                "body_timeout", "body_min_rate")
+                "body_timeout", "body_min_rate", "proxy_headers", "forwarded_allow_ips")
         out = {k: getattr(self, k) for k in keys}
         out["beat_interval"] = min(1.0, self.timeout / 4)  # several beats fit in one --timeout
         return out

@@ -17,6 +17,7 @@ from balancer import wire
 from workers.backend import BackendError, load_app, skip_router
 from workers.channel import Channel
 from workers.connections import Connections, shutdown_quietly
+from workers.forwarded import ProxyHeaders
 from workers.heartbeat import Heartbeat
 from workers.limits import Limits
 from workers.stats import RequestStats
@@ -103,6 +104,10 @@ class Worker:
         # inserted middleware of our own cost ~6% of keep-alive throughput in aiohttp's per-middleware wrapping.
         # dispatch, for a bare handler, replaces the Application's routing (workers/backend.py skip_router).
         server.request_handler = functools.partial(self._observe, handler=dispatch or server.request_handler)
+        if self.settings.get("proxy_headers"):
+            # In the request factory, so the access log and error lines see the client as the handler does.
+            # Off (--no-proxy-headers), nothing is added to the request path.
+            server.request_factory = ProxyHeaders(self.settings["forwarded_allow_ips"]).wrap(server.request_factory)
         made, lost = server.connection_made, server.connection_lost
         watch_headers, deadlines = self.limits.watch_headers, self._deadlines
         socks = self.connections.socks
