@@ -26,6 +26,16 @@ class ConfigError(ValueError):
     """An option value that cannot work."""
 
 
+def parse_octal(text: str, option: str) -> int | None:
+    """Permission bits written in octal ("0660", "027", "0o660"); None when the option was not given."""
+    if not text:
+        return None
+    digits = text[2:] if text[:2].lower() == "0o" else text
+    if not re.fullmatch(r"[0-7]{1,4}", digits) or int(digits, 8) > 0o777:
+        raise ConfigError(f"bad {option} {text!r}: expected octal permission bits between 0 and 0777, e.g. 0660")
+    return int(digits, 8)
+
+
 def opt(default, help: str, *, metavar: str | None = None, repeat: bool = False, choices=None, flag=None):
     """Declare a Config field together with what its CLI flag needs."""
     meta = {"help": help, "metavar": metavar, "repeat": repeat, "choices": choices, "flag": flag}
@@ -116,6 +126,14 @@ class Config:
                               "or Forwarded, only when the peer is in --forwarded-allow-ips")
     forwarded_allow_ips: str = opt("127.0.0.1", "peers trusted with proxy headers: comma-separated IPs and CIDR "
                                    "networks, or * for every peer; unix-socket peers always are", metavar="IPS")
+    socket_mode: str = opt("", "permission bits of unix-socket binds, octal, e.g. 0660 (default: 0777 less the "
+                           "umask)", metavar="MODE")
+    socket_group: str = opt("", "group of unix-socket binds, name or gid (default: the master's)", metavar="GROUP")
+    umask: str = opt("", "umask of the master and its workers, octal, e.g. 027 (default: inherited)", metavar="MASK")
+    user: str = opt("", "run the master (once it has bound its sockets) and the workers as this user, name or uid; "
+                    "needs root", metavar="USER")
+    group: str = opt("", "run them with this group, name or gid (default: --user's primary group)", metavar="GROUP")
+    initgroups: bool = opt(False, "give them --user's supplementary groups from the group database (default: none)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -152,6 +170,8 @@ class Config:
             parse_allow_ips(self.forwarded_allow_ips)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        parse_octal(self.socket_mode, "--socket-mode")
+        parse_octal(self.umask, "--umask")
 
     @property
     def binds(self) -> list[Bind]:

@@ -28,15 +28,18 @@ class ForeignPeer(Exception):
     """The control socket is served by a process of another user: not our master."""
 
 
-def runtime_dir() -> str:
-    """Where default control sockets live: $XDG_RUNTIME_DIR/balancer, else $TMPDIR/balancer-<uid> (/tmp)."""
+def runtime_dir(uid: int | None = None) -> str:
+    """Where default control sockets live: $XDG_RUNTIME_DIR/balancer, else $TMPDIR/balancer-<uid> (/tmp).
+
+    For another uid (root starting a master with --user) only the second: $XDG_RUNTIME_DIR is root's own.
+    """
     base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
+    if (uid is None or uid == os.getuid()) and base and os.path.isdir(base):
         return os.path.join(base, "balancer")
-    return os.path.join(tempfile.gettempdir(), f"balancer-{os.getuid()}")
+    return os.path.join(tempfile.gettempdir(), f"balancer-{os.getuid() if uid is None else uid}")
 
 
-def check_private_dir(directory: str) -> None:
+def check_private_dir(directory: str, uid: int | None = None) -> None:
     """Refuse a directory another user could write into (delete our socket, plant a fake master there).
 
     In a shared /tmp anyone can create balancer-<uid> first: only a real directory of ours that nobody
@@ -49,31 +52,35 @@ def check_private_dir(directory: str) -> None:
         raise ConfigError(f"cannot use control socket directory {directory}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"control socket directory {directory} is not a directory; remove it")
-    if st.st_uid != os.getuid():
+    uid = os.getuid() if uid is None else uid
+    if st.st_uid != uid:
         raise ConfigError(f"control socket directory {directory} belongs to uid {st.st_uid}, not to us "
-                          f"(uid {os.getuid()}): another user could plant a fake master there; remove it")
+                          f"(uid {uid}): another user could plant a fake master there; remove it")
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise ConfigError(f"control socket directory {directory} has mode {stat.S_IMODE(st.st_mode):04o}, "
                           f"must be 0700 so no other user can enter it: chmod 700 {directory}")
 
 
-def private_runtime_dir() -> str:
-    """runtime_dir(), created 0700 if missing, after check_private_dir."""
-    directory = runtime_dir()
+def private_runtime_dir(owner: tuple[int, int] | None = None) -> str:
+    """runtime_dir() of owner's uid (default: ours), created 0700 and given to owner if missing, then checked."""
+    uid = None if owner is None else owner[0]
+    directory = runtime_dir(uid)
     try:
         os.mkdir(directory, 0o700)
+        if owner is not None:
+            os.lchown(directory, *owner)
     except FileExistsError:
         pass
     except OSError as exc:
         raise ConfigError(f"cannot create control socket directory {directory}: {exc.strerror}") from None
-    check_private_dir(directory)
+    check_private_dir(directory, uid)
     return directory
 
 
-def default_socket_path(bind_label: str) -> str:
-    """Where the master listening on bind_label puts its control socket, so the client finds it."""
+def default_socket_path(bind_label: str, uid: int | None = None) -> str:
+    """Where the master listening on bind_label puts its control socket, so the client (as uid) finds it."""
     key = re.sub(r"[^A-Za-z0-9.]+", "-", bind_label).strip("-") or "default"
-    return os.path.join(runtime_dir(), f"{key}.sock")
+    return os.path.join(runtime_dir(uid), f"{key}.sock")
 
 
 def client_socket_path(control_socket: str, bind: str) -> str:
@@ -92,28 +99,38 @@ class ControlServer:
         self.master = master
         config = master.config
         label = master.listeners[0].label if master.listeners else str(config.binds[0])
-        self.path = config.control_socket or default_socket_path(label)
+        # With --user the master will run as that user: its files are that user's, where its client looks.
+        run_as = getattr(master, "run_as", None)
+        self.owner: tuple[int, int] | None = run_as.owner if run_as is not None else None
+        self.path = config.control_socket or default_socket_path(label, None if self.owner is None else self.owner[0])
         self.pid_file = config.pid_file
         self.server: asyncio.AbstractServer | None = None
         # (st_dev, st_ino) of the files we created: close() removes only those, never a successor's.
         self.identity: tuple[int, int] | None = None
         self.pid_identity: tuple[int, int] | None = None
 
+    @property
+    def files(self) -> list[str]:
+        """The paths this service creates and removes at exit."""
+        return [self.path] + ([self.pid_file] if self.pid_file else [])
+
     async def start(self) -> None:
         """Create the socket 0600 (no window where others could connect) and the pid file."""
         if not self.master.config.control_socket:
-            private_runtime_dir()
+            private_runtime_dir(self.owner)
         self._clear_stale_socket()
         old_umask = os.umask(0o177)
         try:
             self.server = await asyncio.start_unix_server(self._handle, path=self.path)
             self.identity = file_identity(self.path)
+            if self.owner is not None:
+                os.lchown(self.path, *self.owner)
         except OSError as exc:
             raise ConfigError(f"cannot create control socket {self.path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
         if self.pid_file:
-            self.pid_identity = write_pid_file(self.pid_file)
+            self.pid_identity = write_pid_file(self.pid_file, self.owner)
         log.info("control socket at %s", self.path)
 
     def _clear_stale_socket(self) -> None:
@@ -200,8 +217,8 @@ class ControlServer:
                 "workers": workers}
 
 
-def write_pid_file(path: str) -> tuple[int, int]:
-    """Write our pid to path; its (st_dev, st_ino). A file we could not finish is removed."""
+def write_pid_file(path: str, owner: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Write our pid to path (given to owner, if any); its (st_dev, st_ino). A file we could not finish is removed."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -209,6 +226,8 @@ def write_pid_file(path: str) -> tuple[int, int]:
     st = os.fstat(fd)
     try:
         os.write(fd, f"{os.getpid()}\n".encode())
+        if owner is not None:
+            os.fchown(fd, *owner)
     except OSError as exc:
         unlink_if_ours(path, (st.st_dev, st.st_ino))
         raise ConfigError(f"cannot write pid file {path}: {exc.strerror}") from None

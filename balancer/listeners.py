@@ -95,8 +95,13 @@ def bind_tcp(bind: Bind, backlog: int, keepalive: bool = True) -> Listener:
     return Listener(sock, str(Bind("tcp", host=host, port=port)))
 
 
-def bind_unix(bind: Bind, backlog: int) -> Listener:
-    """Bind a unix-domain listener, replacing a stale socket file but never a live socket or a regular file."""
+def bind_unix(bind: Bind, backlog: int, mode: int | None = None, owner: tuple[int, int] = (-1, -1)) -> Listener:
+    """Bind a unix-domain listener, replacing a stale socket file but never a live socket or a regular file.
+
+    mode (--socket-mode) and owner (--user, --socket-group; -1 leaves one as is) are set before listen(): no
+    client can connect while the file still has the umask's mode. The mode comes from a umask around bind(),
+    not a chmod after it, which would follow a symlink swapped in for the socket to any file root may change.
+    """
     path = bind.path
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -110,8 +115,15 @@ def bind_unix(bind: Bind, backlog: int) -> Listener:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     identity = None
     try:
-        sock.bind(path)
+        old_umask = os.umask(0o777 & ~mode) if mode is not None else None
+        try:
+            sock.bind(path)
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
         identity = file_identity(path)
+        if owner != (-1, -1):
+            os.lchown(path, *owner)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
@@ -137,7 +149,8 @@ def systemd_listeners() -> list[Listener]:
     return out
 
 
-def open_listeners(binds: list[Bind], backlog: int, keepalive: bool = True) -> list[Listener]:
+def open_listeners(binds: list[Bind], backlog: int, keepalive: bool = True, unix_mode: int | None = None,
+                   unix_owner: tuple[int, int] = (-1, -1)) -> list[Listener]:
     """Bind every address (or adopt systemd's), closing what was opened if one fails."""
     inherited = systemd_listeners()
     if inherited:
@@ -145,7 +158,8 @@ def open_listeners(binds: list[Bind], backlog: int, keepalive: bool = True) -> l
     out: list[Listener] = []
     try:
         for bind in binds:
-            out.append(bind_unix(bind, backlog) if bind.family == "unix" else bind_tcp(bind, backlog, keepalive))
+            out.append(bind_unix(bind, backlog, unix_mode, unix_owner) if bind.family == "unix"
+                       else bind_tcp(bind, backlog, keepalive))
     except ConfigError:
         for listener in out:
             listener.close()

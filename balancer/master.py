@@ -11,8 +11,8 @@ import signal
 import time
 from typing import Callable
 
-from balancer import handoff
-from balancer.config import COALESCE_BUSY, Config, ConfigError
+from balancer import handoff, privileges
+from balancer.config import COALESCE_BUSY, Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher, Link
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError
@@ -58,6 +58,7 @@ class Master:
         self.coalesced = 0  # times accepting waited for a bigger batch (--accept-coalesce)
         self.started = time.time()
         self.services: list = []  # metrics endpoint, control socket: objects with async close()
+        self.run_as: privileges.RunAs | None = None  # --user/--group: who the master becomes once bound
 
     # ---- accepting ------------------------------------------------------------------------------
 
@@ -201,13 +202,18 @@ class Master:
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code."""
         loop = asyncio.get_running_loop()
-        self.listeners = open_listeners(self.config.binds, self.config.backlog, self.config.tcp_keepalive)
+        self.run_as = privileges.prepare(self.config)
+        self.listeners = open_listeners(self.config.binds, self.config.backlog, self.config.tcp_keepalive,
+                                        parse_octal(self.config.socket_mode, "--socket-mode"),
+                                        privileges.socket_owner(self.config, self.run_as))
         for sig in HANDLED_SIGNALS:
             # The handler only records the signal; the loop below acts on it.
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity)
         try:
             await self._start_services()
+            if self.run_as is not None:
+                await self._drop_privileges()
             if await self._boot():
                 self.booted = True
                 log.info("balancer %d workers serving on %s (pid %d, hand-off in %s)", self.config.workers,
@@ -281,6 +287,16 @@ class Master:
             sup.scale(sup.target + 1)
         elif sig == signal.SIGTTOU:
             sup.scale(max(1, sup.target - 1))
+
+    async def _drop_privileges(self) -> None:
+        """Bound and set up as root: become --user for good; workers, all started after this, are that user too."""
+        paths = [listener.unlink for listener in self.listeners if listener.unlink]
+        paths += [path for service in self.services for path in getattr(service, "files", ())]
+        try:
+            privileges.become(self.run_as, paths)
+        except ConfigError:
+            await self._close_services()
+            raise
 
     async def _start_services(self) -> None:
         """Start the metrics endpoint and the control socket; if one fails, close what started and raise."""
