@@ -95,8 +95,13 @@ class Config:
     accept_coalesce: float = opt(0.001, "seconds the master waits to accept again while every worker has "
                                  f"{COALESCE_BUSY}+ connections open, so they go out in bigger batches (0: never)",
                                  metavar="SECONDS")
-    graceful_timeout: float = opt(30.0, "seconds a draining worker gets to finish in-flight requests",
-                                  metavar="SECONDS")
+    # 25: graceful timeout + shutdown delay + KILL_GRACE (2 s) fits Kubernetes' 30 s terminationGracePeriodSeconds.
+    graceful_timeout: float = opt(25.0, "seconds a draining worker gets to finish in-flight requests; this plus "
+                                  "--shutdown-delay plus 2 s must fit the wait before SIGKILL (Kubernetes: 30 s "
+                                  "unless terminationGracePeriodSeconds says otherwise)", metavar="SECONDS")
+    shutdown_delay: float = opt(0.0, "seconds to keep accepting and serving after SIGTERM, SIGINT or `balancer stop` "
+                                "while /readyz answers 503, so load balancers stop routing here before the drain "
+                                "starts (0: drain at once)", metavar="SECONDS")
     timeout: float = opt(30.0, "seconds without a heartbeat from a worker's event loop before it is killed",
                          metavar="SECONDS")
     boot_timeout: float = opt(30.0, "seconds a new worker gets to load the backend and report ready",
@@ -153,7 +158,8 @@ class Config:
         for name in ("workers", "worker_connections", "backlog", "client_max_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_requests", "max_requests_jitter", "max_memory", "body_timeout", "body_min_rate"):
+        for name in ("max_requests", "max_requests_jitter", "max_memory", "body_timeout", "body_min_rate",
+                     "shutdown_delay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         for name in ("graceful_timeout", "timeout", "boot_timeout", "keepalive_timeout", "header_timeout"):

@@ -16,6 +16,7 @@ from balancer.config import COALESCE_BUSY, Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher, Link
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError
+from balancer.reaper import OrphanReaper
 from balancer.supervisor import Supervisor
 
 log = logging.getLogger("balancer")
@@ -44,7 +45,8 @@ class Master:
         self.supervisor: Supervisor | None = None
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.paused = True  # not reading the listeners: no worker ready yet, or all at their caps
-        self.stopping = False
+        self.stopping = False  # draining: the listeners are closed
+        self.shutting_down = False  # a stop was asked for: /readyz says 503, maybe while serving on (--shutdown-delay)
         self.booted = False  # every first worker reported ready: reload and scale may act
         self.accepted = 0
         self.accept_errors: dict[str, int] = {}
@@ -59,6 +61,7 @@ class Master:
         self.started = time.time()
         self.services: list = []  # metrics endpoint, control socket: objects with async close()
         self.run_as: privileges.RunAs | None = None  # --user/--group: who the master becomes once bound
+        self.reaper = OrphanReaper(self._is_worker)
 
     # ---- accepting ------------------------------------------------------------------------------
 
@@ -209,6 +212,7 @@ class Master:
         for sig in HANDLED_SIGNALS:
             # The handler only records the signal; the loop below acts on it.
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        self.reaper.start(loop)  # before the first worker: whatever its backend orphans comes back to us
         self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity)
         try:
             await self._start_services()
@@ -223,6 +227,9 @@ class Master:
             while True:
                 sig = await self.signals.get()
                 if sig in STOP_SIGNALS:
+                    self.shutting_down = True  # /readyz answers 503 from now on
+                    if self.booted and self.config.shutdown_delay > 0:
+                        sig = await self._serve_before_drain(sig)
                     log.info("%s: graceful shutdown", signal.Signals(sig).name)
                     await self._shutdown_unless_hurried()
                     return 0
@@ -233,6 +240,31 @@ class Master:
             raise
         finally:
             self._close_listeners()
+            self.reaper.stop()
+
+    async def _serve_before_drain(self, sig: int) -> int:
+        """Keep accepting for --shutdown-delay while /readyz says 503; the stop signal to drain with.
+
+        Load balancers (a Kubernetes Service's endpoints) stop routing here only some time after the stop
+        starts, and asynchronously: connections routed here meanwhile are still served. A second stop signal
+        ends the wait (the next one during the drain cuts it short); other signals are ignored from now on.
+        """
+        delay = self.config.shutdown_delay
+        log.info("%s: not ready; serving %gs more before draining (--shutdown-delay)", signal.Signals(sig).name,
+                 delay)
+        timer = asyncio.ensure_future(asyncio.sleep(delay))
+        try:
+            while True:
+                again = await self._signal_unless_done(timer)
+                if again is None:
+                    return sig
+                if again in STOP_SIGNALS:
+                    log.info("%s again: draining now, before the end of --shutdown-delay",
+                             signal.Signals(again).name)
+                    return again
+                log.info("%s ignored: shutting down", signal.Signals(again).name)
+        finally:
+            timer.cancel()
 
     async def _signal_unless_done(self, work: asyncio.Future) -> int | None:
         """The next signal received, or None when work finishes first."""
@@ -278,6 +310,10 @@ class Master:
             for sig in later:
                 self.signals.put_nowait(sig)
 
+    def _is_worker(self, pid: int) -> bool:
+        """True for a worker process the supervisor still has to reap itself."""
+        return self.supervisor is not None and pid in self.supervisor.table
+
     def handle_signal(self, sig: int) -> None:
         """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer."""
         sup = self.supervisor
@@ -307,6 +343,7 @@ class Master:
                 from balancer.metrics import MetricsServer
 
                 metrics = MetricsServer(self)
+                metrics.registry.register(self.reaper)  # balancer_orphans_reaped_total
                 self.services.append(metrics)  # before start(): a half-started server is closed too
                 try:
                     await metrics.start()  # logs "metrics on http://HOST:PORT/metrics"
@@ -331,7 +368,8 @@ class Master:
         self._every_tick(self.supervisor.tick,
                          self.dispatcher.collect_all,  # when idle, the master's copies of acked fds close here
                          lambda: self.dispatcher.mark_overdue(time.monotonic(), STALL_AFTER),
-                         self._on_capacity)  # a ready worker may have been missed while all were blocked
+                         self._on_capacity,  # a ready worker may have been missed while all were blocked
+                         self.reaper.reap)  # SIGCHLDs coalesce; what one pass missed, the tick gets
 
     def _every_tick(self, *steps: Callable[[], object]) -> None:
         """Run steps every TICK seconds, each on its own: one failing step must not stop the others or the tick.
@@ -380,7 +418,7 @@ class Master:
 
     def _schedule_shutdown_tick(self) -> None:
         """Keep enforcing kill deadlines while draining."""
-        self._every_tick(self.supervisor.tick, self.dispatcher.collect_all)
+        self._every_tick(self.supervisor.tick, self.dispatcher.collect_all, self.reaper.reap)
 
     def _close_listeners(self) -> None:
         """Close every listening socket (and remove unix paths we created)."""

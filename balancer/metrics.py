@@ -178,11 +178,13 @@ class MetricsServer:
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
         """200 while at least one worker is ready and the master is not shutting down, else 503."""
+        if self.master.shutting_down or self.master.stopping:  # also during --shutdown-delay, while it serves on
+            return web.Response(status=503, text="not ready: shutting down\n")
         sup = self.master.supervisor
         ready = sum(1 for w in sup.processes() if w.phase is Phase.READY)
-        if ready and not self.master.stopping:
+        if ready:
             return web.Response(text=f"ready: {ready} workers\n")
-        return web.Response(status=503, text="not ready\n")
+        return web.Response(status=503, text="not ready: no worker ready\n")
 
     # ---- folding ------------------------------------------------------------------------------
 

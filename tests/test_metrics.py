@@ -232,7 +232,7 @@ class FakeMaster:
     def __init__(self) -> None:
         self.config = type("Config", (), {"metrics_bind": "127.0.0.1:0"})()
         self.accepted, self.accept_errors, self.stopping, self.started = 0, {}, False, time.time()
-        self.coalesced = 0
+        self.coalesced, self.shutting_down = 0, False
         self.dispatcher = type("Dispatcher", (), {"redispatched": 0})()
         sup = self.supervisor = type("Supervisor", (), {})()
         sup.slots, sup.live, sup.restarts, sup.on_exit_hooks = [None, None], [], collections.Counter(), []
@@ -302,6 +302,10 @@ def test_readyz_healthz_and_the_log_line(caplog):
                 async def status(path):
                     async with s.get(base + path) as r:
                         return r.status
+
+                async def readyz():
+                    async with s.get(base + "/readyz") as r:
+                        return r.status, await r.text()
                 assert await status("/healthz") == 200
                 assert await status("/readyz") == 503  # no worker at all
                 w = FakeWorker(0, os.getpid(), 1, 1)
@@ -310,8 +314,10 @@ def test_readyz_healthz_and_the_log_line(caplog):
                 assert await status("/readyz") == 503
                 w.phase = Phase.READY
                 assert await status("/readyz") == 200
-                master.stopping = True
-                assert await status("/readyz") == 503
+                master.shutting_down = True  # a stop signal, still serving during --shutdown-delay
+                assert await readyz() == (503, "not ready: shutting down\n")
+                master.shutting_down, master.stopping = False, True
+                assert await readyz() == (503, "not ready: shutting down\n")
         finally:
             await server.close()
 
