@@ -177,7 +177,7 @@ class MetricsServer:
         return web.Response(text="ok\n")
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
-        """200 while at least one worker is ready and the master is not shutting down, else 503."""
+        """200 while at least one worker is ready and the master is not shutting down, else 503 saying why."""
         if self.master.shutting_down or self.master.stopping:  # also during --shutdown-delay, while it serves on
             return web.Response(status=503, text="not ready: shutting down\n")
         sup = self.master.supervisor
