@@ -184,7 +184,7 @@ class ControlServer:
         cmd = request.get("cmd")
         if cmd == "status":
             return {"ok": True, **self.status()}
-        if sup is None or not master.booted or master.stopping:
+        if sup is None or not master.booted or master.stopping or master.shutting_down:
             return {"ok": False, "error": "the master is starting or stopping"}
         if cmd == "reload":
             ok = await sup.request_reload()

@@ -137,3 +137,18 @@ def test_default_timings_fit_kubernetes_grace_period_and_bad_delays_exit_2():
     assert "(default: 25.0)" in " ".join(run_cli("--help").stdout.split())
     r = run_cli("--shutdown-delay", "-1")
     assert r.returncode == 2 and r.stderr.strip() == "balancer: error: --shutdown-delay must be 0 or more, got -1.0"
+
+
+def test_reload_and_scale_are_refused_during_the_delay(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with Balancer("--workers", "1", "--shutdown-delay", "5", "--control-socket", str(sock), *APP) as b:
+        mark = b.mark()
+        b.signal(signal.SIGTERM)
+        b.wait_for(r"SIGTERM: not ready; serving 5s more", 5, start=mark)
+        for args in (["reload"], ["scale", "3"]):
+            r = subprocess.run([sys.executable, "-m", "balancer", *args, "--control-socket", str(sock)],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 1 and "starting or stopping" in r.stderr, (args, r.stdout, r.stderr)
+        assert "rolling reload" not in b.log() and "scaling" not in b.log()
+        b.signal(signal.SIGTERM)  # a second stop ends the delay
+        assert b.wait(20) == 0
