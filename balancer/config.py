@@ -119,6 +119,18 @@ class Config:
     max_memory: int = opt(0, "recycle a worker whose resident memory passes this many MiB (0: never)",
                           metavar="MB")
     tcp_keepalive: bool = opt(True, "enable TCP keepalive probes so half-open connections die")
+    certfile: str = opt("", "serve HTTPS with this PEM certificate (its chain after it): TLS 1.2 and up, ALPN "
+                        "http/1.1, the handshake in the workers within --header-timeout; workers read it when they "
+                        "start, so a reload (SIGHUP) serves a rotated one", metavar="FILE")
+    keyfile: str = opt("", "the certificate's private key, unencrypted PEM (default: the key in --certfile)",
+                       metavar="FILE")
+    ca_certs: str = opt("", "CA certificates (PEM) that client certificates are verified against", metavar="FILE")
+    cert_reqs: int = opt(0, "client certificates: 0 not asked for, 1 verified when sent, 2 required; 1 and 2 need "
+                         "--ca-certs", metavar="N")
+    ciphers: str = opt("", "TLS 1.2 cipher list in OpenSSL syntax (default: Python's)", metavar="LIST")
+    proxy_protocol: bool = opt(False, "peers in --forwarded-allow-ips must begin each connection with a PROXY "
+                               "protocol v1 or v2 header naming the client (else it is closed); others are served "
+                               "as the clients they are")
     loop: str = opt("auto", "event loop in the workers: auto = uvloop when installed", choices=LOOPS)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     access_log: bool = opt(False, "log every request from the workers")
@@ -178,6 +190,22 @@ class Config:
             raise ConfigError(str(exc)) from None
         parse_octal(self.socket_mode, "--socket-mode")
         parse_octal(self.umask, "--umask")
+        self._validate_tls()
+
+    def _validate_tls(self) -> None:
+        """Load the TLS files once, so that a bad one stops start-up here rather than in every worker."""
+        if not self.certfile:
+            if self.keyfile or self.ca_certs or self.cert_reqs or self.ciphers:
+                raise ConfigError("--keyfile, --ca-certs, --cert-reqs and --ciphers need --certfile")
+            return
+        if self.cert_reqs and not self.ca_certs:
+            raise ConfigError(f"--cert-reqs {self.cert_reqs} needs --ca-certs to verify client certificates with")
+        from workers.tls import TLSError, server_context
+
+        try:
+            server_context(self.certfile, self.keyfile, self.ca_certs, self.cert_reqs, self.ciphers)
+        except TLSError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def binds(self) -> list[Bind]:
@@ -188,8 +216,13 @@ class Config:
         """The subset of options a worker needs, as plain JSON-able values."""
         keys = ("backend", "app_dir", "keepalive_timeout", "header_timeout", "client_max_size", "graceful_timeout",
                 "loop", "log_level", "access_log", "tcp_keepalive", "max_requests", "max_requests_jitter",
-                "body_timeout", "body_min_rate", "proxy_headers", "forwarded_allow_ips")
+                "body_timeout", "body_min_rate", "proxy_headers", "forwarded_allow_ips", "proxy_protocol",
+                "cert_reqs", "ciphers")
         out = {k: getattr(self, k) for k in keys}
+        from os.path import abspath
+
+        for name in ("certfile", "keyfile", "ca_certs"):  # absolute: a worker's directory need not be ours
+            out[name] = abspath(getattr(self, name)) if getattr(self, name) else ""
         out["beat_interval"] = min(1.0, self.timeout / 4)  # several beats fit in one --timeout
         return out
 

@@ -71,6 +71,8 @@ class SlotFigures:
         self.header_timeouts = 0
         self.body_timeouts = 0
         self.bad_requests = 0
+        self.proxy_protocol_errors = 0
+        self.tls_handshake_errors = 0
         self.cpu = 0.0
         self.user: dict[str, dict[tuple, float]] = {}  # family -> (sample name, labels) -> value
         # Gauges: live workers only, never folded.
@@ -87,6 +89,7 @@ class SlotFigures:
         out.dispatched, out.duration_sum = self.dispatched, self.duration_sum
         out.header_timeouts, out.cpu = self.header_timeouts, self.cpu
         out.body_timeouts, out.bad_requests = self.body_timeouts, self.bad_requests
+        out.proxy_protocol_errors, out.tls_handshake_errors = self.proxy_protocol_errors, self.tls_handshake_errors
         out.requests = dict(self.requests)
         out.buckets = list(self.buckets)
         out.user = {name: dict(samples) for name, samples in self.user.items()}
@@ -110,6 +113,8 @@ class SlotFigures:
         self.header_timeouts += stats.get("header_timeouts", 0)
         self.body_timeouts += stats.get("body_timeouts", 0)
         self.bad_requests += stats.get("bad_requests", 0)
+        self.proxy_protocol_errors += stats.get("proxy_protocol_errors", 0)
+        self.tls_handshake_errors += stats.get("tls_handshake_errors", 0)
         if live:
             self.inflight += stats.get("inflight", 0)
         for name, typ, doc, samples in stats.get("metrics", ()):
@@ -271,6 +276,12 @@ class MetricsServer:
                        lambda f: f.body_timeouts)
         yield per_slot(CounterMetricFamily, "balancer_worker_bad_requests",
                        "Malformed requests answered 400 by the HTTP parser.", lambda f: f.bad_requests)
+        yield per_slot(CounterMetricFamily, "balancer_worker_proxy_protocol_errors",
+                       "Connections from --forwarded-allow-ips peers closed for a missing or malformed PROXY header.",
+                       lambda f: f.proxy_protocol_errors)
+        yield per_slot(CounterMetricFamily, "balancer_worker_tls_handshake_errors",
+                       "TLS handshakes refused (protocol, certificate, cipher); ones cut by --header-timeout count "
+                       "as header timeouts.", lambda f: f.tls_handshake_errors)
         yield per_slot(CounterMetricFamily, "balancer_worker_cpu_seconds",
                        "User and system CPU seconds of the slot's workers.", lambda f: f.cpu)
         yield per_slot(GaugeMetricFamily, "balancer_worker_resident_memory_bytes",

@@ -58,9 +58,9 @@ class Connections:
                 os.close(fd)
                 self.count_closed()
                 continue
-            self._drive(connect(server, sock), sock)
+            self.drive(connect(server, sock), sock)
 
-    def _drive(self, coro, sock: socket.socket, _done=None) -> None:
+    def drive(self, coro, sock: socket.socket, _done=None) -> None:
         """Run connect_accepted_socket to its end without a Task: resumed by each future it waits on.
 
         A Task per batch, awaiting each connect in turn, cost one Task and two loop turns per connection.
@@ -82,7 +82,7 @@ class Connections:
             self.count_closed()  # it died before aiohttp got it: still counted as closed
             return
         waiting._asyncio_future_blocking = False  # what a Task does with a future it was handed
-        waiting.add_done_callback(functools.partial(self._drive, coro, sock))
+        waiting.add_done_callback(functools.partial(self.drive, coro, sock))
 
     def count_closed(self) -> None:
         """One of our connections closed: tell the master through the board."""

@@ -32,6 +32,8 @@ class RequestStats:
         self.header_timeouts = 0
         self.body_timeouts = 0  # requests answered 408: their body came slower than --body-min-rate
         self.bad_requests = 0  # malformed requests answered 400 by aiohttp's parser
+        self.proxy_protocol_errors = 0  # connections closed for a missing or malformed PROXY header
+        self.tls_handshake_errors = 0  # TLS handshakes the TLS layer refused (deadline cuts are header_timeouts)
         self._default_names: frozenset[str] | None = None
         self._warned_cap = False
         self._warned_collect = False
@@ -57,6 +59,8 @@ class RequestStats:
             "header_timeouts": self.header_timeouts,
             "body_timeouts": self.body_timeouts,
             "bad_requests": self.bad_requests,
+            "proxy_protocol_errors": self.proxy_protocol_errors,
+            "tls_handshake_errors": self.tls_handshake_errors,
         }
         # A backend that never imported prometheus_client registered nothing: don't pay for the import.
         if "prometheus_client" in sys.modules:

@@ -17,6 +17,7 @@ from balancer import wire
 from workers.backend import BackendError, load_app, skip_router
 from workers.channel import Channel
 from workers.connections import Connections, shutdown_quietly
+from workers.edge import Edge, EdgeError
 from workers.forwarded import ProxyHeaders
 from workers.heartbeat import Heartbeat
 from workers.limits import Limits
@@ -58,6 +59,10 @@ class Worker:
 
     async def run(self) -> int:
         """Load the backend, report READY, serve until told to stop, drain, and return an exit code."""
+        try:  # TLS files are read at every boot: a reload (SIGHUP) serves certificates rotated on disk
+            edge = Edge.from_settings(self.loop, self.connections, self.stats, self.settings)
+        except EdgeError as exc:
+            return self._boot_failed(str(exc))
         try:
             backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
                                      client_max_size=self.settings["client_max_size"])
@@ -77,6 +82,8 @@ class Worker:
             log.debug("backend startup failed", exc_info=True)
             return self._boot_failed(f"backend startup failed: {type(exc).__name__}: {exc}")
         self._hook_server(self.runner.server, skip_router(backend) if backend.route else None)
+        if edge is not None:  # PROXY header and TLS handshake before aiohttp; without them the plain path
+            self.channel.serve = edge.serve
         self.channel.start()
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         if not c_parser_in_use():
