@@ -25,6 +25,11 @@ TARGETS = [
 SUBJECT = "balancer"
 
 
+def _ours(system: str) -> bool:
+    """balancer, or a variant of it (balancer-https): shown in bold and red."""
+    return system == SUBJECT or system.startswith(SUBJECT + "-")
+
+
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -173,11 +178,14 @@ def _summary_table(data: dict, agg: dict) -> list[str]:
     head = ["system"] + [f"{w['name']} {'req/s' if w['key'] == 'rps' else 'p99 ms'}" for w in wls] + ["errors", "crashed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for system in data["systems"]:
-        row = [f"**{system}**" if system == SUBJECT else system]
+        row = [f"**{system}**" if _ours(system) else system]
         errors, crashed = 0, False
         for w in wls:
             a = agg[(system, w["name"])]
             crashed |= a["crashed"] or a["failed"] > 0
+            if not a["runs"]:  # not a workload of this system (https workloads run on the https systems)
+                row.append("-")
+                continue
             if a.get("rps") is None:
                 row.append("failed")
                 continue
@@ -193,7 +201,9 @@ def _workload_table(data: dict, agg: dict, w: dict) -> list[str]:
              "| total CPU % | leader us/req | load gen CPU % | other CPU % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for system in data["systems"]:
         a = agg[(system, w["name"])]
-        name = f"**{system}**" if system == SUBJECT else system
+        if not a["runs"]:
+            continue
+        name = f"**{system}**" if _ours(system) else system
         if a.get("rps") is None:
             lines.append(f"| {name} | failed: {'; '.join(a['errors_list'])[:120] or '?'} |  |  |  |  |  |  |  |  |  |")
             continue
@@ -249,14 +259,14 @@ def chart(data: dict, path: Path) -> None:
 
     agg = aggregate(data)
     wls = data["workloads"]
-    systems = data["systems"]
     n = len(wls) + 1
     cols = 3
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(15, 4.2 * rows), squeeze=False)
-    colors = ["#d62728" if s == SUBJECT else "#7f7f7f" for s in systems]
     for ax, w in zip(axes.flat, wls):
         key = w["key"]
+        systems = [s for s in data["systems"] if agg[(s, w["name"])]["runs"]]  # those this workload ran on
+        colors = ["#d62728" if _ours(s) else "#7f7f7f" for s in systems]
         vals, lo, hi = [], [], []
         for s in systems:
             a = agg[(s, w["name"])]

@@ -25,6 +25,7 @@ from pathlib import Path
 from bench import report
 from bench.procstat import cpu_delta, machine_busy, machine_cpu
 from bench.systems import REPO, SPECS, Running
+from bench.tls import self_signed
 from bench.workloads import all_workloads
 
 HERE = Path(__file__).resolve().parent
@@ -159,9 +160,15 @@ def start_all(systems: list[Running]) -> None:
 
 def warm_up(system: Running, args: argparse.Namespace, workdir: Path) -> None:
     from bench import loadgen
-    for path in ("/", "/template"):
-        loadgen.run_wrk(f"http://127.0.0.1:{system.port}{path}", max(1, int(args.warmup / 2)), 16, 1, workdir,
+    scheme = "https" if system.spec.tls else "http"
+    for path in ("/",) if system.spec.tls else ("/", "/template"):
+        loadgen.run_wrk(f"{scheme}://127.0.0.1:{system.port}{path}", max(1, int(args.warmup / 2)), 16, 1, workdir,
                         f"warmup-{system.name}")
+
+
+def runs_on(workload, system_name: str) -> bool:
+    """https workloads run on the https systems, the others on the plain ones."""
+    return workload.tls == SPECS[system_name].tls
 
 
 def run_cell(system: Running, workload, args: argparse.Namespace, workdir: Path, rnd: int) -> dict:
@@ -279,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [w for w in all_workloads(args) if w.name in args.workload_names]
     order = list(args.system_names)
     cells: list[dict] = []
-    total = args.rounds * len(order) * len(workloads)
+    total = args.rounds * sum(runs_on(w, n) for w in workloads for n in order)
+    # One certificate for every https system of the run, so they all do the same handshake work.
+    tls_files = self_signed(workdir) if any(SPECS[n].tls for n in order) else None
     progress(f"bench: {args.mode} run, {args.rounds} round(s) x {len(workloads)} workload(s) x {len(order)} "
              f"system(s), {args.duration} s per cell, {args.workers} workers; ~"
              f"{total * (args.duration + 0.5) / 60:.1f} min of load")
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         names = order[k:] + order[:k]
         tag = f"[round {rnd}/{args.rounds}]"
         progress(f"{tag} starting {', '.join(names)}")
-        systems = [Running(SPECS[n], args.workers, workdir) for n in names]
+        systems = [Running(SPECS[n], args.workers, workdir, tls_files=tls_files) for n in names]
         try:
             try:
                 start_all(systems)
@@ -298,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"{tag} start failed: {exc}")
                 for s in systems:
                     for w in workloads:
-                        cells.append({"round": rnd, "system": s.name, "workload": w.name, "ok": False,
-                                      "crashed": not s.alive(), "error": str(exc).splitlines()[0]})
+                        if runs_on(w, s.name):
+                            cells.append({"round": rnd, "system": s.name, "workload": w.name, "ok": False,
+                                          "crashed": not s.alive(), "error": str(exc).splitlines()[0]})
                 continue
             if args.warmup > 0:
                 for s in systems:
@@ -307,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                     warm_up(s, args, workdir)
             for w in workloads:
                 for s in systems:
+                    if not runs_on(w, s.name):
+                        continue
                     done += 1
                     progress(f"{tag} ({done}/{total}) {s.name} {w.name} ...")
                     if not s.alive():

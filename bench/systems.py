@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,22 +32,24 @@ class Spec:
     leader: str                 # role of the process we start: master, arbiter, primary, launcher, server
     description: str
     ready_line: str = ""        # a log line that means "serving" (besides answering from every worker)
+    tls: bool = False           # serves https with the run's certificate (bench/tls.py); runs the https workloads
 
-    def command(self, port: int, workers: int) -> list[str]:
+    def command(self, port: int, workers: int, tls_files: tuple[Path, Path] | None = None) -> list[str]:
         py = sys.executable
-        if self.name == "balancer":
+        tls = ["--certfile", str(tls_files[0]), "--keyfile", str(tls_files[1])] if self.tls else []
+        if self.name in ("balancer", "balancer-https"):
             return [py, "-m", "balancer", "--backend", "bench.apps:handler", "--app-dir", str(REPO),
                     "--workers", str(workers), "--bind", f"{HOST}:{port}", "--metrics-bind", "none",
-                    "--control-socket", str(REPO / "bench" / "results" / "tmp" / f"balancer-{port}.sock")]
+                    "--control-socket", str(REPO / "bench" / "results" / "tmp" / f"balancer-{port}.sock"), *tls]
         if self.name == "single":
             return [py, "-m", "bench.aiohttp_server", "--host", HOST, "--port", str(port)]
         if self.name == "reuseport":
             return [py, "-m", "bench.aiohttp_server", "--host", HOST, "--port", str(port),
                     "--reuseport", str(workers)]
-        if self.name in ("gunicorn", "gunicorn-uvloop"):
-            worker = "aiohttp.GunicornUVLoopWebWorker" if self.name.endswith("uvloop") else "aiohttp.GunicornWebWorker"
+        if self.name in ("gunicorn", "gunicorn-uvloop", "gunicorn-https"):
+            worker = "aiohttp.GunicornWebWorker" if self.name == "gunicorn" else "aiohttp.GunicornUVLoopWebWorker"
             return [py, "-m", "gunicorn", "bench.gunicorn_app:app", "--bind", f"{HOST}:{port}",
-                    "--workers", str(workers), "--worker-class", worker, "--log-level", "warning"]
+                    "--workers", str(workers), "--worker-class", worker, "--log-level", "warning", *tls]
         if self.name == "node-cluster":
             return ["node", str(HERE / "node_cluster.js"), "--host", HOST, "--port", str(port),
                     "--workers", str(workers)]
@@ -65,6 +68,9 @@ SPECS = {s.name: s for s in [
     Spec("gunicorn-uvloop", "arbiter", "gunicorn, N x aiohttp.GunicornUVLoopWebWorker"),
     Spec("node-cluster", "primary", "Node.js cluster (http, default round-robin scheduling), N workers",
          ready_line="workers serving on"),
+    Spec("balancer-https", "master", "balancer as above with --certfile/--keyfile: TLS handshakes in the workers",
+         ready_line="workers serving on", tls=True),
+    Spec("gunicorn-https", "arbiter", "gunicorn-uvloop as above with --certfile/--keyfile", tls=True),
 ]}
 
 
@@ -80,9 +86,11 @@ def free_port() -> int:
     raise RuntimeError("no free port in 18000-18999")
 
 
-def http_get(port: int, path: str = "/", timeout: float = 1.0) -> tuple[int, dict[str, str]]:
-    """One GET on a fresh connection: (status, lower-cased headers)."""
-    with socket.create_connection((HOST, port), timeout=timeout) as s:
+def http_get(port: int, path: str = "/", timeout: float = 1.0,
+             tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, str]]:
+    """One GET on a fresh connection (TLS with tls): (status, lower-cased headers)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as raw, \
+            (tls.wrap_socket(raw, server_hostname=HOST) if tls else raw) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while b"\r\n\r\n" not in data:
@@ -111,6 +119,7 @@ class Running:
     log: Path | None = None
     note: str = ""
     worker_pids: set[int] = field(default_factory=set)
+    tls_files: tuple[Path, Path] | None = None  # (certificate, key) for a spec with tls
 
     @property
     def name(self) -> str:
@@ -124,7 +133,7 @@ class Running:
         self.port = free_port()
         self.log = self.logdir / f"{self.name}-{self.port}.log"
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(self.spec.command(self.port, self.workers), stdout=out,
+            self.proc = subprocess.Popen(self.spec.command(self.port, self.workers, self.tls_files), stdout=out,
                                          stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -145,6 +154,7 @@ class Running:
         deadline = time.monotonic() + timeout
         want = self.spec.worker_count(self.workers)
         first_answer = None
+        tls = ssl.create_default_context(cafile=str(self.tls_files[0])) if self.spec.tls else None
         while True:
             if not self.alive():
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting:\n"
@@ -156,8 +166,8 @@ class Running:
                 time.sleep(0.05)
                 continue
             try:
-                status, headers = http_get(self.port)
-            except OSError:
+                status, headers = http_get(self.port, tls=tls)
+            except OSError:  # ssl.SSLError too
                 time.sleep(0.05)
                 continue
             if status == 200 and headers.get("x-worker-pid", "").isdigit():

@@ -20,6 +20,7 @@ class Workload:
     headers: tuple[str, ...] = ()
     lua: str = ""                   # extra wrk script body (bench/skewed.lua)
     key: str = "rps"                # the headline figure: "rps" (higher is better) or "p99" (lower is better)
+    tls: bool = False               # https, against the systems with tls (bench/systems.py) and only those
 
     def run(self, port: int, opts, workdir: Path, tag: str) -> dict:
         if self.kind == "openloop":
@@ -30,7 +31,8 @@ class Workload:
             body = (HERE / self.lua).read_text()
             lo, hi = opts.slow_ms
             lua_args = (str(opts.slow_share), str(lo), str(hi))
-        return loadgen.run_wrk(f"http://{HOST}:{port}{self.path}", int(opts.duration), opts.connections,
+        scheme = "https" if self.tls else "http"
+        return loadgen.run_wrk(f"{scheme}://{HOST}:{port}{self.path}", int(opts.duration), opts.connections,
                                opts.threads, workdir, tag, headers=self.headers, lua=body, lua_args=lua_args)
 
 
@@ -45,4 +47,7 @@ def all_workloads(opts) -> list[Workload]:
                            "(wrk + bench/skewed.lua)", "wrk", "/", lua="skewed.lua", key="p99"),
         Workload("open-loop", f"open loop: {opts.open_rate:g} req/s of the template page "
                               "(bench/openloop.py)", "openloop", "/template", key="p99"),
+        Workload("https-keepalive", "hello over https, keep-alive (wrk)", "wrk", "/", tls=True),
+        Workload("https-close", "hello over https, a TLS handshake per request (wrk -H 'Connection: close')", "wrk",
+                 "/", headers=("Connection: close",), tls=True),
     ]

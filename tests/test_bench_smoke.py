@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ["balancer", "single", "reuseport", "gunicorn", "gunicorn-uvloop", "node-cluster"]
-WORKLOADS = ["hello-keepalive", "hello-close", "template", "skewed", "open-loop"]
+SYSTEMS = ["balancer", "single", "reuseport", "gunicorn", "gunicorn-uvloop", "node-cluster", "balancer-https",
+           "gunicorn-https"]
+WORKLOADS = ["hello-keepalive", "hello-close", "template", "skewed", "open-loop", "https-keepalive", "https-close"]
+HTTPS = {"balancer-https", "gunicorn-https", "https-keepalive", "https-close"}  # https runs against https only
 
 
 def _missing() -> list[str]:
@@ -57,7 +59,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for workload in WORKLOADS:
         section = md.split(f"## {workload}:", 1)[1].split("\n## ", 1)[0]
         for system in SYSTEMS:
-            assert re.search(rf"^\| \**{re.escape(system)}\** \| [\d,]+ \|", section, re.M), (workload, system, section)
+            row = re.search(rf"^\| \**{re.escape(system)}\** \| ([\d,]+) \|", section, re.M)
+            if (system in HTTPS) == (workload in HTTPS):
+                assert row and int(row.group(1).replace(",", "")) > 0, (workload, system, section)
+            else:
+                assert not row, (workload, system, section)
 
     lines = [l for l in proc.stdout.splitlines() if l.startswith(("PASS ", "MISS ", "n/a "))]
     assert len(lines) == 7, proc.stdout
