@@ -82,6 +82,7 @@ class SlotFigures:
         self.fds = 0
         self.up = 0
         self.start_time = 0.0
+        self.wanted = False  # a slot the master keeps filled, or one with a worker still alive
 
     def copy(self) -> SlotFigures:
         """A fresh figures object starting from these counters (a base is never changed by a scrape)."""
@@ -204,10 +205,11 @@ class MetricsServer:
         sup = self.master.supervisor
         out = {slot: base.copy() for slot, base in self.bases.items()}
         for slot in range(len(sup.slots)):
-            out.setdefault(slot, SlotFigures())
+            out.setdefault(slot, SlotFigures()).wanted = True
         seen = {}
         for w in sup.processes():
             fig = out.get(w.slot) or out.setdefault(w.slot, SlotFigures())
+            fig.wanted = True
             proc = None if w.exited else self._proc.get(w.pid)  # None too for a worker newer than the reading
             if proc is None:
                 cpu = self._cpu_seen.get(w.pid, 0.0)  # a figure it already showed must not vanish
@@ -254,14 +256,17 @@ class MetricsServer:
         yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", len(sup.slots))
         yield gauge("balancer_start_time_seconds", "Unix time the master started.", master.started)
 
-        def per_slot(kind, name, doc, value):
+        def per_slot(kind, name, doc, value, wanted_only=False):
             fam = kind(name, doc, labels=["worker"])
             for slot, fig in figs:
-                fam.add_metric([str(slot)], value(fig))
+                if fig.wanted or not wanted_only:
+                    fam.add_metric([str(slot)], value(fig))
             return fam
 
+        # Counters of a slot removed by a scale-down stay (they never go back); its up does not, or it would read
+        # as a worker down for good.
         yield per_slot(GaugeMetricFamily, "balancer_worker_up", "1 while the slot has a ready worker.",
-                       lambda f: f.up)
+                       lambda f: f.up, wanted_only=True)
         yield per_slot(CounterMetricFamily, "balancer_worker_connections_dispatched",
                        "Connections handed to the slot's workers.", lambda f: f.dispatched)
         yield per_slot(GaugeMetricFamily, "balancer_worker_open_connections",

@@ -374,3 +374,27 @@ def test_worker_snapshot_stays_one_datagram_however_many_user_series(caplog):
     finally:
         REGISTRY.unregister(small)
         REGISTRY.unregister(huge)
+
+
+def test_a_slot_removed_by_scale_down_keeps_its_counters_but_not_its_up_gauge():
+    with Balancer("--workers", "2", "--backend", "testapp:create_app") as b:
+        base = f"http://{b.metrics_address}"
+        for _ in range(6):
+            http_get(b.url + "/")
+
+        def counted() -> bool:
+            found = samples(http_get(base + "/metrics")[2])
+            return sum(value(found, "balancer_worker_requests_total", worker=w, method="GET", code="200") or 0
+                       for w in ("0", "1")) == 6
+        wait_until(counted, 10, "six requests counted")
+        before = samples(http_get(base + "/metrics")[2])
+        served_by_1 = value(before, "balancer_worker_requests_total", worker="1", method="GET", code="200")
+        assert served_by_1 and value(before, "balancer_worker_up", worker="1") == 1
+        mark = b.mark()
+        b.signal(signal.SIGTTOU)
+        b.wait_for(r"worker slot=1 pid=\d+ exited \(scale\)", 20, start=mark)
+        after = samples(http_get(base + "/metrics")[2])
+        assert value(after, "balancer_worker_up", worker="1") is None  # not "down": not wanted any more
+        assert value(after, "balancer_worker_up", worker="0") == 1
+        assert value(after, "balancer_worker_requests_total", worker="1", method="GET", code="200") == served_by_1
+        assert value(after, "balancer_workers_desired") == 1
