@@ -335,12 +335,18 @@ def test_compose_parses_and_its_files_exist():
     assert datasource["jsonData"]["timeInterval"] == prometheus["global"]["scrape_interval"]
 
 
-def test_compose_prometheus_config_passes_promtool():
-    if not shutil.which("promtool"):
-        pytest.skip("promtool missing (tests/run.sh installs it)")
-    proc = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus.yml")], capture_output=True,
+def test_compose_prometheus_config_passes_promtool_with_the_alert_rules(tmp_path):
+    assert shutil.which("promtool"), "promtool is missing: apt-get install prometheus (tests/run.sh does)"
+    # Laid out as compose mounts them: the config and grafana/alerts.yml side by side in /etc/prometheus.
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    mounts = dict(reversed(v.split(":")[:2]) for v in services["prometheus"]["volumes"])
+    for target, source in mounts.items():
+        shutil.copy(DEPLOY / source, tmp_path / Path(target).name)
+    prometheus = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+    assert prometheus["rule_files"] == ["alerts.yml"] and (tmp_path / "alerts.yml").exists()
+    proc = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
                           text=True, timeout=30)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "SUCCESS: 5 rules found" in proc.stdout, proc.stdout + proc.stderr
 
 
 # ---- the container's entry command, run outside a container ---------------------------------------------------
