@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import resource
@@ -12,8 +11,9 @@ import time
 from typing import Callable
 
 from balancer import handoff, privileges
-from balancer.config import COALESCE_BUSY, Config, ConfigError, parse_octal
-from balancer.dispatch import Dispatcher, Link
+from balancer.accepting import AcceptPath
+from balancer.config import Config, ConfigError, parse_octal
+from balancer.dispatch import Dispatcher
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError
 from balancer.reaper import OrphanReaper
@@ -21,21 +21,13 @@ from balancer.supervisor import Supervisor
 
 log = logging.getLogger("balancer")
 
-ACCEPT_BATCH = 64  # connections accepted per readable event: fair to other listeners and to the loop
 TICK = 0.25  # seconds between supervision checks (heartbeats, deadlines, memory)
 STALL_AFTER = 0.5  # seconds without an ack before a worker gets no new connections (an ack takes microseconds)
-# While every worker is at its cap, how often the master reads their ack boards for closes (they send no message).
-CAPACITY_POLL = 0.002
-# accept() errors that concern one connection only: skip it and keep accepting (see trio's list).
-SKIP_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
-                         errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH))
-# accept() errors that mean the process or system is out of resources: back off, keep serving.
-RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-class Master:
+class Master(AcceptPath):
     """Owns the listening sockets and the worker pool; acts on signals recorded by its handlers."""
 
     def __init__(self, config: Config) -> None:
@@ -62,143 +54,6 @@ class Master:
         self.services: list = []  # metrics endpoint, control socket: objects with async close()
         self.run_as: privileges.RunAs | None = None  # --user/--group: who the master becomes once bound
         self.reaper = OrphanReaper(self._is_worker)
-
-    # ---- accepting ------------------------------------------------------------------------------
-
-    def _on_readable(self, listener: Listener) -> None:
-        """Accept a bounded batch and hand it out; stop reading when no worker has room."""
-        dispatcher = self.dispatcher
-        dispatcher.collect_all()  # acks and closes since the last look: free fds and room
-        room = dispatcher.free_capacity()
-        if room <= 0 or dispatcher.homeless:
-            self._pause()
-            self._watch_capacity()
-            return
-        limit = min(room, ACCEPT_BATCH)
-        accept_many = handoff.accept_many
-        fds, err = accept_many(listener.sock, limit)
-        skipped = 0
-        while err in SKIP_ERRNOS and len(fds) + skipped < limit:  # that connection is gone; the next may be fine
-            skipped += 1
-            more, err = accept_many(listener.sock, limit - len(fds) - skipped)
-            fds += more
-        if err and err != errno.EAGAIN and err not in SKIP_ERRNOS:
-            self._accept_failed(OSError(err, os.strerror(err)))
-        family = listener.family
-        items = [(fd, family) for fd in fds]
-        if items:
-            self._accept_backoff = 0.0
-            self.accepted += len(items)
-            dispatcher.dispatch(items)
-            # room - len(items) can only overestimate (a channel found full meanwhile); the next call re-counts
-            if dispatcher.homeless or room - len(items) <= 0:
-                self._pause()
-                self._watch_capacity()
-            elif self.config.accept_coalesce and dispatcher.all_busy(COALESCE_BUSY):
-                self._coalesce()
-
-    def _coalesce(self) -> None:
-        """Every worker is busy: let connections gather in the backlog for a moment, then take them as one batch.
-
-        Measured with Connection: close on 2 workers, a wait of 1 ms halved the master's wake-ups and hand-off
-        messages and raised req/s by 16%: each wake-up, message and worker wake-up is paid per batch, and
-        a worker with COALESCE_BUSY connections open has more than the wait's worth of work in hand.
-        """
-        self._read_listeners(False)
-        self.coalesced += 1
-        self._coalesce_timer = asyncio.get_running_loop().call_later(self.config.accept_coalesce, self._end_coalesce)
-
-    def _end_coalesce(self) -> None:
-        """Read the listeners again, unless accepting was paused meanwhile (then _resume re-adds them)."""
-        self._coalesce_timer = None
-        if not self.paused:
-            self._read_listeners(True)
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Out of fds or memory: pause accepting with a growing delay instead of spinning a core."""
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        self.accept_errors[name] = self.accept_errors.get(name, 0) + 1
-        if exc.errno not in RESOURCE_ERRNOS:
-            log.error("accept failed: %s", exc)
-        self._accept_backoff = min(1.0, max(0.01, self._accept_backoff * 2))
-        if self.accept_errors[name] in (1, 10, 100) or self.accept_errors[name] % 1000 == 0:
-            log.warning("accept: %s (%d so far); backing off %.2fs", exc.strerror, self.accept_errors[name],
-                        self._accept_backoff)
-        self._pause()
-        if self._accept_retry is None:
-            self._accept_retry = asyncio.get_running_loop().call_later(self._accept_backoff, self._retry_accept)
-
-    def _retry_accept(self) -> None:
-        """The accept back-off is over."""
-        self._accept_retry = None
-        self._on_capacity()
-
-    def _read_listeners(self, reading: bool) -> None:
-        """Start or stop reading every listener (for a pause, or a coalescing wait)."""
-        loop = asyncio.get_running_loop()
-        for listener in self.listeners:
-            if reading:
-                loop.add_reader(listener.sock.fileno(), self._on_readable, listener)
-            else:
-                loop.remove_reader(listener.sock.fileno())
-
-    def _pause(self) -> None:
-        """Stop reading the listeners; the kernel backlog holds new connections meanwhile."""
-        if not self.paused:
-            self._read_listeners(False)
-            self.paused = True
-            self._paused_since = time.monotonic()
-
-    def _resume(self) -> None:
-        """Read the listeners again."""
-        if self.paused:
-            if self._coalesce_timer is not None:  # room came back during a wait: end it now
-                self._coalesce_timer.cancel()
-                self._coalesce_timer = None
-            self._read_listeners(True)
-            self.paused = False
-            self.paused_seconds += time.monotonic() - self._paused_since
-
-    def paused_total(self) -> float:
-        """Seconds spent with accepting paused, including the current pause."""
-        extra = time.monotonic() - self._paused_since if self.paused and not self.stopping else 0.0
-        return self.paused_seconds + extra
-
-    def _on_capacity(self) -> None:
-        """A worker got ready, acked, closed or refused: place waiting fds, maybe resume accepting."""
-        dispatcher = self.dispatcher
-        if dispatcher.homeless:
-            dispatcher.retry_homeless()
-            if dispatcher.homeless:
-                self._watch_capacity()
-        if (self.paused and not self.stopping and self._accept_retry is None and not dispatcher.homeless
-                and dispatcher.free_capacity() > 0):
-            self._resume()
-
-    def _watch_capacity(self) -> None:
-        """Workers are full: look at their boards every CAPACITY_POLL until a close makes room."""
-        if self._capacity_poll is None and not self.stopping:
-            self._capacity_poll = asyncio.get_running_loop().call_later(CAPACITY_POLL, self._poll_capacity)
-
-    def _poll_capacity(self) -> None:
-        """One look at the boards; keep looking while connections wait or accepting is paused for room."""
-        self._capacity_poll = None
-        self.dispatcher.collect_all()
-        self._on_capacity()
-        # With no READY worker there is nothing to poll for: a READY message calls _on_capacity itself.
-        if (self.dispatcher.homeless or (self.paused and self._accept_retry is None)) and self.dispatcher.any_ready():
-            self._watch_capacity()
-
-    def _on_blocked(self, link: Link) -> None:
-        """A worker's channel is full: it gets nothing until the kernel says it drained."""
-        loop = asyncio.get_running_loop()
-
-        def writable() -> None:
-            loop.remove_writer(link.channel.fileno())
-            link.send_blocked = False
-            self._on_capacity()
-
-        loop.add_writer(link.channel.fileno(), writable)
 
     # ---- running --------------------------------------------------------------------------------
 
