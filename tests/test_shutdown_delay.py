@@ -37,7 +37,8 @@ def refused(b: Balancer) -> bool:
     """True once a new connection to the serving address is refused (the listener is closed)."""
     try:
         socket.create_connection(("127.0.0.1", b.port), timeout=2).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # Reset: this connect was still in the listener's queue when it closed. Not accepting, as refused.
         return True
     return False
 
