@@ -102,22 +102,20 @@ class Supervisor:
     def _read_channel(self, w: WorkerProcess) -> bool:
         """Act on every message waiting on w's channel; False once the channel has ended.
 
-        A worker that died with handoffs unread makes the first recvmsg fail with ECONNRESET *before* the
-        messages it had queued (a REFUSE among them) are returned: keep reading until EOF or EAGAIN, or fds it
-        refused and fds it served could not be told apart.
+        A worker that died with handoffs unread still left its REFUSEs here: wire.receive reads past the reset
+        to them, or fds it refused and fds it served could not be told apart.
         """
         if w.channel.fileno() < 0:
             return False
         while True:
             try:
-                msg, fds, _ = wire.recv_message(w.channel, self._inbox)
-            except BlockingIOError:
-                return True
-            except ConnectionResetError:
-                continue
+                got = wire.receive(w.channel, self._inbox)
             except OSError as exc:
                 log.warning("worker slot=%d pid=%d channel: %s", w.slot, w.pid, exc)
                 return False
+            if got is None:
+                return True
+            msg, fds, _ = got
             if fds:  # workers never send fds; never let one leak into the master
                 wire.close_all(fds)
             if not msg:

@@ -127,6 +127,26 @@ def recv_message(sock: socket.socket, buf: bytearray | None = None) -> tuple[byt
     return msg, fds, bool(flags & _TRUNCATED)
 
 
+END = (b"", [], False)  # what receive() returns once the peer has closed and everything it sent is read
+
+
+def receive(sock: socket.socket, buf: bytearray | None = None) -> tuple[bytes, list[int], bool] | None:
+    """recv_message for a read loop: None when nothing waits now, END once the channel is over.
+
+    A peer that closed with our messages unread makes the first recvmsg fail with ECONNRESET *before* the
+    messages it had sent us are returned: reading on past one reset gets them (a REFUSE, a final heartbeat),
+    then EOF. A second reset in a row is the end. Other errors propagate.
+    """
+    for _ in range(2):
+        try:
+            return recv_message(sock, buf)
+        except BlockingIOError:
+            return None
+        except ConnectionResetError:
+            continue
+    return END
+
+
 def close_all(fds: list[int]) -> None:
     """Close every fd, ignoring ones already gone."""
     for fd in fds:

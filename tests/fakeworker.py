@@ -163,18 +163,11 @@ class FakeWorker:
             return 0
         todo = deque(verdicts) if verdicts is not None else None
         done = 0
-        reset = False
         while todo is None or todo:
-            try:
-                msg, fds, truncated = wire.recv_message(self.sock, self._inbox)
-            except BlockingIOError:
+            got = wire.receive(self.sock, self._inbox)
+            if got is None:
                 break
-            except ConnectionResetError:
-                if reset:
-                    msg, fds, truncated = b"", [], False
-                else:
-                    reset = True
-                    continue
+            msg, fds, truncated = got
             if not msg:
                 wire.close_all(fds)
                 self._master_gone()

@@ -74,26 +74,17 @@ class Channel:
 
     def read(self) -> None:
         """Take every waiting message from the master."""
-        reset = False
         while True:
             try:
-                msg, fds, truncated = wire.recv_message(self.sock, self._inbox)
-            except BlockingIOError:
-                return
-            except ConnectionResetError:
-                # The master closed with our reports unread: the kernel says so once, *before* handing us
-                # what it had sent. Reading on gets those messages, then EOF.
-                if reset:
-                    msg, fds, truncated = b"", [], False
-                else:
-                    reset = True
-                    continue
+                got = wire.receive(self.sock, self._inbox)  # past a reset to what the master had sent
             except OSError:
-                msg, fds, truncated = b"", [], False
+                got = wire.END
+            if got is None:
+                return
+            msg, fds, truncated = got
             if not msg and not fds:
                 self._eof()
                 return
-            reset = False
             try:
                 self._on_message(msg, fds, truncated)
             except wire.ProtocolError as exc:
