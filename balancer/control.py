@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from balancer.config import Config, ConfigError, parse_bind
-from balancer.listeners import file_identity, unix_socket_alive, unlink_if_ours
+from balancer.listeners import clear_stale_socket, file_identity, unlink_if_ours
 
 log = logging.getLogger("balancer")
 
@@ -136,16 +136,14 @@ class ControlServer:
     def _clear_stale_socket(self) -> None:
         """Remove a socket file left by a dead master; refuse a live one and anything not a socket."""
         try:
-            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise ConfigError(f"control socket {self.path} exists and is not a socket")
-            if unix_socket_alive(self.path):
-                raise ConfigError(f"control socket {self.path} belongs to a running master; "
-                                  "pass --control-socket to run another")
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            taken = clear_stale_socket(self.path)
         except OSError as exc:
             raise ConfigError(f"cannot create control socket {self.path}: {exc.strerror}") from None
+        if taken == "not a socket":
+            raise ConfigError(f"control socket {self.path} exists and is not a socket")
+        if taken == "live":
+            raise ConfigError(f"control socket {self.path} belongs to a running master; "
+                              "pass --control-socket to run another")
 
     async def close(self) -> None:
         """Stop serving and remove the socket and pid files we created."""

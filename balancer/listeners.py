@@ -63,6 +63,23 @@ def unix_socket_alive(path: str) -> bool:
     raise OSError(err, os.strerror(err))  # EACCES and the like: we cannot tell, so we must not take it over
 
 
+def clear_stale_socket(path: str) -> str:
+    """Remove a socket file whose server is gone; "" if path is free now, else why not: "live" or "not a socket".
+
+    lstat, not stat: a symlink planted at path is "not a socket", never followed. OSError (EACCES...) propagates:
+    what cannot be checked must not be taken over.
+    """
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return "not a socket"
+        if unix_socket_alive(path):
+            return "live"
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return ""
+
+
 def set_inherited_options(sock: socket.socket, keepalive: bool) -> None:
     """Options Linux copies from a listener to every accepted socket: set once here, not per connection."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -104,14 +121,11 @@ def bind_unix(bind: Bind, backlog: int, mode: int | None = None, owner: tuple[in
     """
     path = bind.path
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            if unix_socket_alive(path):
-                raise ConfigError(f"cannot bind {bind}: another process is listening there")
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+        taken = clear_stale_socket(path)  # a regular file is left alone: bind() then fails on it
     except OSError as exc:
         raise ConfigError(f"cannot bind {bind}: {exc.strerror}") from None
+    if taken == "live":
+        raise ConfigError(f"cannot bind {bind}: another process is listening there")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     identity = None
     try:
