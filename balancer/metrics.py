@@ -30,6 +30,20 @@ FOLDED = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "s
 LE = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# The worker's own event counters: heartbeat field -> (metric name, help). Each is kept per slot and folded.
+EVENT_COUNTERS = {
+    "header_timeouts": ("balancer_worker_header_timeouts",
+                        "Connections cut off for not sending complete headers in time."),
+    "body_timeouts": ("balancer_worker_body_timeouts",
+                      "Requests answered 408 for a body slower than --body-min-rate over --body-timeout."),
+    "bad_requests": ("balancer_worker_bad_requests", "Malformed requests answered 400 by the HTTP parser."),
+    "proxy_protocol_errors": ("balancer_worker_proxy_protocol_errors",
+                              "Connections from --forwarded-allow-ips peers closed for a missing or malformed "
+                              "PROXY header."),
+    "tls_handshake_errors": ("balancer_worker_tls_handshake_errors",
+                             "TLS handshakes refused (protocol, certificate, cipher); ones cut by --header-timeout "
+                             "count as header timeouts."),
+}
 
 
 def read_proc(pid: int) -> tuple[float, int, int] | None:
@@ -68,11 +82,7 @@ class SlotFigures:
         self.requests: dict[tuple[str, str], int] = {}
         self.buckets = [0] * len(LE)
         self.duration_sum = 0.0
-        self.header_timeouts = 0
-        self.body_timeouts = 0
-        self.bad_requests = 0
-        self.proxy_protocol_errors = 0
-        self.tls_handshake_errors = 0
+        self.events = dict.fromkeys(EVENT_COUNTERS, 0)  # heartbeat field -> count
         self.cpu = 0.0
         self.user: dict[str, dict[tuple, float]] = {}  # family -> (sample name, labels) -> value
         # Gauges: live workers only, never folded.
@@ -88,9 +98,8 @@ class SlotFigures:
         """A fresh figures object starting from these counters (a base is never changed by a scrape)."""
         out = SlotFigures()
         out.dispatched, out.duration_sum = self.dispatched, self.duration_sum
-        out.header_timeouts, out.cpu = self.header_timeouts, self.cpu
-        out.body_timeouts, out.bad_requests = self.body_timeouts, self.bad_requests
-        out.proxy_protocol_errors, out.tls_handshake_errors = self.proxy_protocol_errors, self.tls_handshake_errors
+        out.cpu = self.cpu
+        out.events = dict(self.events)
         out.requests = dict(self.requests)
         out.buckets = list(self.buckets)
         out.user = {name: dict(samples) for name, samples in self.user.items()}
@@ -111,11 +120,9 @@ class SlotFigures:
                 running += n
                 self.buckets[i] += running
         self.duration_sum += stats.get("sum", 0.0)
-        self.header_timeouts += stats.get("header_timeouts", 0)
-        self.body_timeouts += stats.get("body_timeouts", 0)
-        self.bad_requests += stats.get("bad_requests", 0)
-        self.proxy_protocol_errors += stats.get("proxy_protocol_errors", 0)
-        self.tls_handshake_errors += stats.get("tls_handshake_errors", 0)
+        events = self.events
+        for field in events:
+            events[field] += stats.get(field, 0)
         if live:
             self.inflight += stats.get("inflight", 0)
         for name, typ, doc, samples in stats.get("metrics", ()):
@@ -274,19 +281,8 @@ class MetricsServer:
         yield per_slot(GaugeMetricFamily, "balancer_worker_requests_in_flight",
                        "Requests being handled by the slot's workers (as of their last heartbeat).",
                        lambda f: f.inflight)
-        yield per_slot(CounterMetricFamily, "balancer_worker_header_timeouts",
-                       "Connections cut off for not sending complete headers in time.", lambda f: f.header_timeouts)
-        yield per_slot(CounterMetricFamily, "balancer_worker_body_timeouts",
-                       "Requests answered 408 for a body slower than --body-min-rate over --body-timeout.",
-                       lambda f: f.body_timeouts)
-        yield per_slot(CounterMetricFamily, "balancer_worker_bad_requests",
-                       "Malformed requests answered 400 by the HTTP parser.", lambda f: f.bad_requests)
-        yield per_slot(CounterMetricFamily, "balancer_worker_proxy_protocol_errors",
-                       "Connections from --forwarded-allow-ips peers closed for a missing or malformed PROXY header.",
-                       lambda f: f.proxy_protocol_errors)
-        yield per_slot(CounterMetricFamily, "balancer_worker_tls_handshake_errors",
-                       "TLS handshakes refused (protocol, certificate, cipher); ones cut by --header-timeout count "
-                       "as header timeouts.", lambda f: f.tls_handshake_errors)
+        for field, (name, doc) in EVENT_COUNTERS.items():
+            yield per_slot(CounterMetricFamily, name, doc, lambda f, field=field: f.events[field])
         yield per_slot(CounterMetricFamily, "balancer_worker_cpu_seconds",
                        "User and system CPU seconds of the slot's workers.", lambda f: f.cpu)
         yield per_slot(GaugeMetricFamily, "balancer_worker_resident_memory_bytes",
