@@ -22,11 +22,7 @@ def parse_cpu_max(text: str) -> float | None:
     parts = text.split()
     if len(parts) != 2 or parts[0] == "max":
         return None
-    try:
-        quota, period = int(parts[0]), int(parts[1])
-    except ValueError:
-        return None
-    return quota / period if quota > 0 and period > 0 else None
+    return parse_cfs(*parts)  # the same quota and period, in one file
 
 
 def parse_cfs(quota_text: str, period_text: str) -> float | None:
