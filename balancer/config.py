@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from balancer.cpus import available_cpus
 from balancer.trusted import parse_allow_ips
 
-DEFAULT_BACKEND = "workers.examples.hello:handler"
+DEFAULT_BACKEND = "balancer_workers.examples.hello:handler"
 # 9100 is node_exporter and 9090 Prometheus; 9359 is free in the exporter port registry.
 DEFAULT_METRICS_BIND = "127.0.0.1:9359"
 LOOPS = ("auto", "asyncio", "uvloop")
@@ -200,7 +200,7 @@ class Config:
             return
         if self.cert_reqs and not self.ca_certs:
             raise ConfigError(f"--cert-reqs {self.cert_reqs} needs --ca-certs to verify client certificates with")
-        from workers.tls import TLSError, server_context
+        from balancer_workers.tls import TLSError, server_context
 
         try:
             server_context(self.certfile, self.keyfile, self.ca_certs, self.cert_reqs, self.ciphers)

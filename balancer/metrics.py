@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 from balancer import __version__, handoff
 from balancer.config import parse_bind
 from balancer.dispatch import Phase
-from workers.stats import BUCKETS
+from balancer_workers.stats import BUCKETS
 
 log = logging.getLogger("balancer")
 

@@ -100,7 +100,7 @@ def probe_interpreter(run_as: RunAs, env: dict) -> None:
     Run before anything is bound or created: a worker that cannot even exec would otherwise be retried
     with backoff forever, the master serving nothing.
     """
-    cmd = [sys.executable, "-c", "import workers.worker"]
+    cmd = [sys.executable, "-c", "import balancer_workers.worker"]
     try:
         done = subprocess.run(cmd, user=run_as.uid, group=run_as.gid, extra_groups=list(run_as.groups), env=env,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_TIMEOUT)

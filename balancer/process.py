@@ -68,8 +68,10 @@ def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> Work
         master_end.close()
         worker_end.close()
         raise
-    cmd = [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()), "--board-fd", str(board_fd),
-           "--master-pid", str(os.getpid()), "--settings", json.dumps(dict(settings, slot=slot))]
+    # -P: the master's current directory does not go first on the worker's import path, so a user's own
+    # modules cannot shadow the runtime's; the backend's directory is added by --app-dir when it is imported.
+    cmd = [sys.executable, "-P", "-m", "balancer_workers", "--channel-fd", str(worker_end.fileno()),
+           "--board-fd", str(board_fd), "--master-pid", str(os.getpid()), "--settings", json.dumps(dict(settings, slot=slot))]
     try:
         proc = subprocess.Popen(cmd, pass_fds=(worker_end.fileno(), board_fd), env=env)
     except BaseException:

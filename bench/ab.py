@@ -74,7 +74,7 @@ class Build:
 
     def start(self) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "balancer", "--backend", "workers.examples.hello:handler",
+        cmd = [sys.executable, "-m", "balancer", "--backend", "balancer_workers.examples.hello:handler",
                "--workers", str(self.workers), "--bind", f"{HOST}:{self.port}", "--metrics-bind", "none",
                "--control-socket", str(self.log.with_suffix(".sock")), *self.args]
         # cwd = the worktree, and no PYTHONPATH: `-m balancer` and the workers import that revision's code.

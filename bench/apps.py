@@ -1,9 +1,9 @@
 """The one backend every Python system under test serves, built from the handlers in workers/examples.
 
 Routes by path so each system is started once per round and serves every workload:
-  /template        -> workers.examples.template:handler (Jinja2 page, CPU-bound)
+  /template        -> balancer_workers.examples.template:handler (Jinja2 page, CPU-bound)
   /slow/<ms>       -> asyncio.sleep(ms / 1000), then the hello response (the skewed mix's slow share)
-  anything else    -> workers.examples.hello:handler (tiny text response)
+  anything else    -> balancer_workers.examples.hello:handler (tiny text response)
 The Node.js peer (bench/node_cluster.js) answers the same paths with equivalent responses.
 """
 
@@ -13,7 +13,7 @@ import asyncio
 
 from aiohttp import web
 
-from workers.examples import hello, template
+from balancer_workers.examples import hello, template
 
 MAX_SLEEP_MS = 1000
 

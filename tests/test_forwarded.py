@@ -11,7 +11,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from balancer.trusted import TrustedPeers
-from workers.forwarded import client_hop, from_forwarded, from_x_forwarded, strip_port
+from balancer_workers.forwarded import client_hop, from_forwarded, from_x_forwarded, strip_port
 from tests.harness import Balancer
 
 pytestmark = pytest.mark.timeout(60)

@@ -85,8 +85,8 @@ def test_keep_alive_reuses_one_connection():
 
 
 @pytest.mark.parametrize("backend", ["testapp:create_app", "testapp:app", "testapp:async_factory",
-                                     "testapp:whoami", "workers.examples.template:handler",
-                                     "workers.examples.template:create_app"])
+                                     "testapp:whoami", "balancer_workers.examples.template:handler",
+                                     "balancer_workers.examples.template:create_app"])
 def test_backend_kinds(backend):
     with Balancer("--workers", "1", "--backend", backend) as b:
         resp = fetch(b)

@@ -24,7 +24,7 @@ from balancer import wire
 from balancer.dispatch import Phase
 from balancer.metrics import MetricsServer
 from tests.harness import Balancer
-from workers.stats import BUCKETS, RequestStats
+from balancer_workers.stats import BUCKETS, RequestStats
 
 pytestmark = pytest.mark.timeout(60)
 COUNTER_TYPES = ("counter", "histogram", "summary")

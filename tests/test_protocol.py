@@ -30,7 +30,7 @@ class FakeMaster:
         board_fd, self.board = board.create()
         settings = dict(Config(backend=backend, app_dir=str(HERE / "apps"), **overrides).worker_settings(), slot=0)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--channel-fd", str(worker_end.fileno()), "--board-fd", str(board_fd),
+            [sys.executable, "-m", "balancer_workers", "--channel-fd", str(worker_end.fileno()), "--board-fd", str(board_fd),
              "--master-pid", str(os.getpid()), "--settings", json.dumps(settings)],
             pass_fds=(worker_end.fileno(), board_fd), stderr=subprocess.PIPE, text=True,
         )

@@ -15,7 +15,7 @@ from tests.harness import Balancer, fd_count
 from tests.test_abuse import metric_sum
 from tests.test_metrics import wait_until
 from tests.tlscerts import make_ca, make_signed
-from workers.proxyproto import MORE, V2_SIGNATURE, ClientGone, HeaderReader, ProxyHeaderError
+from balancer_workers.proxyproto import MORE, V2_SIGNATURE, ClientGone, HeaderReader, ProxyHeaderError
 
 pytestmark = pytest.mark.timeout(60)
 APP = ("--backend", "edgeapp:handler", "--proxy-protocol")

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balancer import board, wire
 from tests.harness import Balancer
-from workers.channel import Channel, classify
-from workers.connections import Connections
-from workers.stats import HEARTBEAT_BYTES, RequestStats
+from balancer_workers.channel import Channel, classify
+from balancer_workers.connections import Connections
+from balancer_workers.stats import HEARTBEAT_BYTES, RequestStats
 
 pytestmark = pytest.mark.timeout(90)
 BEAT_CAP = 32 * 1024  # the promise: a heartbeat stays far below the channel's ~208 KiB send buffer

@@ -1,4 +1,4 @@
-"""Entry point of a worker process: `python -m workers --channel-fd N --board-fd B --master-pid P --settings JSON`."""
+"""Entry point of a worker process: `python -m balancer_workers --channel-fd N --board-fd B --master-pid P --settings JSON`."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def main() -> int:
     # A backend's C extension that crashes the process (SIGSEGV, SIGABRT...) still leaves the Python stack of
     # every thread in the log (the master's stderr, which workers share).
     faulthandler.enable(file=sys.stderr)
-    parser = argparse.ArgumentParser(prog="python -m workers")
+    parser = argparse.ArgumentParser(prog="python -m balancer_workers")
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--board-fd", type=int, required=True)
     parser.add_argument("--master-pid", type=int, required=True)
@@ -68,7 +68,7 @@ def main() -> int:
     ack_board = board.attach(args.board_fd)
     os.close(args.board_fd)
 
-    from workers.worker import Worker
+    from balancer_workers.worker import Worker
 
     async def run() -> int:
         return await Worker(channel, settings, ack_board).run()

@@ -15,10 +15,10 @@ import socket
 import ssl
 
 from balancer.trusted import TrustedPeers
-from workers.connections import AcceptedSocket, shutdown_quietly
-from workers.limits import LogBudget, one_line
-from workers.proxyproto import MORE, ClientGone, HeaderReader, ProxyHeaderError
-from workers.tls import TLSError, context_from_settings
+from balancer_workers.connections import AcceptedSocket, shutdown_quietly
+from balancer_workers.limits import LogBudget, one_line
+from balancer_workers.proxyproto import MORE, ClientGone, HeaderReader, ProxyHeaderError
+from balancer_workers.tls import TLSError, context_from_settings
 
 log = logging.getLogger("balancer.worker")
 

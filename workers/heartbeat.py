@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from balancer import wire
-from workers.stats import HEARTBEAT_BYTES
+from balancer_workers.stats import HEARTBEAT_BYTES
 
 log = logging.getLogger("balancer.worker")
 

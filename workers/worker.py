@@ -14,14 +14,14 @@ from time import perf_counter
 from aiohttp import http_parser, web
 
 from balancer import wire
-from workers.backend import BackendError, load_app, skip_router
-from workers.channel import Channel
-from workers.connections import Connections, shutdown_quietly
-from workers.edge import Edge, EdgeError
-from workers.forwarded import ProxyHeaders
-from workers.heartbeat import Heartbeat
-from workers.limits import Limits
-from workers.stats import RequestStats
+from balancer_workers.backend import BackendError, load_app, skip_router
+from balancer_workers.channel import Channel
+from balancer_workers.connections import Connections, shutdown_quietly
+from balancer_workers.edge import Edge, EdgeError
+from balancer_workers.forwarded import ProxyHeaders
+from balancer_workers.heartbeat import Heartbeat
+from balancer_workers.limits import Limits
+from balancer_workers.stats import RequestStats
 
 log = logging.getLogger("balancer.worker")
 

@@ -37,7 +37,7 @@ async def handler(request: web.Request) -> web.Response:
 
 
 def create_app() -> web.Application:
-    """Factory form, for `--backend workers.examples.template:create_app`."""
+    """Factory form, for `--backend balancer_workers.examples.template:create_app`."""
     app = web.Application()
     app.router.add_get("/", handler)
     return app
