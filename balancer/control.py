@@ -1,8 +1,7 @@
-"""The master's control socket (0600, same user only) and the `balancer reload|scale|stop|status` client."""
+"""The master's control socket (0600, same user only); the client is balancer.control_client."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -12,10 +11,9 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import tempfile
 
-from balancer.config import Config, ConfigError, parse_bind
+from balancer.config import ConfigError
 from balancer.listeners import clear_stale_socket, file_identity, unlink_if_ours
 
 log = logging.getLogger("balancer")
@@ -81,15 +79,6 @@ def default_socket_path(bind_label: str, uid: int | None = None) -> str:
     """Where the master listening on bind_label puts its control socket, so the client (as uid) finds it."""
     key = re.sub(r"[^A-Za-z0-9.]+", "-", bind_label).strip("-") or "default"
     return os.path.join(runtime_dir(uid), f"{key}.sock")
-
-
-def client_socket_path(control_socket: str, bind: str) -> str:
-    """The path a client should use: --control-socket, or the default for --bind (in a directory we trust)."""
-    if control_socket:
-        return control_socket
-    if os.path.lexists(runtime_dir()):  # missing: the connect reports that no master runs
-        check_private_dir(runtime_dir())
-    return default_socket_path(str(parse_bind(bind)))
 
 
 class ControlServer:
@@ -234,77 +223,8 @@ def write_pid_file(path: str, owner: tuple[int, int] | None = None) -> tuple[int
     return st.st_dev, st.st_ino
 
 
-def check_peer(sock: socket.socket, path: str) -> None:
-    """Trust only a server running as our user (or root): anyone can bind a socket where ours should be."""
-    _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    if uid not in (os.getuid(), 0):
-        raise ForeignPeer(f"{path} is served by a process of uid {uid}, not by us (uid {os.getuid()}): "
-                          "not our master; nothing was sent")
-
-
-def request(path: str, body: dict, timeout: float | None) -> dict:
-    """Send one request to the master at path and return its reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        check_peer(sock, path)
-        sock.sendall(json.dumps(body).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
-
-
 def client_main(command: str, argv: list[str]) -> int:
-    """`balancer reload|scale N|stop|status`: 0 on success, 1 on failure, 2 when no master answers."""
-    parser = argparse.ArgumentParser(prog=f"balancer {command}")
-    if command == "scale":
-        parser.add_argument("n", type=int, help="the number of workers to run")
-    parser.add_argument("--control-socket", default="", metavar="PATH",
-                        help="the master's control socket (default: derived from --bind)")
-    parser.add_argument("--bind", default=Config.__dataclass_fields__["bind"].default_factory()[0], metavar="ADDR",
-                        help="the master's first --bind, to find its default control socket")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    args = parser.parse_args(argv)
-    try:
-        path = client_socket_path(args.control_socket, args.bind)
-    except ConfigError as exc:
-        print(f"balancer: error: {exc}", file=sys.stderr)
-        return 2
-    body: dict = {"cmd": command}
-    if command == "scale":
-        body["n"] = args.n
-    try:
-        reply = request(path, body, None if command == "reload" else 30)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"balancer: error: no balancer master at {path} (is it running? pass --control-socket)",
-              file=sys.stderr)
-        return 2
-    except ForeignPeer as exc:
-        print(f"balancer: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"balancer: error: {path}: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(reply, indent=2))
-    elif not reply.get("ok"):
-        print(f"balancer: error: {reply.get('error', 'failed')}", file=sys.stderr)
-    elif command == "status":
-        print(format_status(reply))
-    else:
-        print({"reload": "reloaded", "stop": "stopping", "scale": f"scaling to {reply.get('target')}"}[command])
-    return 0 if reply.get("ok") else 1
+    """`balancer reload|scale N|stop|status`: the client lives in balancer.control_client."""
+    from balancer.control_client import client_main as main
 
-
-def format_status(reply: dict) -> str:
-    """The status reply as a small table."""
-    lines = [f"master pid {reply['pid']}, target {reply['target']} workers, {reply['accepted']} connections "
-             f"accepted, listening on {', '.join(reply['listening'])}",
-             f"{'slot':>4}  {'pid':>7}  {'state':<9} {'open':>6} {'dispatched':>10}"]
-    for w in reply["workers"]:
-        lines.append(f"{w['slot']:>4}  {w['pid']:>7}  {w['state']:<9} {w['open']:>6} {w['dispatched']:>10}")
-    return "\n".join(lines)
+    return main(command, argv)
