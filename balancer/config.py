@@ -139,6 +139,8 @@ class Config:
     control_socket: str = opt("", "path of the 0600 control socket (default: $XDG_RUNTIME_DIR or /tmp, per port)",
                               metavar="PATH")
     pid_file: str = opt("", "write the master's pid here", metavar="PATH")
+    name: str = opt("", "a name for this instance, shown by `balancer status` and in process titles, and used by "
+                    "`balancer status --name` to pick it (default: its first bind)", metavar="NAME")
     proxy_headers: bool = opt(True, "take the client's address, scheme and host from X-Forwarded-For/-Proto/-Host "
                               "or Forwarded, only when the peer is in --forwarded-allow-ips")
     forwarded_allow_ips: str = opt("127.0.0.1", "peers trusted with proxy headers: comma-separated IPs and CIDR "

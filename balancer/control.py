@@ -75,10 +75,24 @@ def private_runtime_dir(owner: tuple[int, int] | None = None) -> str:
     return directory
 
 
-def default_socket_path(bind_label: str, uid: int | None = None) -> str:
-    """Where the master listening on bind_label puts its control socket, so the client (as uid) finds it."""
-    key = re.sub(r"[^A-Za-z0-9.]+", "-", bind_label).strip("-") or "default"
+def default_socket_path(key: str, uid: int | None = None) -> str:
+    """Where a master known by key (--name or its first bind) puts its control socket in uid's runtime_dir()."""
+    key = re.sub(r"[^A-Za-z0-9.]+", "-", key).strip("-") or "default"
     return os.path.join(runtime_dir(uid), f"{key}.sock")
+
+
+def registry_link_path(pid: int, uid: int | None = None) -> str:
+    """The symlink a master with --control-socket elsewhere leaves in runtime_dir(), so clients find it."""
+    return os.path.join(runtime_dir(uid), f"pid-{pid}.sock")
+
+
+def socket_key(master) -> str:
+    """What names the default control socket: --name, else the first bind as bound (port 0 resolved)."""
+    if master.config.name:
+        return master.config.name
+    label = master.listeners[0].label if master.listeners else str(master.config.binds[0])
+    # Inherited sockets (systemd) are labelled by fd number, the same in every socket-activated master.
+    return f"{label}-{os.getpid()}" if label.startswith("systemd") else label
 
 
 class ControlServer:
@@ -87,21 +101,24 @@ class ControlServer:
     def __init__(self, master) -> None:
         self.master = master
         config = master.config
-        label = master.listeners[0].label if master.listeners else str(config.binds[0])
         # With --user the master will run as that user: its files are that user's, where its client looks.
         run_as = getattr(master, "run_as", None)
         self.owner: tuple[int, int] | None = run_as.owner if run_as is not None else None
-        self.path = config.control_socket or default_socket_path(label, None if self.owner is None else self.owner[0])
+        uid = None if self.owner is None else self.owner[0]
+        self.path = config.control_socket or default_socket_path(socket_key(master), uid)
+        # --control-socket elsewhere: a symlink to it in the runtime directory, where clients look.
+        self.link = registry_link_path(os.getpid(), uid) if config.control_socket else ""
         self.pid_file = config.pid_file
         self.server: asyncio.AbstractServer | None = None
         # (st_dev, st_ino) of the files we created: close() removes only those, never a successor's.
         self.identity: tuple[int, int] | None = None
         self.pid_identity: tuple[int, int] | None = None
+        self.link_identity: tuple[int, int] | None = None
 
     @property
     def files(self) -> list[str]:
         """The paths this service creates and removes at exit."""
-        return [self.path] + ([self.pid_file] if self.pid_file else [])
+        return [self.path] + [path for path in (self.pid_file, self.link) if path]
 
     async def start(self) -> None:
         """Create the socket 0600 (no window where others could connect) and the pid file."""
@@ -120,7 +137,27 @@ class ControlServer:
             os.umask(old_umask)
         if self.pid_file:
             self.pid_identity = write_pid_file(self.pid_file, self.owner)
+        if self.link:
+            self._register()
         log.info("control socket at %s", self.path)
+
+    def _register(self) -> None:
+        """Link the runtime directory to our --control-socket; without it we still run, just not discoverable."""
+        try:
+            private_runtime_dir(self.owner)
+            target = os.path.abspath(self.path)
+            try:
+                os.symlink(target, self.link)
+            except FileExistsError:  # a dead master of the same pid left it: ours now
+                os.unlink(self.link)
+                os.symlink(target, self.link)
+            self.link_identity = file_identity(self.link)
+            if self.owner is not None:
+                os.lchown(self.link, *self.owner)
+        except (OSError, ConfigError) as exc:
+            log.warning("`balancer status` without --control-socket will not find this master: %s",
+                        getattr(exc, "strerror", None) or exc)
+            self.link = ""
 
     def _clear_stale_socket(self) -> None:
         """Remove a socket file left by a dead master; refuse a live one and anything not a socket."""
@@ -141,7 +178,8 @@ class ControlServer:
             self.server = None
         unlink_if_ours(self.path, self.identity)
         unlink_if_ours(self.pid_file, self.pid_identity)
-        self.identity = self.pid_identity = None
+        unlink_if_ours(self.link, self.link_identity)
+        self.identity = self.pid_identity = self.link_identity = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer one request, after checking the peer runs as our user."""
@@ -168,15 +206,28 @@ class ControlServer:
     async def execute(self, request: dict) -> dict:
         """Run one command against the master."""
         master, sup = self.master, self.master.supervisor
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "bad request: expected a JSON object"}
         cmd = request.get("cmd")
         if cmd == "status":
-            return {"ok": True, **self.status()}
+            # Here, not at the top: the client imports this module and must not pay for aiohttp.
+            from balancer.control_status import full_status, summary
+
+            if request.get("brief"):  # discovery: who is this master, fast
+                return {"ok": True, **summary(master)}
+            interval = request.get("interval", 0)
+            if not isinstance(interval, (int, float)) or interval < 0:
+                return {"ok": False, "error": f"status needs an interval of 0 or more seconds, got {interval!r}"}
+            return {"ok": True, **await full_status(master, interval)}
         if sup is None or not master.booted or master.stopping or master.shutting_down:
             return {"ok": False, "error": "the master is starting or stopping"}
         if cmd == "reload":
-            ok = await sup.request_reload()
-            if ok:
-                return {"ok": True}
+            # The master's own request_reload, where it has one, also re-reads -c and tells systemd.
+            done = getattr(master, "request_reload", sup.request_reload)()
+            if not request.get("wait"):
+                return {"ok": True, "generation": sup.generation}
+            if await done:
+                return {"ok": True, "generation": sup.generation}
             return {"ok": False, "error": "reload stopped: a replacement could not boot, or the master is stopping; "
                                           "see its log"}
         if cmd == "scale":
@@ -187,21 +238,8 @@ class ControlServer:
             return {"ok": True, "target": sup.target}
         if cmd == "stop":
             master.signals.put_nowait(signal.SIGTERM)  # the same path as a real SIGTERM
-            return {"ok": True}
+            return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
-
-    def status(self) -> dict:
-        """What `balancer status` shows."""
-        master, sup = self.master, self.master.supervisor
-        workers = []
-        if sup is not None:
-            for w in sorted(sup.processes(), key=lambda w: (w.slot, w.started)):
-                workers.append({"slot": w.slot, "pid": w.pid, "state": w.phase.value,
-                                "generation": w.generation, "open": w.link.open_conns,
-                                "dispatched": w.link.dispatched})
-        return {"pid": os.getpid(), "target": sup.target if sup else 0, "accepted": master.accepted,
-                "coalesced": master.coalesced, "listening": [listener.label for listener in master.listeners],
-                "workers": workers}
 
 
 def write_pid_file(path: str, owner: tuple[int, int] | None = None) -> tuple[int, int]:

@@ -1,42 +1,47 @@
-"""The `balancer reload|scale|stop|status` client: find our master's control socket, send one request."""
+"""The `balancer reload|scale|stop|status` client: find this user's master, send it one request, report."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import select
 import socket
+import stat
 import sys
+import time
+from typing import Callable
 
-from balancer.config import Config, ConfigError, parse_bind
-from balancer.control import _CRED, ForeignPeer, check_private_dir, default_socket_path, runtime_dir
+from balancer.config import ConfigError, parse_bind
+from balancer.control import _CRED, ForeignPeer, check_private_dir, runtime_dir
 
 COMMANDS = ("reload", "scale", "stop", "status")
+PROBE_TIMEOUT = 5.0  # seconds a master gets to say who it is while the client looks for masters
+YOUNG_SOCKET = 2.0  # seconds: a refusing socket file this new may be a master between bind() and listen()
 
 
-def client_socket_path(control_socket: str, bind: str) -> str:
-    """The path a client should use: --control-socket, or the default for --bind (in a directory we trust)."""
-    if control_socket:
-        return control_socket
-    if os.path.lexists(runtime_dir()):  # missing: the connect reports that no master runs
-        check_private_dir(runtime_dir())
-    return default_socket_path(str(parse_bind(bind)))
+class NoMaster(Exception):
+    """No master (or not exactly one) could be picked; the message says what to pass."""
 
 
-def check_peer(sock: socket.socket, path: str) -> None:
-    """Trust only a server running as our user (or root): anyone can bind a socket where ours should be."""
-    _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+def check_peer(sock: socket.socket, path: str) -> int:
+    """Trust only a server running as our user (or root): anyone can bind a socket where ours should be; its pid."""
+    pid, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
     if uid not in (os.getuid(), 0):
         raise ForeignPeer(f"{path} is served by a process of uid {uid}, not by us (uid {os.getuid()}): "
                           "not our master; nothing was sent")
+    return pid
 
 
-def request(path: str, body: dict, timeout: float | None) -> dict:
-    """Send one request to the master at path and return its reply."""
+def request(path: str, body: dict, timeout: float | None,
+            on_connect: Callable[[int], None] | None = None) -> dict:
+    """Send one request to the master at path and return its reply; on_connect gets the master's pid first."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        check_peer(sock, path)
+        pid = check_peer(sock, path)
+        if on_connect is not None:
+            on_connect(pid)
         sock.sendall(json.dumps(body).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -47,29 +52,159 @@ def request(path: str, body: dict, timeout: float | None) -> dict:
     return json.loads(data)
 
 
+# ---- finding the master ---------------------------------------------------------------------------------
+
+def discover() -> list[tuple[str, dict]]:
+    """(control socket, summary) of every master of ours in runtime_dir(); stale sockets and links are removed.
+
+    Each master keeps its control socket there (or, with --control-socket elsewhere, a symlink to it), so
+    the bind it was started with (localhost:PORT, :PORT, unix:, systemd's sockets) does not matter.
+    """
+    directory = runtime_dir()
+    if not os.path.lexists(directory):
+        return []
+    check_private_dir(directory)  # a directory others can write to may hold a planted "master"
+    found, seen = [], set()
+    for entry in sorted(os.listdir(directory)):
+        path = os.path.join(directory, entry)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not entry.endswith(".sock") or not (stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            continue
+        try:
+            reply = request(path, {"cmd": "status", "brief": True}, PROBE_TIMEOUT)
+        except (FileNotFoundError, ConnectionRefusedError):
+            remove_stale(path, st)
+            continue
+        except (OSError, ValueError) as exc:
+            print(f"balancer: note: {path} did not answer ({exc}); skipped", file=sys.stderr)
+            continue
+        if reply.get("ok") and reply.get("pid") not in seen:
+            seen.add(reply["pid"])
+            found.append((path, reply))
+    return found
+
+
+def remove_stale(path: str, st: os.stat_result) -> None:
+    """Remove a socket nobody listens on (or a link to none) that a killed master left behind."""
+    if stat.S_ISSOCK(st.st_mode) and time.time() - st.st_mtime < YOUNG_SOCKET:
+        return  # perhaps a master that has bound but not yet listens
+    try:
+        if os.lstat(path).st_ino == st.st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def bind_matches(text: str, listening: list[str]) -> bool:
+    """True if the master listens on the address given as --bind (localhost:PORT, :PORT, unix:/path)."""
+    want = parse_bind(text)
+    for label in listening:
+        try:
+            have = parse_bind(label)
+        except ConfigError:
+            continue  # "systemd fd 3"
+        if want.family == "unix" and have.family == "unix":
+            if os.path.realpath(want.path) == os.path.realpath(have.path):
+                return True
+        elif want.family == have.family == "tcp" and want.port == have.port:
+            wildcard = want.host in ("0.0.0.0", "::") or have.host in ("0.0.0.0", "::")
+            if wildcard or resolves_to(want.host, have.host):
+                return True
+    return False
+
+
+def resolves_to(host: str, address: str) -> bool:
+    """True if host names address (localhost -> 127.0.0.1)."""
+    try:
+        return address in {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror:
+        return False
+
+
+def describe(found: list[tuple[str, dict]]) -> str:
+    """Numbered lines: name, pid, binds, uptime."""
+    return "\n".join(f"  {i}) {info['name']}  pid {info['pid']}  {', '.join(info['listening'])}  "
+                     f"up {duration(info['uptime'])}" for i, (_, info) in enumerate(found, 1))
+
+
+def choose(args: argparse.Namespace) -> str:
+    """The control socket to talk to: --control-socket, else the one master of ours that --name/--pid/--bind pick."""
+    if args.control_socket:
+        return args.control_socket
+    found = discover()
+    picked = [(path, info) for path, info in found
+              if (not args.name or info["name"] == args.name) and (not args.pid or info["pid"] == args.pid)
+              and (not args.bind or bind_matches(args.bind, info["listening"]))]
+    if len(picked) == 1:
+        return picked[0][0]
+    asked = " ".join(f"--{key} {getattr(args, key)}" for key in ("name", "pid", "bind") if getattr(args, key))
+    if not picked and not found:
+        raise NoMaster(f"no balancer master of uid {os.getuid()} is running (none in {runtime_dir()}); "
+                       "pass --control-socket if it has its socket elsewhere")
+    if not picked:
+        raise NoMaster(f"no running balancer master matches {asked}; running:\n{describe(found)}")
+    if sys.stdin.isatty():
+        return prompt(picked)
+    raise NoMaster(f"{len(picked)} balancer masters are running{' that match ' + asked if asked else ''}:\n"
+                   f"{describe(picked)}\npass --name or --pid to pick one")
+
+
+def prompt(found: list[tuple[str, dict]]) -> str:
+    """Ask on the terminal which master is meant: its number, name or pid."""
+    print(f"{len(found)} balancer masters are running:\n{describe(found)}", file=sys.stderr)
+    print(f"which one? [1-{len(found)}, a name or a pid]: ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline().strip()
+    for i, (path, info) in enumerate(found, 1):
+        if answer in (str(i), info["name"]) or answer == f"pid {info['pid']}" or answer == str(info["pid"]):
+            return path
+    raise NoMaster(f"no master picked ({answer or 'no answer'}); pass --name or --pid")
+
+
+# ---- commands -----------------------------------------------------------------------------------------------
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Add the options of one control command (reload, scale, stop, status) to an argparse (sub)parser."""
     if command == "scale":
         parser.add_argument("n", type=int, help="the number of workers to run")
-    parser.add_argument("--control-socket", default="", metavar="PATH",
-                        help="the master's control socket (default: derived from --bind)")
-    parser.add_argument("--bind", default=Config.__dataclass_fields__["bind"].default_factory()[0], metavar="ADDR",
-                        help="the master's first --bind, to find its default control socket")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    pick = parser.add_argument_group("which master (default: the only one this user runs; asks when several)")
+    pick.add_argument("--name", default="", help="the master started with this --name (default name: its first bind)")
+    pick.add_argument("--pid", type=int, default=0, help="the master with this process id")
+    pick.add_argument("--bind", default="", metavar="ADDR", help="the master listening on ADDR")
+    pick.add_argument("--control-socket", default="", metavar="PATH", help="the master's control socket")
+    parser.add_argument("--json", action="store_true", help="print the master's reply as JSON, for scripts")
+    if command == "status":
+        parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                            help="measure CPU %% and requests/s over this long (0: skip them; at most 10)")
+    if command in ("stop", "reload"):
+        waits = {"stop": "until the master has exited", "reload": "until every worker runs the new code"}[command]
+        parser.add_argument("--wait", action="store_true", help=f"return only {waits}")
+        parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                            help="give up waiting after this long, exit 1 (default: 60; 0: wait for ever)")
 
 
 def run_command(command: str, args: argparse.Namespace) -> int:
-    """Run one control command: 0 on success, 1 on failure, 2 when no master answers."""
+    """Run one control command: 0 on success, 1 on failure, 2 when no master answers (or several might)."""
     try:
-        path = client_socket_path(args.control_socket, args.bind)
-    except ConfigError as exc:
+        path = choose(args)
+    except (ConfigError, ForeignPeer, NoMaster) as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
     body: dict = {"cmd": command}
+    timeout: float | None = 30.0
     if command == "scale":
         body["n"] = args.n
+    elif command == "status":
+        body["interval"] = max(0.0, min(args.interval, 10.0))
+        timeout += body["interval"]
+    elif command == "reload" and args.wait:
+        body["wait"] = True
+        timeout = args.timeout or None
+    started, master = time.monotonic(), ExitWatch()
     try:
-        reply = request(path, body, None if command == "reload" else 30)
+        reply = request(path, body, timeout, master.watch if command == "stop" and args.wait else None)
     except (FileNotFoundError, ConnectionRefusedError):
         print(f"balancer: error: no balancer master at {path} (is it running? pass --control-socket)",
               file=sys.stderr)
@@ -77,32 +212,140 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     except ForeignPeer as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
+    except socket.timeout:
+        print(f"balancer: error: no answer from {path} within {timeout:g}s"
+              f"{'; the reload goes on in the master' if command == 'reload' else ''}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:
         print(f"balancer: error: {path}: {exc}", file=sys.stderr)
         return 1
+    code = 0 if reply.get("ok") else 1
+    if code == 0 and command == "stop" and args.wait:
+        left = args.timeout - (time.monotonic() - started) if args.timeout else None
+        if not master.wait(left):
+            print(f"balancer: error: master pid {master.pid} still running after {args.timeout:g}s", file=sys.stderr)
+            code = 1
+        reply["exited"] = code == 0
     if args.json:
         print(json.dumps(reply, indent=2))
     elif not reply.get("ok"):
         print(f"balancer: error: {reply.get('error', 'failed')}", file=sys.stderr)
     elif command == "status":
         print(format_status(reply))
+    elif command == "reload":
+        print(f"{'reloaded' if args.wait else 'reload started'} (generation {reply.get('generation')})")
+    elif command == "stop":
+        print(("stopped" if code == 0 else "stopping") if args.wait else "stopping")
     else:
-        print({"reload": "reloaded", "stop": "stopping", "scale": f"scaling to {reply.get('target')}"}[command])
-    return 0 if reply.get("ok") else 1
+        print(f"scaling to {reply.get('target')}")
+    return code
+
+
+class ExitWatch:
+    """The master's pid, taken from the connection itself, and a way to wait for that process to exit."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.pidfd = -1
+
+    def watch(self, pid: int) -> None:
+        """Called once connected, before the stop is sent: a pidfd cannot be confused by a reused pid."""
+        self.pid = pid
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:  # kernels before 5.3: fall back to polling /proc
+            self.pidfd = -1
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once the master has exited (a zombie its parent has not reaped yet counts), False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        try:
+            if self.pidfd >= 0:
+                poller = select.poll()
+                poller.register(self.pidfd, select.POLLIN)
+                return bool(poller.poll(None if deadline is None else max(0.0, timeout) * 1000))
+            while process_alive(self.pid):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+            return True
+        finally:
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
+
+
+def process_alive(pid: int) -> bool:
+    """True while pid runs (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def client_main(command: str, argv: list[str]) -> int:
-    """`balancer reload|scale N|stop|status` parsed on its own (until cli.py has real subparsers)."""
+    """`balancer reload|scale N|stop|status` parsed on its own (cli.py's subparsers call the two above)."""
     parser = argparse.ArgumentParser(prog=f"balancer {command}")
     add_arguments(parser, command)
     return run_command(command, parser.parse_args(argv))
 
 
+# ---- showing status -------------------------------------------------------------------------------------
+
+def duration(seconds: float) -> str:
+    """42s, 5m02s, 3h05m, 2d03h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s // 60 % 60:02d}m"
+    return f"{s // 86400}d{s // 3600 % 24:02d}h"
+
+
+def figure(value, fmt: str = "{:.1f}") -> str:
+    """A measured figure, or '-' when there is none (not measured, process gone)."""
+    return "-" if value is None else fmt.format(value)
+
+
+def mebibytes(n: int | None) -> float | None:
+    """Bytes in MiB."""
+    return None if n is None else n / (1024 * 1024)
+
+
 def format_status(reply: dict) -> str:
-    """The status reply as a small table."""
-    lines = [f"master pid {reply['pid']}, target {reply['target']} workers, {reply['accepted']} connections "
-             f"accepted, listening on {', '.join(reply['listening'])}",
-             f"{'slot':>4}  {'pid':>7}  {'state':<9} {'open':>6} {'dispatched':>10}"]
+    """The status reply as a header, a table of workers and a line per slot that needs attention."""
+    master = reply.get("master", {})
+    lines = [f"{reply['name']}: master pid {reply['pid']}, up {duration(reply['uptime'])}, "
+             f"{reply['ready']}/{reply['target']} workers ready, generation {reply['generation']}, "
+             f"listening on {', '.join(reply['listening'])}",
+             f"{reply['accepted']} connections accepted; master RSS {figure(mebibytes(master.get('rss')))} MiB, "
+             f"CPU {figure(master.get('cpu_percent'))}%",
+             f"{'slot':>4} {'pid':>7}  {'state':<9}{'gen':>4} {'up':>7} {'restarts':>8} {'RSS MiB':>8} {'CPU %':>6} "
+             f"{'req/s':>7} {'open':>5} {'dispatched':>10}"]
+    slots = {s["slot"]: s for s in reply.get("slots", [])}
     for w in reply["workers"]:
-        lines.append(f"{w['slot']:>4}  {w['pid']:>7}  {w['state']:<9} {w['open']:>6} {w['dispatched']:>10}")
+        restarts = slots.get(w["slot"], {}).get("restarts_total", 0)
+        lines.append(f"{w['slot']:>4} {w['pid']:>7}  {w['state']:<9}{w['generation']:>4} {duration(w['uptime']):>7} "
+                     f"{restarts:>8} {figure(mebibytes(w.get('rss'))):>8} {figure(w.get('cpu_percent')):>6} "
+                     f"{figure(w.get('requests_per_second')):>7} {w['open']:>5} {w['dispatched']:>10}")
+    live = {w["slot"] for w in reply["workers"]}
+    for slot in sorted(set(slots) - live):
+        if slots[slot]["wanted"]:
+            lines.append(f"{slot:>4} {'-':>7}  {'empty':<9}")
+    for s in slots.values():
+        notes = []
+        if s["empty"]:
+            later = f", next start in {s['respawn_in']:.1f}s" if s["respawn_in"] else ""
+            notes.append(f"EMPTY: no ready worker{later}")
+        if s["crash_looping"]:
+            notes.append(f"CRASH-LOOPING: died {s['failures_in_a_row']} times in a row, each soon after starting")
+        if s["restarts"]:
+            notes.append("restarts: " + ", ".join(f"{n} {reason}" for reason, n in s["restarts"].items()))
+        if notes:
+            lines.append(f"slot {s['slot']}: " + "; ".join(notes))
+    if reply.get("interval"):
+        lines.append(f"(CPU % and req/s over the last {reply['interval']:.1f}s)")
     return "\n".join(lines)

@@ -31,13 +31,13 @@ def test_status_scale_reload_stop(tmp_path):
     with Balancer("--workers", "2", "--control-socket", str(sock), "--pid-file", str(pidfile), *APP) as b:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         assert pidfile.read_text().strip() == str(b.pid)
-        r = ctl("status", "--control-socket", str(sock), "--json")
+        r = ctl("status", "--control-socket", str(sock), "--json", "--interval", "0")
         assert r.returncode == 0, r.stderr
         status = json.loads(r.stdout)
         assert status["pid"] == b.pid and status["target"] == 2
         assert sorted(w["pid"] for w in status["workers"]) == sorted(b.worker_pids())
         assert {w["state"] for w in status["workers"]} == {"ready"}
-        table = ctl("status", "--control-socket", str(sock)).stdout
+        table = ctl("status", "--control-socket", str(sock), "--interval", "0").stdout
         assert f"master pid {b.pid}" in table and "ready" in table
 
         r = ctl("scale", "3", "--control-socket", str(sock))
@@ -46,8 +46,9 @@ def test_status_scale_reload_stop(tmp_path):
         b.wait_for(r"worker slot=2 pid=\d+ ready", 20)
 
         before = set(b.worker_pids())
-        r = ctl("reload", "--control-socket", str(sock))  # returns when the rolling reload is done
-        assert r.returncode == 0 and r.stdout.strip() == "reloaded", r.stderr
+        r = ctl("reload", "--wait", "--control-socket", str(sock))  # returns when the rolling reload is done
+        assert r.returncode == 0 and r.stdout.strip() == "reloaded (generation 1)", r.stderr
+        assert "rolling reload done (generation 1)" in b.log()
         wait_until(lambda: not before & set(b.worker_pids()), 30, "old workers to exit")
         assert fetch(b).status == 200
 
@@ -80,7 +81,7 @@ def test_accept_coalesces_only_while_every_worker_is_busy(tmp_path, wait):
     with Balancer("--workers", "2", "--accept-coalesce", wait, "--keepalive-timeout", "60",
                   "--control-socket", str(sock), *APP) as b:
         def status() -> dict:
-            return json.loads(ctl("status", "--control-socket", str(sock), "--json").stdout)
+            return json.loads(ctl("status", "--control-socket", str(sock), "--json", "--interval", "0").stdout)
 
         for _ in range(4):
             assert fetch(b).status == 200
@@ -107,7 +108,7 @@ def test_reload_and_scale_are_refused_while_the_first_workers_boot_and_status_an
         for args in (("reload",), ("scale", "3")):
             r = ctl(*args, "--control-socket", str(sock))
             assert r.returncode == 1 and "starting or stopping" in r.stderr, (args, r.stdout, r.stderr)
-        status = json.loads(ctl("status", "--control-socket", str(sock), "--json").stdout)
+        status = json.loads(ctl("status", "--control-socket", str(sock), "--json", "--interval", "0").stdout)
         assert status["target"] == 2 and {w["state"] for w in status["workers"]} == {"booting"}, status
         assert b.log().count("slow boot started") == 2  # nothing was started beside the boot
 
@@ -137,7 +138,7 @@ def test_default_directory_is_made_0700_and_the_client_finds_the_master_there(tm
     with Balancer("--workers", "1", env={"XDG_RUNTIME_DIR": "", "TMPDIR": str(tmp_path)}) as b:
         assert stat.S_IMODE(os.lstat(runtime).st_mode) == 0o700
         assert os.listdir(runtime) == [b.address.replace(":", "-") + ".sock"]
-        r = run_env(private_env(tmp_path), "status", "--bind", b.address, "--json")
+        r = run_env(private_env(tmp_path), "status", "--bind", b.address, "--json", "--interval", "0")
         assert r.returncode == 0 and json.loads(r.stdout)["pid"] == b.pid, r.stderr
     assert os.listdir(runtime) == []
 

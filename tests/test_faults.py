@@ -148,13 +148,13 @@ def test_control_reload_during_a_reload_reports_done(tmp_path):
     deploy(tmp_path, "v1")
     with editable(tmp_path, "--workers", "2") as b:
         deploy(tmp_path, "v2", "sleep 1")
-        cmd = [sys.executable, "-m", "balancer", "reload", "--control-socket", str(tmp_path / "ctl.sock")]
+        cmd = [sys.executable, "-m", "balancer", "reload", "--wait", "--control-socket", str(tmp_path / "ctl.sock")]
         first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         b.wait_for(r"rolling reload of 2 workers \(generation 1\)", 30)
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         out, err = first.communicate(timeout=60)
-        assert (first.returncode, out.strip()) == (0, "reloaded"), err
-        assert (second.returncode, second.stdout.strip()) == (0, "reloaded"), second.stderr
+        assert (first.returncode, out.strip()) == (0, "reloaded (generation 2)"), err  # what now serves
+        assert (second.returncode, second.stdout.strip()) == (0, "reloaded (generation 2)"), second.stderr
         assert {w["generation"] for w in status(tmp_path)["workers"]} == {2}
 
 
