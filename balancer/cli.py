@@ -1,63 +1,142 @@
-"""Command line: `balancer [run] [options]`, generated from Config, plus control subcommands."""
+"""Command line: `balancer [run] [options] [MODULE:ATTR]`, generated from Config, plus its subcommands."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from dataclasses import MISSING
 
 from balancer import __version__
-from balancer.config import Config, ConfigError, option_fields
+from balancer.config import ConfigError, option_fields
+from balancer.sources import Resolved, config_file_of, default_of, describe, flag_of, resolve
 
-COMMANDS = ("run", "reload", "scale", "stop", "status")
+CONTROL_COMMANDS = ("reload", "scale", "stop", "status")
+COMMANDS = ("run", *CONTROL_COMMANDS, "config")
+SHORT_FLAGS = {"workers": "-w", "bind": "-b", "timeout": "-t"}  # the ones gunicorn users type; -c is --config
+HELP = {
+    "run": "start the master and its workers (the default when no subcommand is given)",
+    "reload": "rolling reload of a running master's workers (SIGHUP)",
+    "scale": "change a running master's worker count",
+    "stop": "graceful shutdown of a running master",
+    "status": "a running master's workers and figures",
+    "config": "print the effective configuration and where each value came from",
+}
 
 
-def _default(f):
-    """A field's default value, whether given directly or by factory."""
-    return f.default_factory() if f.default is MISSING else f.default
+class CliParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit code 2, like every other start-up failure."""
+
+    def error(self, message: str):
+        self.exit(2, f"balancer: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one flag per Config field, help and defaults taken from the field."""
-    parser = argparse.ArgumentParser(
-        prog="balancer",
-        description="Master-dispatch load balancer and process supervisor for aiohttp apps. "
-                    "Subcommands: run (default), reload, scale N, stop, status.",
-    )
-    parser.add_argument("--version", action="version", version=f"balancer {__version__}")
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, help taken from the field; only given flags land in the namespace."""
+    parser.add_argument("-c", "--config", dest="config_file", default=None, metavar="FILE",
+                        help="read options from this TOML file (keys: the long option names); the command line "
+                             "and the environment (BALANCER_<OPTION>, WEB_CONCURRENCY) override it "
+                             "(default: $BALANCER_CONFIG)")
+    parser.add_argument("positional_backend", nargs="?", default=None, metavar="MODULE:ATTR",
+                        help="the app to serve, as --backend")
     for f in option_fields():
         meta = f.metadata
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        default = _default(f)
+        flags = [meta.get("flag") or flag_of(f.name)]
+        if f.name in SHORT_FLAGS:
+            flags.insert(0, SHORT_FLAGS[f.name])
+        default = default_of(f)
         shown = " ".join(default) if isinstance(default, tuple) else default
-        kwargs = {"dest": f.name, "help": meta["help"]}
+        # SUPPRESS: a flag not given leaves no attribute, so the environment and the file can supply it.
+        kwargs = {"dest": f.name, "help": meta["help"], "default": argparse.SUPPRESS}
         if "default" not in meta["help"] and shown not in ("", None):
             kwargs["help"] += f" (default: {shown})"
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["default"] = default
         elif meta.get("repeat"):
-            kwargs.update(action="append", default=None, metavar=meta.get("metavar"))
+            kwargs.update(action="append", metavar=meta.get("metavar"))
         else:
-            kwargs.update(type=type(default), default=default, metavar=meta.get("metavar"))
+            kwargs.update(type=type(default), metavar=meta.get("metavar"))
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*flags, **kwargs)
+
+
+def build_parser(prog: str = "balancer run") -> argparse.ArgumentParser:
+    """The parser of `balancer run` options (also what `balancer OPTIONS` means)."""
+    parser = CliParser(prog=prog, description="Master-dispatch load balancer and process supervisor for aiohttp "
+                                              "apps. Options come from the command line, then the environment, "
+                                              "then the -c file, then the defaults.")
+    add_run_options(parser)
     return parser
 
 
-def parse_config(argv: list[str]) -> Config:
-    """Parse run options into a validated Config (ConfigError on a bad value)."""
-    ns = build_parser().parse_args(argv)
-    values = {}
-    for f in option_fields():
-        value = getattr(ns, f.name)
-        if value is None:
-            continue
-        values[f.name] = tuple(value) if isinstance(value, list) else value
-    return Config(**values)
+def build_cli(command: str = "") -> argparse.ArgumentParser:
+    """The whole command line: one real subparser per subcommand.
+
+    The control client's options are added only for a control command: running never imports the client.
+    """
+    top = CliParser(prog="balancer", description="Master-dispatch load balancer and process supervisor for aiohttp "
+                                                 "apps. Without a subcommand, `balancer [options] [MODULE:ATTR]` "
+                                                 "runs; `balancer run --help` lists the options.")
+    top.add_argument("--version", action="version", version=f"balancer {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", required=True,
+                             parser_class=CliParser)
+    add_run_options(sub.add_parser("run", help=HELP["run"], description=HELP["run"]))
+    for name in CONTROL_COMMANDS:
+        parser = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        if name == command:
+            from balancer.control_client import add_arguments
+
+            add_arguments(parser, name)
+    config = sub.add_parser("config", help=HELP["config"], description=HELP["config"])
+    add_run_options(config)
+    config.add_argument("--json", action="store_true", help="print JSON: {option: {value, source, detail}}")
+    return top
+
+
+def _implicit_run(argv: list[str]) -> list[str]:
+    """`balancer --backend x` and `balancer myapp:app` mean `balancer run ...`; a bare word stays a subcommand."""
+    if not argv:
+        return ["run"]
+    first = argv[0]
+    if first in ("-h", "--help", "--version"):
+        return argv
+    if first.startswith("-") or (":" in first and first not in COMMANDS):
+        return ["run", *argv]
+    return argv
+
+
+def resolve_namespace(ns: argparse.Namespace, environ=None) -> tuple[Resolved, dict]:
+    """The effective configuration of parsed run options; also the command-line values, for a re-read."""
+    environ = os.environ if environ is None else environ
+    cli = {f.name: getattr(ns, f.name) for f in option_fields() if hasattr(ns, f.name)}
+    cli = {name: tuple(value) if isinstance(value, list) else value for name, value in cli.items()}
+    if ns.positional_backend is not None:
+        if "backend" in cli and cli["backend"] != ns.positional_backend:
+            raise ConfigError(f"two backends given: {ns.positional_backend!r} and --backend {cli['backend']!r}")
+        cli["backend"] = ns.positional_backend
+    config_file, _ = config_file_of(ns.config_file, environ)
+    return resolve(cli, environ, config_file), cli
+
+
+def parse_config(argv: list[str], environ=None):
+    """Parse run options (with the environment and any config file) into a validated Config."""
+    return resolve_namespace(build_parser().parse_args(argv), environ)[0].config
+
+
+def print_config(resolved: Resolved, as_json: bool) -> None:
+    """Every effective option and its source; the text form is TOML, usable as a -c file."""
+    rows = describe(resolved)
+    if as_json:
+        out = {name: {"value": list(value) if isinstance(value, tuple) else value, "source": origin.source,
+                      "detail": origin.detail} for name, value, origin in rows}
+        print(json.dumps({"config_file": resolved.config_file, "options": out}, indent=2))
+        return
+    print(f"# config file: {resolved.config_file or 'none'}")
+    for name, value, origin in rows:
+        shown = json.dumps(list(value) if isinstance(value, tuple) else value)  # JSON scalars and lists are TOML
+        print(f"{name} = {shown}  # {origin}")
 
 
 def setup_logging(level: str) -> None:
@@ -66,24 +145,24 @@ def setup_logging(level: str) -> None:
                         format=f"%(asctime)s [balancer master pid={os.getpid()}] %(levelname)s %(message)s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `balancer` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-    if command != "run":
-        from balancer.control import client_main
-
-        return client_main(command, argv)
+def run(ns: argparse.Namespace) -> int:
+    """`balancer run`: resolve the options, then serve until stopped."""
+    environ = dict(os.environ)  # as at start: a reload re-reads the file, not a changed environment
     try:
-        config = parse_config(argv)
+        resolved, cli = resolve_namespace(ns, environ)
     except ConfigError as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
+    config = resolved.config
     setup_logging(config.log_level)
     from balancer.master import BootError, run_master
 
+    reread = None
+    if resolved.config_file:
+        def reread():
+            return resolve(cli, environ, resolved.config_file).config
     try:
-        return run_master(config, config.loop)
+        return run_master(config, config.loop, reread=reread)
     except ConfigError as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
@@ -92,3 +171,22 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `balancer` console script."""
+    argv = _implicit_run(list(sys.argv[1:] if argv is None else argv))
+    ns = build_cli(argv[0] if argv else "").parse_args(argv)
+    if ns.command in CONTROL_COMMANDS:
+        from balancer.control_client import run_command
+
+        return run_command(ns.command, ns)
+    if ns.command == "config":
+        try:
+            resolved, _ = resolve_namespace(ns)
+        except ConfigError as exc:
+            print(f"balancer: error: {exc}", file=sys.stderr)
+            return 2
+        print_config(resolved, ns.json)
+        return 0
+    return run(ns)

@@ -229,6 +229,19 @@ class Config:
         return out
 
 
+# Master-side options a reload (SIGHUP) applies as it is; those the workers get apply to the workers it starts.
+MASTER_RELOADABLE = ("workers", "timeout", "boot_timeout", "graceful_timeout", "shutdown_delay", "max_memory",
+                     "accept_coalesce", "log_level")
+# In the worker settings, but set on the master's listening sockets, which a reload keeps.
+LISTENER_OPTIONS = ("tcp_keepalive",)
+
+
+def reloadable_options(config: Config) -> frozenset[str]:
+    """Options a reload can change; the rest (binds, sockets, files, identity) take a restart."""
+    names = {f.name for f in fields(Config)}
+    return frozenset((names & set(config.worker_settings())) | set(MASTER_RELOADABLE)) - set(LISTENER_OPTIONS)
+
+
 def option_fields():
     """The Config fields, in declaration order, for the CLI generator."""
     return fields(Config)

@@ -15,7 +15,7 @@ from balancer.accepting import AcceptPath
 from balancer.config import Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher
 from balancer.listeners import Listener, open_listeners
-from balancer.process import BootError
+from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
 from balancer.supervisor import Supervisor
 
@@ -30,8 +30,9 @@ HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 class Master(AcceptPath):
     """Owns the listening sockets and the worker pool; acts on signals recorded by its handlers."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reread: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reread = reread  # builds the Config again from the -c file (SIGHUP), or None without one
         self.listeners: list[Listener] = []
         self.dispatcher = Dispatcher(config.worker_connections, on_blocked=self._on_blocked)
         self.supervisor: Supervisor | None = None
@@ -68,7 +69,11 @@ class Master(AcceptPath):
             # The handler only records the signal; the loop below acts on it.
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         self.reaper.start(loop)  # before the first worker: whatever its backend orphans comes back to us
-        self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity)
+        env = worker_env()
+        # Settings read at each spawn: the workers of a reload get what the re-read config file says.
+        self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity,
+                                     spawn=lambda slot, generation: spawn_process(
+                                         slot, generation, self.config.worker_settings(), env))
         try:
             await self._start_services()
             if self.run_as is not None:
@@ -173,11 +178,35 @@ class Master(AcceptPath):
         """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer."""
         sup = self.supervisor
         if sig == signal.SIGHUP:
+            if self.reread is not None:
+                self.reread_config()  # first: the reload's workers start with the file's new settings
             sup.request_reload()  # a future, not a task: nothing to hold, it can only end True or False
         elif sig == signal.SIGTTIN:
             sup.scale(sup.target + 1)
         elif sig == signal.SIGTTOU:
             sup.scale(max(1, sup.target - 1))
+
+    def reread_config(self) -> None:
+        """Apply the file's reloadable changes; name those that need a restart; a bad file keeps the old config."""
+        from balancer.sources import merge_reload
+
+        try:
+            config, applied, kept = merge_reload(self.config, self.reread())
+        except ConfigError as exc:
+            log.error("reload keeps the old configuration: %s", exc)
+            return
+        if kept:
+            log.warning("changed in the config file but needs a restart: %s",
+                        ", ".join("--" + name.replace("_", "-") for name in kept))
+        if not applied:
+            return
+        log.info("reload applies from the config file: %s",
+                 ", ".join("--" + name.replace("_", "-") for name in applied))
+        old, self.config = self.config, config
+        self.supervisor.config = config
+        logging.getLogger().setLevel(config.log_level.upper())
+        if config.workers != old.workers:
+            self.supervisor.scale(config.workers)
 
     async def _drop_privileges(self) -> None:
         """Bound and set up as root: become --user for good; workers, all started after this, are that user too."""
@@ -300,10 +329,10 @@ def raise_fd_limit(worker_connections: int) -> int:
     return soft
 
 
-def run_master(config: Config, loop_choice: str = "auto") -> int:
+def run_master(config: Config, loop_choice: str = "auto", reread: Callable[[], Config] | None = None) -> int:
     """Run a master to completion; returns its exit code."""
     raise_fd_limit(config.worker_connections)
-    master = Master(config)
+    master = Master(config, reread)
     factory = asyncio.new_event_loop
     if loop_choice in ("auto", "uvloop"):
         try:
