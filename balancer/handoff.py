@@ -6,6 +6,7 @@ reference it is tested against, and the fallback where it is missing or BALANCER
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from operator import index
@@ -48,6 +49,11 @@ def _load_c():
     try:
         from balancer import _speedups
     except ImportError:
+        # pip hides the build's output, so an install without a C compiler would go unnoticed: say it once,
+        # here, where the master first needs the hand-off (workers never import this module).
+        logging.getLogger("balancer.handoff").warning(
+            "C accelerator balancer._speedups is not installed (built only with a C compiler and the Python "
+            "headers): handing connections off in Python, which costs the master more CPU per connection")
         return None
     if _speedups.MAX_FDS != wire.MAX_FDS_PER_MSG:  # a stale build beside newer Python code
         return None

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 command -v wrk >/dev/null || need+=(wrk)
+command -v systemd-socket-activate >/dev/null || need+=(systemd)  # tests/test_systemd.py
 command -v promtool >/dev/null && command -v prometheus >/dev/null || need+=(prometheus)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)  # Debian's python3 makes venvs with it
 if [ ${#need[@]} -gt 0 ]; then
@@ -13,15 +14,20 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-python3 -m pip install -q -e '.[dev,bench]'
+# The suite runs in a virtual environment (.venv, the README's install command's too): Debian's and Ubuntu's
+# python3 refuse pip installs (PEP 668, "externally-managed-environment") and may come without pip at all.
+suite_venv=$(realpath -m "${BALANCER_VENV:-.venv}")
+"$suite_venv/bin/python" -m pip --version >/dev/null 2>&1 || python3 -m venv --clear "$suite_venv"
+"$suite_venv/bin/python" -m pip install -q -e '.[dev,bench]'
+export VIRTUAL_ENV="$suite_venv" PATH="$suite_venv/bin:$PATH"  # as `activate` does, for tools run by name
 if [ $# -gt 0 ]; then
-    exec python3 -m pytest "$@"
+    exec python -m pytest "$@"
 fi
 status=0
-python3 -m pytest || status=$?
+python -m pytest || status=$?
 
 # The floor is what pyproject.toml says, so the two cannot drift apart.
-lowest=$(python3 -c 'import re, tomllib
+lowest=$(python -c 'import re, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 print(next(re.match(r"aiohttp>=([^,;\s]+)", d).group(1) for d in deps if d.startswith("aiohttp>=")))')
 # A venv without --system-site-packages: the newer aiohttp installed above must not leak in.

@@ -6,8 +6,16 @@ import os
 import random
 from pathlib import Path
 
-import jinja2
 from aiohttp import web
+
+try:
+    import jinja2
+except ModuleNotFoundError as exc:
+    if exc.name != "jinja2":
+        raise
+    # jinja2 is an optional extra; the worker turns this into the master's one-line boot error (exit 3).
+    raise ModuleNotFoundError("the template example needs jinja2, which the 'examples' extra installs: "
+                              "pip install 'balancer[examples]'", name="jinja2") from None
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
