@@ -121,8 +121,8 @@ def resolve_namespace(ns: argparse.Namespace, environ=None) -> tuple[Resolved, d
 
 
 def parse_config(argv: list[str], environ=None):
-    """Parse run options (with the environment and any config file) into a validated Config."""
-    return resolve_namespace(build_parser().parse_args(argv), environ)[0].config
+    """Parse run options into a validated Config: the command line alone unless an environment is given."""
+    return resolve_namespace(build_parser().parse_args(argv), {} if environ is None else environ)[0].config
 
 
 def print_config(resolved: Resolved, as_json: bool) -> None:
@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"balancer: error: {exc}", file=sys.stderr)
             return 2
-        print_config(resolved, ns.json)
+        try:
+            print_config(resolved, ns.json)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader left early (| head): not an error; nothing more to write
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return run(ns)

@@ -153,7 +153,20 @@ def resolve(cli: Mapping[str, object], environ: Mapping[str, str], config_file: 
         for name, (value, origin) in layer.items():
             values[name] = value
             origins[name] = origin
-    return Resolved(Config(**values), origins, config_file)
+    try:
+        config = Config(**values)
+    except ConfigError as exc:
+        raise ConfigError(with_origin(str(exc), origins)) from None
+    return Resolved(config, origins, config_file)
+
+
+def with_origin(message: str, origins: Mapping[str, Origin]) -> str:
+    """A validation message naming --option, plus where the value came from when not the command line."""
+    m = re.search(r"--([a-z][a-z-]*)", message)
+    origin = origins.get(m.group(1).replace("-", "_")) if m else None
+    if origin is None or origin.source in ("default", "cli"):
+        return message
+    return f"{message} (from {origin})"
 
 
 def describe(resolved: Resolved) -> list[tuple[str, object, Origin]]:

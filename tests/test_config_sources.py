@@ -80,6 +80,7 @@ def test_the_default_worker_count_says_where_it_came_from():
     ('workers = "four"\n', "bad workers in "),
     ("workers = [\n", "bad config file "),
     ("access_log = 1\n", "expected true or false"),
+    ("workers = 0\n", "--workers must be at least 1, got 0 (from file "),
 ])
 def test_a_bad_file_is_one_line_and_exit_2(tmp_path, content, message):
     conf = tmp_path / "bad.toml"
@@ -92,6 +93,8 @@ def test_bad_environment_values_and_a_missing_file_are_one_line(tmp_path):
     assert_one_error(balancer("config", env=clean_env(BALANCER_TCP_KEEPALIVE="maybe")),
                      "bad BALANCER_TCP_KEEPALIVE 'maybe'")
     assert_one_error(balancer("config", env=clean_env(WEB_CONCURRENCY="lots")), "bad WEB_CONCURRENCY 'lots'")
+    assert_one_error(balancer("config", env=clean_env(BALANCER_BACKLOG="0")),
+                     "--backlog must be at least 1, got 0 (from env BALANCER_BACKLOG)")
     assert_one_error(balancer("config", "-c", str(tmp_path / "none.toml")), "cannot read config file")
 
 
