@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 
 import aiohttp
@@ -239,6 +240,19 @@ def test_sdist_carries_tests_dashboards_deploy_and_bench(tree, tmp_path):
                "workers/__main__.py", "workers/examples/templates/page.html"}
     assert wanted - names == set(), sorted(wanted - names)
     assert not [n for n in names if n.endswith((".so", ".pyc")) or "__pycache__" in n]
+
+
+def test_dockerfile_build_stage_copies_what_pyproject_names():
+    # No Docker daemon on the test machines: this checks the image build's inputs against pyproject.toml, whose
+    # license-files and readme setuptools refuses to build without.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", "setup.py", project["project"]["readme"], *project["project"]["license-files"],
+              "balancer", *project["tool"]["setuptools"]["package-dir"].values()}
+    text = re.sub(r"\\\n", " ", (REPO / "deploy" / "Dockerfile").read_text())
+    build_stage = re.split(r"^FROM ", text, flags=re.M)[1]
+    copied = {src.rstrip("/") for m in re.finditer(r"^COPY (?!--from)(.+)$", build_stage, re.M)
+              for src in m.group(1).split()[:-1]}
+    assert needed - copied == set(), f"deploy/Dockerfile's build stage does not COPY {sorted(needed - copied)}"
 
 
 # --- Linux only -------------------------------------------------------------------------------------------------
