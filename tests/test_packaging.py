@@ -60,9 +60,13 @@ def externally_managed_python(root: Path) -> Path:
     for entry in real_stdlib.iterdir():
         if entry.name not in ("site-packages", "dist-packages", "EXTERNALLY-MANAGED"):
             os.symlink(entry, stdlib / entry.name)
-    (stdlib / "site-packages").mkdir()
-    import pip  # the system pip that refuses, as Debian's python3-pip does
-    os.symlink(Path(pip.__file__).parent, stdlib / "site-packages" / "pip")
+    # The system pip that refuses, as Debian's python3-pip does, where this install's site module looks (Debian's
+    # patched one looks in dist-packages).
+    site = subprocess.run([root / "bin" / "python3", "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    Path(site).mkdir(parents=True, exist_ok=True)
+    import pip
+    os.symlink(Path(pip.__file__).parent, Path(site) / "pip")
     (stdlib / "EXTERNALLY-MANAGED").write_text(
         "[externally-managed]\nError=This Python is managed by the test, as Debian's is by apt.\n")
     return root / "bin" / "python3"
@@ -162,7 +166,14 @@ def installed(tree, tmp_path_factory) -> dict:
                           text=True, timeout=150)
     site = next((tree / ".venv" / "lib").glob("python3*/site-packages"), None)
     return {"refused": refused, "done": done, "command": command, "env": env, "venv": tree / ".venv",
-            "dist_info": next(site.glob("balancer-*.dist-info")) if site else None}
+            "dist_info": next(site.glob("balancer-*.dist-info"), None) if site else None}
+
+
+def require_install(installed: dict) -> None:
+    """Fail with the install's own output when the README's command did not install balancer."""
+    done = installed["done"]
+    assert done.returncode == 0 and installed["dist_info"], \
+        f"{installed['command']!r} did not install balancer:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 @pytest.mark.timeout(240)
@@ -170,13 +181,13 @@ def test_readme_install_command_works_where_system_pip_refuses(installed):
     refused, done = installed["refused"], installed["done"]
     assert refused.returncode != 0 and "externally-managed-environment" in refused.stderr, \
         "the stand-in for Debian's python3 must refuse pip installs, or this test proves nothing:\n" + refused.stderr
-    assert done.returncode == 0, f"{installed['command']!r} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    require_install(installed)
     assert done.stdout.strip().splitlines()[-1] == "balancer 0.1.0"
 
 
 def test_install_without_compiler_says_so_once(installed):
+    require_install(installed)
     out = installed["done"].stdout + installed["done"].stderr
-    assert installed["done"].returncode == 0
     assert sum(SETUP_PY_LINE in line for line in out.splitlines()) == 1, out[-3000:]
     record = (installed["dist_info"] / "RECORD").read_text()
     assert "_speedups" not in record, "CC=/bin/false must leave the C accelerator out (and the wheel its source)"
@@ -190,6 +201,7 @@ def test_install_without_compiler_says_so_once(installed):
 
 
 def test_installed_distribution_owns_only_balancer_modules(installed):
+    require_install(installed)
     dist_info = installed["dist_info"]
     paths = [line.split(",")[0] for line in (dist_info / "RECORD").read_text().splitlines() if line]
     top = {p.split("/")[0] for p in paths if not p.startswith("..")} - {dist_info.name}
@@ -205,6 +217,7 @@ def test_installed_distribution_owns_only_balancer_modules(installed):
 
 
 def test_template_example_without_jinja2_is_one_line_naming_the_extra(installed):
+    require_install(installed)
     r = subprocess.run([str(installed["venv"] / "bin" / "balancer"), "--backend",
                         "balancer_workers.examples.template:handler", "--bind", "127.0.0.1:0", "--metrics-bind",
                         "none", "--workers", "1"], cwd=installed["venv"], env=installed["env"],
