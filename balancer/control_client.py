@@ -9,6 +9,7 @@ import select
 import socket
 import stat
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -55,17 +56,13 @@ def request(path: str, body: dict, timeout: float | None,
 # ---- finding the master ---------------------------------------------------------------------------------
 
 def discover() -> list[tuple[str, dict]]:
-    """(control socket, summary) of every master of ours in runtime_dir(); stale sockets and links are removed.
+    """(control socket, summary) of every master of ours in search_dirs(); stale sockets and links are removed.
 
     Each master keeps its control socket there (or, with --control-socket elsewhere, a symlink to it), so
     the bind it was started with (localhost:PORT, :PORT, unix:, systemd's sockets) does not matter.
     """
-    directory = runtime_dir()
-    if not os.path.lexists(directory):
-        return []
-    check_private_dir(directory)  # a directory others can write to may hold a planted "master"
     found, seen = [], set()
-    for entry in sorted(os.listdir(directory)):
+    for directory, entry in [(d, entry) for d in search_dirs() for entry in sorted(os.listdir(d))]:
         path = os.path.join(directory, entry)
         try:
             st = os.lstat(path)
@@ -85,6 +82,24 @@ def discover() -> list[tuple[str, dict]]:
             seen.add(reply["pid"])
             found.append((path, reply))
     return found
+
+
+def search_dirs() -> list[str]:
+    """runtime_dir(), and the /tmp one when that is under $XDG_RUNTIME_DIR: those of them that exist and are ours."""
+    # Masters started without $XDG_RUNTIME_DIR (sudo -u, cron, a system service with User=) use the /tmp one.
+    primary = runtime_dir()
+    dirs = []
+    if os.path.lexists(primary):
+        check_private_dir(primary)  # a directory others can write to may hold a planted "master"
+        dirs.append(primary)
+    fallback = os.path.join(tempfile.gettempdir(), f"balancer-{os.getuid()}")
+    if fallback != primary and os.path.lexists(fallback):
+        try:
+            check_private_dir(fallback)
+            dirs.append(fallback)
+        except ConfigError as exc:  # anyone may create it in /tmp first: a note, not a refusal to use ours
+            print(f"balancer: note: skipped: {exc}", file=sys.stderr)
+    return dirs
 
 
 def remove_stale(path: str, st: os.stat_result) -> None:

@@ -182,6 +182,11 @@ def test_reload_returns_once_started_and_with_wait_once_the_new_code_serves(tmp_
         def versions() -> set[str]:
             return {urllib.request.urlopen(b.url + "/", timeout=10).read().decode() for _ in range(4)}
 
+        # A shell with $XDG_RUNTIME_DIR still finds a master started without it (sudo -u, cron).
+        xdg = tmp_path / "xdg"
+        xdg.mkdir(mode=0o700)
+        assert status({**env, "XDG_RUNTIME_DIR": str(xdg)})["pid"] == b.pid
+        assert os.listdir(xdg) == []  # the client creates nothing
         deploy(tmp_path, "v2", boot="sleep 2")  # the new code takes a while to load
         started = time.monotonic()
         r = ctl(env, "reload")
