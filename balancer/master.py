@@ -10,7 +10,7 @@ import signal
 import time
 from typing import Callable
 
-from balancer import handoff, privileges
+from balancer import handoff, privileges, proctitle
 from balancer.accepting import AcceptPath
 from balancer.config import Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher
@@ -65,6 +65,7 @@ class Master(AcceptPath):
         self.listeners = open_listeners(self.config.binds, self.config.backlog, self.config.tcp_keepalive,
                                         parse_octal(self.config.socket_mode, "--socket-mode"),
                                         privileges.socket_owner(self.config, self.run_as))
+        proctitle.title_master(self.config.name, [listener.label for listener in self.listeners])
         for sig in HANDLED_SIGNALS:
             # The handler only records the signal; the loop below acts on it.
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 
-from balancer import board
+from balancer import board, proctitle
 
 PR_SET_PDEATHSIG = 1
 
@@ -64,6 +64,7 @@ def main() -> int:
         format=f"%(asctime)s [worker slot={settings['slot']} pid={os.getpid()}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    proctitle.title_worker(settings["slot"])  # `balancer: worker 0 [name]` in ps and top
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, args.channel_fd)
     ack_board = board.attach(args.board_fd)
     os.close(args.board_fd)
