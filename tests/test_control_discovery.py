@@ -178,7 +178,7 @@ def test_reload_returns_once_started_and_with_wait_once_the_new_code_serves(tmp_
     (tmp_path / "editable.py").write_text(EDITABLE)
     deploy(tmp_path, "v1")
     with Balancer("--workers", "2", "--metrics-bind", "none", "--app-dir", str(tmp_path), "--backend",
-                  "editable:handler", env=env) as b:
+                  "editable:handler", "--shutdown-delay", "2", env=env) as b:
         def versions() -> set[str]:
             return {urllib.request.urlopen(b.url + "/", timeout=10).read().decode() for _ in range(4)}
 
@@ -201,3 +201,8 @@ def test_reload_returns_once_started_and_with_wait_once_the_new_code_serves(tmp_
         assert versions() == {"v3"}  # returned once the new code serves, in every slot
         workers = status(env)["workers"]
         assert {(w["generation"], w["state"]) for w in workers if w["state"] != "draining"} == {(2, "ready")}
+        # stop --wait gives up after --timeout while the master still serves out its --shutdown-delay.
+        r = ctl(env, "stop", "--wait", "--timeout", "0.5")
+        assert r.returncode == 1 and r.stderr.strip() == f"balancer: error: master pid {b.pid} still running after 0.5s"
+        assert b.proc.poll() is None
+        assert b.wait(20) == 0
