@@ -10,7 +10,7 @@ import signal
 import time
 from typing import Callable
 
-from balancer import handoff, privileges, proctitle
+from balancer import handoff, privileges, proctitle, systemd
 from balancer.accepting import AcceptPath
 from balancer.config import Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher
@@ -55,6 +55,7 @@ class Master(AcceptPath):
         self.services: list = []  # metrics endpoint, control socket: objects with async close()
         self.run_as: privileges.RunAs | None = None  # --user/--group: who the master becomes once bound
         self.reaper = OrphanReaper(self._is_worker)
+        self.notifier = systemd.Notifier()  # takes NOTIFY_SOCKET out of the environment the workers inherit
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -84,11 +85,13 @@ class Master(AcceptPath):
                 log.info("balancer %d workers serving on %s (pid %d, hand-off in %s)", self.config.workers,
                          ", ".join(listener.label for listener in self.listeners), os.getpid(),
                          "C" if handoff.IMPLEMENTATION == "c" else "Python")
+                self.notifier.ready(self.serving_status())
             self._schedule_tick()
             while True:
                 sig = await self.signals.get()
                 if sig in STOP_SIGNALS:
                     self.shutting_down = True  # /readyz answers 503 from now on
+                    self.notifier.stopping(f"{signal.Signals(sig).name}: stopping")
                     if self.booted and self.config.shutdown_delay > 0:
                         sig = await self._serve_before_drain(sig)
                     log.info("%s: graceful shutdown", signal.Signals(sig).name)
@@ -102,6 +105,7 @@ class Master(AcceptPath):
         finally:
             self._close_listeners()
             self.reaper.stop()
+            self.notifier.close()
 
     async def _serve_before_drain(self, sig: int) -> int:
         """Keep accepting for --shutdown-delay while /readyz says 503; the stop signal to drain with.
@@ -179,13 +183,20 @@ class Master(AcceptPath):
         """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer."""
         sup = self.supervisor
         if sig == signal.SIGHUP:
-            if self.reread is not None:
-                self.reread_config()  # first: the reload's workers start with the file's new settings
-            sup.request_reload()  # a future, not a task: nothing to hold, it can only end True or False
+            self.request_reload()
         elif sig == signal.SIGTTIN:
             sup.scale(sup.target + 1)
         elif sig == signal.SIGTTOU:
             sup.scale(max(1, sup.target - 1))
+
+    def request_reload(self) -> asyncio.Future:
+        """Rolling reload, told to systemd: RELOADING=1 now, READY=1 once it is over (done or given up)."""
+        if self.reread is not None:
+            self.reread_config()  # first: the reload's workers start with the file's new settings
+        self.notifier.reloading(f"reloading {self.supervisor.target} workers")
+        done = self.supervisor.request_reload()  # a future, not a task: nothing to hold; it ends True or False
+        done.add_done_callback(self._reload_over)
+        return done
 
     def reread_config(self) -> None:
         """Apply the file's reloadable changes; name those that need a restart; a bad file keeps the old config."""
@@ -208,6 +219,16 @@ class Master(AcceptPath):
         logging.getLogger().setLevel(config.log_level.upper())
         if config.workers != old.workers:
             self.supervisor.scale(config.workers)
+
+    def _reload_over(self, done: asyncio.Future) -> None:
+        """READY=1 after a reload, with what serves now."""
+        ok = not done.cancelled() and done.result()
+        self.notifier.ready(self.serving_status() if ok else "reload stopped: the previous workers serve on")
+
+    def serving_status(self) -> str:
+        """The STATUS= line systemctl status shows."""
+        return (f"{self.supervisor.target} workers serving on "
+                + ", ".join(listener.label for listener in self.listeners))
 
     async def _drop_privileges(self) -> None:
         """Bound and set up as root: become --user for good; workers, all started after this, are that user too."""
@@ -254,7 +275,8 @@ class Master(AcceptPath):
                          self.dispatcher.collect_all,  # when idle, the master's copies of acked fds close here
                          lambda: self.dispatcher.mark_overdue(time.monotonic(), STALL_AFTER),
                          self._on_capacity,  # a ready worker may have been missed while all were blocked
-                         self.reaper.reap)  # SIGCHLDs coalesce; what one pass missed, the tick gets
+                         self.reaper.reap,  # SIGCHLDs coalesce; what one pass missed, the tick gets
+                         self.notifier.watchdog)  # WATCHDOG=1 from the loop itself: a hung loop stops it
 
     def _every_tick(self, *steps: Callable[[], object]) -> None:
         """Run steps every TICK seconds, each on its own: one failing step must not stop the others or the tick.
@@ -303,7 +325,7 @@ class Master(AcceptPath):
 
     def _schedule_shutdown_tick(self) -> None:
         """Keep enforcing kill deadlines while draining."""
-        self._every_tick(self.supervisor.tick, self.dispatcher.collect_all, self.reaper.reap)
+        self._every_tick(self.supervisor.tick, self.dispatcher.collect_all, self.reaper.reap, self.notifier.watchdog)
 
     def _close_listeners(self) -> None:
         """Close every listening socket (and remove unix paths we created)."""
