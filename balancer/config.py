@@ -84,6 +84,8 @@ class Config:
                        metavar="MODULE:ATTR")
     app_dir: str = opt("", "directory put first on the workers' import path (default: current directory)",
                        metavar="DIR")
+    reload: bool = opt(False, "development: watch --app-dir for changed Python files and run a rolling reload "
+                       "on each change (needs the reload extra: watchfiles)")
     bind: tuple[str, ...] = opt(("127.0.0.1:8000",), "listen address; repeatable: HOST:PORT, [::1]:PORT, unix:/path",
                                 metavar="ADDR", repeat=True)
     workers: int = opt(DEFAULT_WORKERS, "number of worker processes (default: the CPUs this process may use: "
@@ -193,6 +195,10 @@ class Config:
         parse_octal(self.socket_mode, "--socket-mode")
         parse_octal(self.umask, "--umask")
         self._validate_tls()
+        if self.reload:
+            from balancer.devreload import require_watchfiles
+
+            require_watchfiles()
 
     def _validate_tls(self) -> None:
         """Load the TLS files once, so that a bad one stops start-up here rather than in every worker."""

@@ -259,6 +259,12 @@ class Master(AcceptPath):
             control = ControlServer(self)
             self.services.append(control)
             await control.start()
+            if self.config.reload:
+                from balancer.devreload import DevReloader
+
+                watcher = DevReloader(self.config.app_dir or os.getcwd(), self._on_source_change)
+                self.services.append(watcher)
+                await watcher.start()
         except BaseException:
             await self._close_services()
             raise
@@ -268,6 +274,14 @@ class Master(AcceptPath):
         services, self.services = self.services, []
         for service in services:
             await service.close()
+
+    def _on_source_change(self, paths: list[str]) -> None:
+        """--reload: a changed source file takes the SIGHUP path (held back while booting, ignored once stopping)."""
+        if self.shutting_down:
+            return
+        log.info("--reload: %s changed", ", ".join(paths[:3])
+                 + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""))
+        self.signals.put_nowait(signal.SIGHUP)
 
     def _schedule_tick(self) -> None:
         """Run supervision checks every TICK seconds."""
