@@ -168,6 +168,10 @@ class ControlServer:
         if taken == "not a socket":
             raise ConfigError(f"control socket {self.path} exists and is not a socket")
         if taken == "live":
+            config = self.master.config
+            if config.name and not config.control_socket:
+                raise ConfigError(f"a master named {config.name!r} is already running (control socket {self.path}); "
+                                  "pass another --name")
             raise ConfigError(f"control socket {self.path} belongs to a running master; "
                               "pass --control-socket to run another")
 

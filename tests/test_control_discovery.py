@@ -102,6 +102,10 @@ def test_status_finds_each_master_however_it_was_started(tmp_path):
         assert status(env, "--bind", f"unix:{unix}")["pid"] == c.pid  # its control socket is elsewhere: a link
         activated = status(env, "--name", "sd")
         assert activated["pid"] == d.pid and activated["listening"] == ["systemd fd 3"]
+        r = ctl(env, "run", "--bind", "127.0.0.1:0", *ONE, "--name", "beta")  # names are unique per user
+        assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+            f"balancer: error: a master named 'beta' is already running (control socket {runtime}/beta.sock); "
+            "pass another --name"), r.stderr
         r = ctl(env, "status", "--name", "nobody")
         assert r.returncode == 2 and "no running balancer master matches --name nobody" in r.stderr
         # On a terminal it asks which one.
