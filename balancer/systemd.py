@@ -42,6 +42,7 @@ class Notifier:
         self.address = notify_address(address) if address else ""
         self.watchdog_every = watchdog_interval(environ, os.getpid()) if address else 0.0
         self._last_ping = 0.0
+        self._failed = False  # warned once already: a vanished socket must not flood the log every tick
         self.sock: socket.socket | None = None
         for key in NOTIFY_ENV:
             environ.pop(key, None)
@@ -56,7 +57,9 @@ class Notifier:
         try:
             self.sock.sendto("\n".join(fields).encode(), self.address)
         except OSError as exc:
-            log.warning("systemd notify %s failed: %s", fields[0], exc)
+            log.log(logging.DEBUG if self._failed else logging.WARNING, "systemd notify %s failed: %s",
+                    fields[0], exc)
+            self._failed = True
             return False
         return True
 

@@ -17,7 +17,8 @@ import uuid
 import pytest
 
 from balancer.cli import parse_config
-from tests.harness import HERE
+from tests.harness import HERE, Balancer
+from tests.test_integration import APP, fetch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,6 +100,17 @@ def test_socket_activated_master_serves_and_tells_systemd_each_state(tmp_path):
             proc.wait(5)
         proc.stderr.close()
         notify.sock.close()
+
+
+def test_a_notify_socket_nobody_reads_is_one_warning_and_serving_goes_on():
+    gone = f"@balancer-test-nobody-{uuid.uuid4().hex}"
+    with Balancer("--workers", "1", *APP, env={"NOTIFY_SOCKET": gone, "WATCHDOG_USEC": "100000"}) as b:
+        mark = b.mark()
+        b.signal(signal.SIGHUP)  # RELOADING=1 and READY=1 fail too, and every tick's WATCHDOG=1
+        b.wait_for("rolling reload done", 30, start=mark)
+        assert fetch(b).status == 200
+        warned = [line for line in b.lines if "systemd notify" in line]
+        assert len(warned) == 1 and "READY=1 failed" in warned[0], b.log()
 
 
 def test_no_watchdog_pings_for_another_pid(tmp_path):
