@@ -226,8 +226,7 @@ class ControlServer:
         if sup is None or not master.booted or master.stopping or master.shutting_down:
             return {"ok": False, "error": "the master is starting or stopping"}
         if cmd == "reload":
-            # The master's own request_reload, where it has one, also re-reads -c and tells systemd.
-            done = getattr(master, "request_reload", sup.request_reload)()
+            done = master.request_reload()  # as SIGHUP does: re-reads -c and tells systemd too
             if not request.get("wait"):
                 return {"ok": True, "generation": sup.generation}
             if await done:
