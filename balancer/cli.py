@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 from balancer import __version__
 from balancer.config import ConfigError, option_fields
+from balancer.logs import LogSetupError, setup_master_logging
 from balancer.sources import Resolved, config_file_of, default_of, describe, flag_of, resolve
 
 CONTROL_COMMANDS = ("reload", "scale", "stop", "status")
@@ -139,12 +139,6 @@ def print_config(resolved: Resolved, as_json: bool) -> None:
         print(f"{name} = {shown}  # {origin}")
 
 
-def setup_logging(level: str) -> None:
-    """Master log lines go to stderr with the master's pid."""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s [balancer master pid={os.getpid()}] %(levelname)s %(message)s")
-
-
 def run(ns: argparse.Namespace) -> int:
     """`balancer run`: resolve the options, then serve until stopped."""
     environ = dict(os.environ)  # as at start: a reload re-reads the file, not a changed environment
@@ -154,7 +148,11 @@ def run(ns: argparse.Namespace) -> int:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
     config = resolved.config
-    setup_logging(config.log_level)
+    try:
+        setup_master_logging(config)  # --log-level/-format/-config, --error-logfile (balancer/logs.py)
+    except LogSetupError as exc:
+        print(f"balancer: error: {exc}", file=sys.stderr)
+        return 2
     from balancer.master import BootError, run_master
 
     reread = None

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from balancer.cpus import available_cpus
+from balancer.logs import DEFAULT_ACCESS_LOG_FORMAT, LOG_FORMATS, LogSetupError, load_log_config
 from balancer.trusted import parse_allow_ips
 
 DEFAULT_BACKEND = "balancer_workers.examples.hello:handler"
@@ -135,7 +136,19 @@ class Config:
                                "as the clients they are")
     loop: str = opt("auto", "event loop in the workers: auto = uvloop when installed", choices=LOOPS)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
-    access_log: bool = opt(False, "log every request from the workers")
+    access_log: bool = opt(False, "log every request from the workers, to stdout (as --access-logfile -)")
+    access_logfile: str = opt("", "log every request from the workers to FILE, '-' for stdout; reopened on SIGUSR1 "
+                              "(logrotate)", metavar="FILE")
+    access_log_format: str = opt(DEFAULT_ACCESS_LOG_FORMAT, "access line format with gunicorn's atoms: %%(h)s "
+                                 "client, %%(t)s time, %%(r)s request line, %%(s)s status, %%(b)s body bytes, "
+                                 "%%(L)s seconds, %%(D)s microseconds, %%({Header}i)s, %%({Header}o)s, ... "
+                                 "(default: the combined log format plus %%(L)s)", metavar="FORMAT")
+    error_logfile: str = opt("-", "write the master's and workers' log lines to FILE, '-' for stderr; reopened on "
+                             "SIGUSR1 (logrotate)", metavar="FILE")
+    log_format: str = opt("text", "log lines as text or json (one object per line: time, level, logger, pid, "
+                          "role, slot, message; access lines add the request's fields)", choices=LOG_FORMATS)
+    log_config: str = opt("", "a logging.dictConfig in a JSON or TOML file, applied in the master and every "
+                          "worker after the options above", metavar="FILE")
     metrics_bind: str = opt(DEFAULT_METRICS_BIND, "HOST:PORT for /metrics, /healthz, /readyz; 'none' disables",
                             metavar="ADDR")
     control_socket: str = opt("", "path of the 0600 control socket (default: $XDG_RUNTIME_DIR or /tmp, per port)",
@@ -188,6 +201,7 @@ class Config:
             raise ConfigError(f"--loop must be one of {', '.join(LOOPS)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        self._validate_logging()
         try:
             parse_allow_ips(self.forwarded_allow_ips)
         except ValueError as exc:
@@ -199,6 +213,19 @@ class Config:
             from balancer.devreload import require_watchfiles
 
             require_watchfiles()
+
+    def _validate_logging(self) -> None:
+        """A bad --log-format, --access-log-format or --log-config file stops start-up with one line."""
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        from balancer_workers.accesslog import AccessFormatError, compile_format
+
+        try:
+            compile_format(self.access_log_format)
+            if self.log_config:
+                load_log_config(self.log_config)
+        except (AccessFormatError, LogSetupError) as exc:
+            raise ConfigError(str(exc)) from None
 
     def _validate_tls(self) -> None:
         """Load the TLS files once, so that a bad one stops start-up here rather than in every worker."""
@@ -225,12 +252,17 @@ class Config:
         keys = ("backend", "app_dir", "keepalive_timeout", "header_timeout", "client_max_size", "graceful_timeout",
                 "loop", "log_level", "access_log", "tcp_keepalive", "max_requests", "max_requests_jitter",
                 "body_timeout", "body_min_rate", "proxy_headers", "forwarded_allow_ips", "proxy_protocol",
-                "cert_reqs", "ciphers")
+                "cert_reqs", "ciphers", "access_log_format", "log_format")
         out = {k: getattr(self, k) for k in keys}
         from os.path import abspath
 
-        for name in ("certfile", "keyfile", "ca_certs"):  # absolute: a worker's directory need not be ours
+        # Absolute: a worker's directory need not be ours.
+        for name in ("certfile", "keyfile", "ca_certs", "log_config"):
             out[name] = abspath(getattr(self, name)) if getattr(self, name) else ""
+        out["access_log"] = bool(self.access_log or self.access_logfile)  # --access-logfile alone turns it on
+        for name in ("access_logfile", "error_logfile"):  # '-' is stdout or stderr
+            value = getattr(self, name)
+            out[name] = abspath(value) if value not in ("", "-") else value
         out["beat_interval"] = min(1.0, self.timeout / 4)  # several beats fit in one --timeout
         return out
 

@@ -13,8 +13,9 @@ from typing import Callable
 from balancer import handoff, privileges, proctitle, systemd
 from balancer.accepting import AcceptPath
 from balancer.config import Config, ConfigError, parse_octal
-from balancer.dispatch import Dispatcher
+from balancer.dispatch import Dispatcher, Phase
 from balancer.listeners import Listener, open_listeners
+from balancer.logs import LogSetupError, reopen_log_files, setup_master_logging
 from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
 from balancer.supervisor import Supervisor
@@ -24,7 +25,7 @@ log = logging.getLogger("balancer")
 TICK = 0.25  # seconds between supervision checks (heartbeats, deadlines, memory)
 STALL_AFTER = 0.5  # seconds without an ack before a worker gets no new connections (an ack takes microseconds)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 
 
 class Master(AcceptPath):
@@ -55,6 +56,7 @@ class Master(AcceptPath):
         self.services: list = []  # metrics endpoint, control socket: objects with async close()
         self.run_as: privileges.RunAs | None = None  # --user/--group: who the master becomes once bound
         self.reaper = OrphanReaper(self._is_worker)
+        self.reopen_pending: set[int] = set()  # booting workers owed a SIGUSR1 (log reopen) once they are ready
         self.notifier = systemd.Notifier()  # takes NOTIFY_SOCKET out of the environment the workers inherit
 
     # ---- running --------------------------------------------------------------------------------
@@ -127,6 +129,9 @@ class Master(AcceptPath):
                     log.info("%s again: draining now, before the end of --shutdown-delay",
                              signal.Signals(again).name)
                     return again
+                if again == signal.SIGUSR1:  # logrotate does not wait for our shutdown
+                    self.reopen_logs()
+                    continue
                 log.info("%s ignored: shutting down", signal.Signals(again).name)
         finally:
             timer.cancel()
@@ -148,6 +153,8 @@ class Master(AcceptPath):
             if sig in STOP_SIGNALS and self.supervisor is not None:
                 log.warning("%s again: stopping now; in-flight requests are cut off", signal.Signals(sig).name)
                 self.supervisor.kill_all()
+            elif sig == signal.SIGUSR1:
+                self.reopen_logs()
         await drain
 
     async def _boot(self) -> bool:
@@ -180,7 +187,7 @@ class Master(AcceptPath):
         return self.supervisor is not None and pid in self.supervisor.table
 
     def handle_signal(self, sig: int) -> None:
-        """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer."""
+        """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer; SIGUSR1: reopen log files."""
         sup = self.supervisor
         if sig == signal.SIGHUP:
             self.request_reload()
@@ -188,6 +195,34 @@ class Master(AcceptPath):
             sup.scale(sup.target + 1)
         elif sig == signal.SIGTTOU:
             sup.scale(max(1, sup.target - 1))
+        elif sig == signal.SIGUSR1:
+            self.reopen_logs()
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): reopen the master's log files, and have every worker reopen its own."""
+        try:
+            count = reopen_log_files()
+        except OSError as exc:  # the old files stay in use
+            log.error("SIGUSR1: reopening log files failed: %s", exc)
+        else:
+            log.info("SIGUSR1: log files reopened (%d); the workers reopen theirs", count)
+        if self.supervisor is not None:
+            self.reopen_pending.update(w.pid for w in self.supervisor.records())
+            self.forward_reopen()
+
+    def forward_reopen(self) -> None:
+        """Pass SIGUSR1 on to workers owed it, once they are past booting.
+
+        A worker ignores SIGUSR1 only from its first lines on and reopens on it only once its loop runs:
+        before that, the default action would kill it. A booting worker gets it when it reports ready.
+        """
+        if not self.reopen_pending:
+            return
+        for w in self.supervisor.records():
+            if w.pid in self.reopen_pending and w.phase is not Phase.BOOTING:
+                self.reopen_pending.discard(w.pid)
+                w.signal(signal.SIGUSR1)
+        self.reopen_pending.intersection_update(self.supervisor.table)  # reaped ones are owed nothing
 
     def request_reload(self) -> asyncio.Future:
         """Rolling reload, told to systemd: RELOADING=1 now, READY=1 once it is over (done or given up)."""
@@ -216,7 +251,10 @@ class Master(AcceptPath):
                  ", ".join("--" + name.replace("_", "-") for name in applied))
         old, self.config = self.config, config
         self.supervisor.config = config
-        logging.getLogger().setLevel(config.log_level.upper())
+        try:  # as gunicorn does on SIGHUP: the log options anew (the new workers get them too)
+            setup_master_logging(config)
+        except LogSetupError as exc:
+            log.error("reload: %s", exc)
         if config.workers != old.workers:
             self.supervisor.scale(config.workers)
 
@@ -290,6 +328,7 @@ class Master(AcceptPath):
                          lambda: self.dispatcher.mark_overdue(time.monotonic(), STALL_AFTER),
                          self._on_capacity,  # a ready worker may have been missed while all were blocked
                          self.reaper.reap,  # SIGCHLDs coalesce; what one pass missed, the tick gets
+                         self.forward_reopen,  # SIGUSR1 for workers that were booting when it came
                          self.notifier.watchdog)  # WATCHDOG=1 from the loop itself: a hung loop stops it
 
     def _every_tick(self, *steps: Callable[[], object]) -> None:

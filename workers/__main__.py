@@ -7,13 +7,14 @@ import asyncio
 import ctypes
 import faulthandler
 import json
-import logging
 import os
 import signal
 import socket
 import sys
 
 from balancer import board, proctitle
+from balancer.logs import LogSetupError
+from balancer_workers.accesslog import reopen_on_sigusr1, setup_worker_logging
 
 PR_SET_PDEATHSIG = 1
 
@@ -59,11 +60,11 @@ def main() -> int:
         signal.signal(sig, signal.SIG_IGN)
     die_with_master(args.master_pid)
     os.environ["BALANCER_WORKER_SLOT"] = str(settings["slot"])  # for the backend: which slot am I
-    logging.basicConfig(
-        level=settings.get("log_level", "info").upper(),
-        format=f"%(asctime)s [worker slot={settings['slot']} pid={os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    try:  # the master opened the same files and applied the same --log-config: this fails only in a race
+        setup_worker_logging(settings)
+    except LogSetupError as exc:
+        print(f"balancer worker: {exc}", file=sys.stderr)
+        return 3
     proctitle.title_worker(settings["slot"])  # `balancer: worker 0 [name]` in ps and top
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, args.channel_fd)
     ack_board = board.attach(args.board_fd)
@@ -72,6 +73,7 @@ def main() -> int:
     from balancer_workers.worker import Worker
 
     async def run() -> int:
+        reopen_on_sigusr1(asyncio.get_running_loop())  # SIGUSR1 was ignored until now: logrotate's reopen
         return await Worker(channel, settings, ack_board).run()
 
     with asyncio.Runner(loop_factory=loop_factory(settings.get("loop", "auto"))) as runner:
