@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -398,3 +399,38 @@ def test_a_slot_removed_by_scale_down_keeps_its_counters_but_not_its_up_gauge():
         assert value(after, "balancer_worker_up", worker="0") == 1
         assert value(after, "balancer_worker_requests_total", worker="1", method="GET", code="200") == served_by_1
         assert value(after, "balancer_workers_desired") == 1
+
+
+def test_requests_cut_off_count_499_and_leave_the_in_flight_gauge():
+    """A client gone mid-request, and a request cut at the graceful deadline, are each counted once as 499."""
+    with Balancer("--workers", "2", "--backend", "testapp:create_app", "--graceful-timeout", "1") as b:
+        base = f"http://{b.metrics_address}"
+
+        def scrape() -> dict:
+            return samples(http_get(base + "/metrics")[2])
+
+        def in_flight() -> float:
+            return sum(value(scrape(), "balancer_worker_requests_in_flight", worker=w) or 0 for w in ("0", "1"))
+
+        def cut(found: dict, worker: str) -> float:
+            return value(found, "balancer_worker_requests_total", worker=worker, method="GET", code="499") or 0
+
+        host, port = b.address.rsplit(":", 1)
+        clients = []
+        for _ in range(2):  # one slow request on each worker: the master hands them to different ones
+            c = socket.create_connection((host, int(port)), timeout=10)
+            c.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(c)
+        wait_until(lambda: in_flight() == 2, 10, "two requests in flight")
+        clients[0].close()  # its client goes away: the handler is cancelled, no response is written
+        wait_until(lambda: in_flight() == 1, 10, "the abandoned request out of the in-flight gauge")
+        found = scrape()
+        assert cut(found, "0") + cut(found, "1") == 1
+        mark = b.mark()
+        b.signal(signal.SIGTTOU)  # slot 1 drains; its request outlives --graceful-timeout and is cut off
+        b.wait_for(r"worker slot=1 pid=\d+ exited \(scale\)", 20, start=mark)
+        found = scrape()
+        assert cut(found, "0") + cut(found, "1") == 2, found
+        assert sum(value(found, "balancer_worker_requests_total", worker=w, method="GET", code="200") or 0
+                   for w in ("0", "1")) == 0
+        clients[1].close()

@@ -28,7 +28,8 @@ class RequestStats:
         self.buckets = [0] * (len(BUCKETS) + 1)  # last one is +Inf
         self.duration_sum = 0.0
         self.count = 0
-        self.inflight = 0
+        # protocol -> (start, method) of each request whose handler runs (workers/observe.py): the in-flight count.
+        self.started: dict = {}
         self.header_timeouts = 0
         self.body_timeouts = 0  # requests answered 408: their body came slower than --body-min-rate
         self.bad_requests = 0  # malformed requests answered 400 by aiohttp's parser
@@ -55,7 +56,7 @@ class RequestStats:
             "buckets": list(self.buckets),
             "sum": self.duration_sum,
             "count": self.count,
-            "inflight": self.inflight,
+            "inflight": len(self.started),
             "header_timeouts": self.header_timeouts,
             "body_timeouts": self.body_timeouts,
             "bad_requests": self.bad_requests,

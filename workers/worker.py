@@ -9,11 +9,11 @@ import os
 import random
 import signal
 import sys
-from time import perf_counter
 
 from aiohttp import http_parser, web
 
 from balancer import wire
+from balancer_workers.accesslog import AccessLog
 from balancer_workers.backend import BackendError, load_app, skip_router
 from balancer_workers.channel import Channel
 from balancer_workers.connections import Connections, shutdown_quietly
@@ -21,6 +21,7 @@ from balancer_workers.edge import Edge, EdgeError
 from balancer_workers.forwarded import ProxyHeaders
 from balancer_workers.heartbeat import Heartbeat
 from balancer_workers.limits import Limits
+from balancer_workers.observe import Observer
 from balancer_workers.stats import RequestStats
 
 log = logging.getLogger("balancer.worker")
@@ -53,7 +54,9 @@ class Worker:
         self.limits = Limits(settings, self.stats, self.loop)  # header and body deadlines, body size, bad requests
         self._deadlines = self.limits.deadlines  # protocol -> its header deadline, lifted by its first request
         limit = settings.get("max_requests", 0)
-        self.request_limit = limit + random.randint(0, settings.get("max_requests_jitter", 0)) if limit else 0
+        self.observer = Observer(self.stats, self.limits, self.heartbeat.ask_recycle,
+                                 limit + random.randint(0, settings.get("max_requests_jitter", 0)) if limit else 0,
+                                 access=AccessLog.from_settings(settings))
 
     # ---- boot ------------------------------------------------------------------------------
 
@@ -69,7 +72,10 @@ class Worker:
             self.runner = web.AppRunner(
                 backend.app,
                 handle_signals=False,
-                access_log=logging.getLogger("aiohttp.access") if self.settings.get("access_log") else None,
+                # Every response goes through the observer's access-log call, which counts and times it (and
+                # writes the access line when that is on); aiohttp needs a truthy logger to make the call.
+                access_log=logging.getLogger("aiohttp.access"),
+                access_log_class=self.observer.access_logger_class(),
                 keepalive_timeout=self.settings["keepalive_timeout"],
                 tcp_keepalive=False,  # SO_KEEPALIVE and its timings are inherited from the master's listener
                 shutdown_timeout=1.0,  # only what is still running at the graceful deadline waits this
@@ -107,10 +113,10 @@ class Worker:
     def _hook_server(self, server, dispatch=None) -> None:
         """Count connections in and out of aiohttp's Server (it has no public callbacks for this)."""
         self.connections.server = server
-        # Observe requests where aiohttp's Server calls the Application, outside every middleware: an
-        # inserted middleware of our own cost ~6% of keep-alive throughput in aiohttp's per-middleware wrapping.
+        # Observe requests where aiohttp's Server calls the Application, outside every middleware: a
+        # middleware of our own would cost aiohttp's per-middleware wrapping on every request.
         # dispatch, for a bare handler, replaces the Application's routing (workers/backend.py skip_router).
-        server.request_handler = functools.partial(self._observe, handler=dispatch or server.request_handler)
+        server.request_handler = self.observer.wrap(dispatch or server.request_handler)
         if self.settings.get("proxy_headers"):
             # In the request factory, so the access log and error lines see the client as the handler does.
             # Off (--no-proxy-headers), nothing is added to the request path.
@@ -119,6 +125,7 @@ class Worker:
         watch_headers, deadlines = self.limits.watch_headers, self._deadlines
         socks = self.connections.socks
         count_closed = self.connections.count_closed
+        request_lost = self.observer.lost
 
         def connection_made(handler, transport):
             made(handler, transport)
@@ -133,42 +140,11 @@ class Worker:
                 shutdown_quietly(sock)
             lost(handler, exc)
             deadlines.pop(handler, None)
+            request_lost(handler)
             count_closed()
 
         server.connection_made = connection_made
         server.connection_lost = connection_lost
-
-    # ---- the hot path ------------------------------------------------------------------------
-
-    async def _observe(self, request: web.Request, handler):
-        """Time and count one request; answer with Connection: close while draining."""
-        self._deadlines.pop(request.protocol, None)  # its headers are in: the header deadline is lifted
-        stats = self.stats
-        stats.inflight += 1
-        start = perf_counter()  # loop.time() has millisecond resolution under uvloop
-        status = 500
-        body = None
-        try:
-            if request.body_exists:
-                body = self.limits.watch_body(request)  # may raise 413
-            response = await handler(request)
-            status = response.status
-            if self.draining:
-                response.force_close()
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = 499  # client went away mid-request
-            raise
-        finally:
-            if body is not None:
-                self.limits.release_body(body)
-            stats.inflight -= 1
-            stats.observe(request.method, status, perf_counter() - start)
-            if self.request_limit and stats.count >= self.request_limit:
-                self.heartbeat.ask_recycle()
 
     # ---- leaving -------------------------------------------------------------------------------
 
@@ -176,6 +152,7 @@ class Worker:
         """Begin draining (DRAIN from the master, SIGTERM, or the master gone)."""
         # At once, not when _drain() gets scheduled: a handoff read in the same batch as DRAIN is refused.
         self.draining = self.channel.refusing = True
+        self.observer.drain()
         if not self.stopped.done():
             log.debug("draining (%s)", why)
             self.stopped.set_result(why)
@@ -184,7 +161,10 @@ class Worker:
         """No new connections; each open one closes after its next response or keep-alive expiry; report last."""
         self.draining = True
         await self.connections.wait_idle(self.settings["graceful_timeout"])
-        await self.runner.cleanup()  # requests cut off at the graceful deadline are counted (499) here
+        await self.runner.cleanup()
+        # Requests cut off at the graceful deadline were counted (499) as their connections closed during the
+        # cleanup; any whose close is still queued are counted here, before the final report.
+        self.observer.cut_off()
         self.channel.read()  # handoffs that raced the drain are refused before the master sees our EOF
         self.heartbeat.send_final()  # the final figures: requests since the last beat must not vanish
         self.channel.close()
