@@ -5,7 +5,8 @@
   python -m bench.ab 'HEAD --accept-coalesce 0' 'HEAD BALANCER_NO_EXTENSIONS=1' HEAD   # options, environment
 
 Each revision is checked out in a temporary git worktree and started as its own balancer (own process group,
-own free port in 18000-18999, the hello backend, --metrics-bind none). Rounds alternate the order of the
+own free port in 18000-18999, the bench's Application `bench.apps:create_app` as every system in the full bench
+serves it, and balancer's defaults: metrics on, on a free port). Rounds alternate the order of the
 revisions; each cell is one wrk run. Reported per revision, as medians over rounds: req/s (and the ratio to
 the first revision), the master's CPU per new connection, and the workers' CPU per request, both from
 /proc/<pid>/schedstat (nanoseconds, not clock ticks). Nothing here asserts a speed.
@@ -53,9 +54,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str], list[str]]:
 class Build:
     """One spec (a revision, maybe with environment and options): its worktree and its running balancer."""
 
-    def __init__(self, spec: str, index: int, root: Path, workers: int) -> None:
+    def __init__(self, spec: str, index: int, root: Path, workers: int, backend: str) -> None:
         rev, self.env, self.args = parse_spec(spec)
         self.workers = workers
+        self.backend = backend
         sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True,
                              text=True).stdout.strip()
         extra = " ".join(spec.split()[1:])
@@ -64,6 +66,10 @@ class Build:
         if not self.tree.exists():  # specs of one revision share its worktree
             subprocess.run(["git", "worktree", "add", "--detach", "--force", str(self.tree), sha], cwd=REPO,
                            check=True, capture_output=True)
+            # Workers start with `python -P -m balancer_workers` (earlier revisions: -m workers): PYTHONPATH=tree
+            # with this link makes them import the revision's runtime, not the installed one.
+            if not (self.tree / "balancer_workers").exists():
+                (self.tree / "balancer_workers").symlink_to("workers")
             if (self.tree / "setup.py").exists():  # revisions with the C accelerator: build it beside the code
                 subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=self.tree,
                                check=True, capture_output=True)
@@ -74,11 +80,11 @@ class Build:
 
     def start(self) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "balancer", "--backend", "balancer_workers.examples.hello:handler",
-               "--workers", str(self.workers), "--bind", f"{HOST}:{self.port}", "--metrics-bind", "none",
+        cmd = [sys.executable, "-m", "balancer", "--backend", self.backend,
+               "--workers", str(self.workers), "--bind", f"{HOST}:{self.port}", "--metrics-bind", f"{HOST}:0",
                "--control-socket", str(self.log.with_suffix(".sock")), *self.args]
-        # cwd = the worktree, and no PYTHONPATH: `-m balancer` and the workers import that revision's code.
-        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **self.env}
+        # cwd and PYTHONPATH = the worktree: `-m balancer` and the workers import that revision's code.
+        env = {**os.environ, "PYTHONPATH": str(self.tree), **self.env}
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=self.tree, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True, env=env)
@@ -145,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--backend", default="bench.apps:create_app",
+                        help="MODULE:ATTR every revision serves (default: the full bench's Application)")
     opts = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install wrk)")
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_spec(spec)
     except ValueError as exc:
         parser.error(str(exc))
-    builds = [Build(spec, i, root, opts.workers) for i, spec in enumerate(opts.specs)]
+    builds = [Build(spec, i, root, opts.workers, opts.backend) for i, spec in enumerate(opts.specs)]
     try:
         for b in builds:
             b.start()

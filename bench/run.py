@@ -1,6 +1,6 @@
 """Benchmark balancer against its peers; see bench/README.md.
 
-  python -m bench                 # full run: 3 rounds x 10 s per cell, writes bench/results/results.{md,png}
+  python -m bench                 # full run: 5 rounds x 10 s per cell, writes bench/results/results.{md,png}
   python -m bench --quick         # 1 round x 5 s, writes bench/results/tmp/quick/
   python -m bench --smoke         # 1 round x 1 s, no warm-up, writes bench/results/tmp/smoke/ (the test suite)
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="1 round x 5 s per cell, output under results/tmp/quick")
     mode.add_argument("--smoke", action="store_true",
                       help="1 round x 1 s per cell, no warm-up, output under results/tmp/smoke")
-    p.add_argument("--rounds", type=int, help="rounds (default 3; quick/smoke 1)")
+    p.add_argument("--rounds", type=int, help="rounds (default 5; quick/smoke 1)")
     p.add_argument("--duration", type=int, help="seconds per cell (default 10; quick 5; smoke 1)")
     p.add_argument("--workers", type=int, default=2, help="worker processes for every system (default 2)")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.mode = mode
-    args.rounds = args.rounds or {"full": 3, "quick": 1, "smoke": 1}[mode]
+    args.rounds = args.rounds or {"full": 5, "quick": 1, "smoke": 1}[mode]
     args.duration = args.duration or {"full": 10, "quick": 5, "smoke": 1}[mode]
     args.warmup = args.warmup if args.warmup is not None else {"full": 2.0, "quick": 1.0, "smoke": 0.0}[mode]
     args.retries = args.retries if args.retries is not None else {"full": 2, "quick": 1, "smoke": 0}[mode]
@@ -207,6 +207,10 @@ def run_cell(system: Running, workload, args: argparse.Namespace, workdir: Path,
         leader = [p for p in cell["processes"] if p["role"] == system.spec.leader]
         if leader and res["requests"] and system.spec.leader != "server":  # "server" is also the worker
             cell["leader_us_per_request"] = round(leader[0]["cpu_s"] / res["requests"] * 1e6, 2)
+        if res["requests"]:  # the processes that serve: every one but a separate leader (master, arbiter...)
+            served = sum(p["cpu_s"] for p in cell["processes"]
+                         if p["role"] == "worker" or system.spec.leader == "server")
+            cell["worker_us_per_request"] = round(served / res["requests"] * 1e6, 2)
     return cell
 
 

@@ -37,10 +37,11 @@ class Spec:
     def command(self, port: int, workers: int, tls_files: tuple[Path, Path] | None = None) -> list[str]:
         py = sys.executable
         tls = ["--certfile", str(tls_files[0]), "--keyfile", str(tls_files[1])] if self.tls else []
-        if self.name in ("balancer", "balancer-https"):
-            # The https row compares like with like: gunicorn's Application and balancer's defaults (metrics
-            # on, on a port of its own). The plain row's basis is issue 14's to change, with a full run.
-            app, metrics = ("create_app", "127.0.0.1:0") if self.tls else ("handler", "none")
+        if self.name in ("balancer", "balancer-https", "balancer-bare"):
+            # Like with like: the Application every Python peer serves, and balancer's defaults (metrics on,
+            # on a port of its own so that runs side by side do not collide). balancer-bare is an extra row:
+            # the bare handler (no router) and no metrics endpoint, never the basis of a target.
+            app, metrics = ("handler", "none") if self.name == "balancer-bare" else ("create_app", "127.0.0.1:0")
             return [py, "-m", "balancer", "--backend", f"bench.apps:{app}", "--app-dir", str(REPO),
                     "--workers", str(workers), "--bind", f"{HOST}:{port}", "--metrics-bind", metrics,
                     "--control-socket", str(REPO / "bench" / "results" / "tmp" / f"balancer-{port}.sock"), *tls]
@@ -63,8 +64,10 @@ class Spec:
 
 
 SPECS = {s.name: s for s in [
-    Spec("balancer", "master", "balancer master + N aiohttp workers (uvloop), fds handed over SCM_RIGHTS",
-         ready_line="workers serving on"),
+    Spec("balancer", "master", "balancer on its defaults (metrics on), N aiohttp workers (uvloop) serving the "
+         "same Application as every Python peer, fds handed over SCM_RIGHTS", ready_line="workers serving on"),
+    Spec("balancer-bare", "master", "extra row, not a target basis: balancer serving the bare handler (no "
+         "router) with --metrics-bind none", ready_line="workers serving on"),
     Spec("single", "server", "one aiohttp process (uvloop), web.run_app"),
     Spec("reuseport", "launcher", "N aiohttp processes (uvloop) on one port with SO_REUSEPORT"),
     Spec("gunicorn", "arbiter", "gunicorn, N x aiohttp.GunicornWebWorker (asyncio loop)"),

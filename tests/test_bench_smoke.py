@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ["balancer", "single", "reuseport", "gunicorn", "gunicorn-uvloop", "node-cluster", "balancer-https",
+SYSTEMS = ["balancer", "balancer-bare", "single", "reuseport", "gunicorn", "gunicorn-uvloop", "node-cluster", "balancer-https",
            "gunicorn-https"]
 WORKLOADS = ["hello-keepalive", "hello-close", "template", "skewed", "open-loop", "https-keepalive", "https-close"]
 HTTPS = {"balancer-https", "gunicorn-https", "https-keepalive", "https-close"}  # https runs against https only
@@ -32,13 +32,13 @@ def _missing() -> list[str]:
     return missing
 
 
-@pytest.mark.timeout(100)
+@pytest.mark.timeout(160)
 def test_bench_smoke(tmp_path: Path) -> None:
     missing = _missing()
     if missing:
         pytest.skip(f"benchmark tools missing: {missing} (apt-get install wrk; pip install -e '.[bench]')")
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=85)
+                          capture_output=True, text=True, timeout=130)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[round 1/1]" in proc.stderr  # the progress display
 
@@ -66,7 +66,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
                 assert not row, (workload, system, section)
 
     lines = [l for l in proc.stdout.splitlines() if l.startswith(("PASS ", "MISS ", "n/a "))]
-    assert len(lines) == 7, proc.stdout
+    assert len(lines) == 9, proc.stdout
+    assert not any(l.startswith("n/a ") for l in lines), proc.stdout  # every target measured, like for like
+
+    # The scaling model takes its inputs from this run's raw JSON.
+    raw = re.search(r"raw (\S+\.json)", proc.stderr).group(1)
+    model = subprocess.run([sys.executable, "-m", "bench.scaling", raw, "--cores", "8,64"], cwd=REPO,
+                           capture_output=True, text=True, timeout=20)
+    assert model.returncode == 0, model.stderr
+    rows = re.findall(r"^\| (8|64) \| ([\d,]+) \| (master|CPU) \|", model.stdout, re.M)
+    assert [r[0] for r in rows] == ["8", "64"] and all(int(r[1].replace(",", "")) > 0 for r in rows), model.stdout
+    os.unlink(raw)
 
 
 @pytest.mark.timeout(60)
