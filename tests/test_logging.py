@@ -218,6 +218,60 @@ def wait_in_file(path, pattern: str, timeout: float = 20.0, count: int = 1) -> l
         time.sleep(0.05)
 
 
+def test_access_lines_are_combined_plus_duration_on_stdout_with_one_timestamp():
+    with Balancer(*APP, "--workers", "1", "--access-logfile", "-") as b:
+        mark = b.mark()
+        assert get(b.port, "/?q=1", {"Referer": "http://ref/", "User-Agent": "ua/1"}) == 200
+        line = b.wait_for(r'"GET /\?q=1 HTTP/1.1"', 10, start=mark).string
+        m = COMBINED.match(line)
+        assert m, line  # anchored: no second timestamp or level prefix around the access format
+        assert (m.group(1), m.group(3), m.group(4), m.group(6), m.group(7)) == (
+            "127.0.0.1", "GET /?q=1 HTTP/1.1", "200", "http://ref/", "ua/1")
+        assert get(b.port, "/crash") == 500  # aiohttp's 500 for a crashing handler is logged too
+        b.wait_for(r'^127\.0\.0\.1 - - .*"GET /crash HTTP/1.1" 500 ', 10, start=mark)
+
+
+def test_access_log_format_atoms_through_the_cli():
+    fmt = '%(m)s %(U)s %(q)s %(H)s %(s)s %({X-Req}i)s %({X-Worker-Slot}o)s %(p)s'
+    with Balancer(*APP, "--workers", "1", "--access-log-format", fmt, "--access-log") as b:
+        mark = b.mark()
+        assert get(b.port, "/?a=b", {"X-Req": "abc"}) == 200
+        pid = b.worker_pids()[0]
+        b.wait_for(rf"^GET / a=b HTTP/1.1 200 abc 0 <{pid}>$", 10, start=mark)
+
+
+def test_access_lines_whatever_the_log_level_and_unix_clients_named_by_socket(tmp_path):
+    path = str(tmp_path / "app.sock")
+    with Balancer(*APP, "--workers", "1", "--access-log", "--log-level", "error", "--bind", f"unix:{path}",
+                  ready=False) as b:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path):  # the master listens before its workers are up; the request waits
+            assert time.monotonic() < deadline and b.proc.poll() is None, b.log()
+            time.sleep(0.05)
+        assert get_unix(path, "/?via=unix") == b"HTTP/1.1 200 OK"
+        b.wait_for(rf'^unix:{re.escape(path)} - - {CLF_TIME} "GET /\?via=unix HTTP/1.1" 200 ', 10)
+        assert not any(" INFO " in line for line in b.lines), b.log()  # --log-level error holds for the rest
+
+
+def test_json_lines_from_master_and_workers():
+    with Balancer(*APP, "--workers", "1", "--log-format", "json", "--access-log") as b:
+        assert get(b.port, "/crash", {"User-Agent": "ua/j"}) == 500
+        b.wait_for(r'"logger": "balancer.access"', 10)
+        b.wait_for(r'"role": "worker".*handler crashed on purpose|handler crashed on purpose.*"role": "worker"', 10)
+        b.signal(signal.SIGTERM)
+        assert b.wait(20) == 0
+    records = [json.loads(line) for line in b.lines if line.strip()]  # every line is one JSON object
+    master = next(r for r in records if "workers serving on" in r["message"])
+    assert (master["role"], master["slot"], master["level"], master["pid"]) == ("master", None, "INFO", b.pid)
+    access = next(r for r in records if r["logger"] == "balancer.access")
+    assert (access["role"], access["slot"], access["method"], access["path"], access["status"],
+            access["user_agent"], access["remote"]) == ("worker", 0, "GET", "/crash", 500, "ua/j", "127.0.0.1")
+    error = next(r for r in records if r["role"] == "worker" and r["level"] == "ERROR")
+    assert "RuntimeError: handler crashed on purpose" in error["exc"]
+    for r in records:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", r["time"]), r
+
+
 @pytest.mark.parametrize("kind", ["json", "toml"])
 def test_log_config_applies_in_master_and_workers(tmp_path, kind):
     config = {"version": 1,
