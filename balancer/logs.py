@@ -156,25 +156,37 @@ def _one_line(exc: BaseException) -> str:
     return ": ".join(p for p in parts if p).replace("\n", " ")
 
 
-def reopen_log_files() -> int:
-    """Reopen every file a logging handler of this process writes (after logrotate moved it); how many."""
+def file_handlers() -> list[logging.FileHandler]:
+    """Every handler of this process's loggers that writes a file (ours and --log-config's)."""
     handlers = {id(h): h for h in logging.getLogger().handlers}
     for logger in list(logging.Logger.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger):
             handlers.update((id(h), h) for h in logger.handlers)
-    count = 0
-    for handler in handlers.values():
-        if isinstance(handler, logging.FileHandler):
-            stream = handler._open()  # the path as configured: a new file if it was moved; opened first, so a
-            handler.acquire()  # failure (OSError) leaves the old stream writing
-            try:
-                old, handler.stream = handler.stream, stream
-            finally:
-                handler.release()
-            if old is not None:
-                old.close()
-            count += 1
-    return count
+    return [h for h in handlers.values() if isinstance(h, logging.FileHandler)]
+
+
+def log_file_paths(config) -> list[str]:
+    """The files the master and its workers append to: the master's open ones and the access log."""
+    paths = {handler.baseFilename for handler in file_handlers()}
+    access = access_target(config.access_log, config.access_logfile)
+    if access not in ("", "-"):
+        paths.add(os.path.abspath(access))
+    return sorted(paths)
+
+
+def reopen_log_files() -> int:
+    """Reopen every file a logging handler of this process writes (after logrotate moved it); how many."""
+    handlers = file_handlers()
+    for handler in handlers:
+        stream = handler._open()  # the path as configured: a new file if it was moved; opened first, so a
+        handler.acquire()  # failure (OSError) leaves the old stream writing
+        try:
+            old, handler.stream = handler.stream, stream
+        finally:
+            handler.release()
+        if old is not None:
+            old.close()
+    return len(handlers)
 
 
 def access_target(access_log: bool, access_logfile: str) -> str:

@@ -15,7 +15,7 @@ from balancer.accepting import AcceptPath
 from balancer.config import Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher, Phase
 from balancer.listeners import Listener, open_listeners
-from balancer.logs import LogSetupError, reopen_log_files, setup_master_logging
+from balancer.logs import LogSetupError, log_file_paths, reopen_log_files, setup_master_logging
 from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
 from balancer.supervisor import Supervisor
@@ -272,6 +272,11 @@ class Master(AcceptPath):
         """Bound and set up as root: become --user for good; workers, all started after this, are that user too."""
         paths = [listener.unlink for listener in self.listeners if listener.unlink]
         paths += [path for service in self.services for path in getattr(service, "files", ())]
+        for path in log_file_paths(self.config):
+            try:  # the workers open them as that user, and so does the master itself on SIGUSR1 (as gunicorn)
+                os.chown(path, *self.run_as.owner)
+            except OSError as exc:
+                log.warning("cannot give log file %s to user %s: %s", path, self.run_as.name, exc.strerror)
         try:
             privileges.become(self.run_as, paths)
         except ConfigError:

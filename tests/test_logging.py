@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 from balancer.logs import DEFAULT_ACCESS_LOG_FORMAT
 from balancer_workers.accesslog import AccessFormatError, AccessLog, compile_format
 from tests.harness import HERE, SERVING, Balancer
+from tests.test_sockets_privileges import accounts, python_for_others, shared_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 CLF_TIME = r"\[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\]"
@@ -339,6 +340,26 @@ def test_a_reload_sets_logging_up_again_from_the_config_file(tmp_path):
         assert get(b.port, "/?after-reload") == 200
         line = b.wait_for(r'^\{.*after-reload', 10, start=mark).string
         assert json.loads(line)["role"] == "worker"  # the reload's workers write JSON too
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a user: needs root")
+def test_with_user_the_log_files_are_given_to_it_so_workers_and_reopen_can_write(accounts, python_for_others,
+                                                                                  shared_dir):
+    # The master opens (creates) the files as root; its workers and, after SIGUSR1, the master itself open
+    # them again as --user. A logrotate "create" directive gives the directory to that user, as this does.
+    os.chown(shared_dir, accounts["member_uid"], accounts["member_gid"])
+    access, errors = os.path.join(shared_dir, "access.log"), os.path.join(shared_dir, "error.log")
+    with Balancer("--workers", "1", "--user", accounts["member"], "--access-logfile", access,
+                  "--error-logfile", errors, ready=False) as b:
+        port = int(wait_in_file(errors, SERVING.pattern)[0].group(1).rsplit(":", 1)[1])
+        assert get(port, "/?as-user") == 200
+        wait_in_file(access, r'"GET /\?as-user HTTP/1.1" 200')
+        assert {os.stat(path).st_uid for path in (access, errors)} == {accounts["member_uid"]}
+        os.rename(access, access + ".1")
+        b.signal(signal.SIGUSR1)
+        wait_in_file(errors, r"INFO SIGUSR1: log files reopened \(1\)")
+        assert get(port, "/?rotated") == 200
+        wait_in_file(access, r'"GET /\?rotated HTTP/1.1" 200')  # a new file, made by the worker as the user
 
 
 @pytest.mark.parametrize("args, message", [
