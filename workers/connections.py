@@ -40,7 +40,7 @@ class Connections:
     def __init__(self, loop, ack_board: memoryview) -> None:
         self.loop = loop
         self.board = ack_board  # the closed word; read by the master (balancer/board.py)
-        self.server = None  # aiohttp's Server, the protocol factory; set once the backend is loaded
+        self.server = None  # makes each connection's protocol (workers/observe.py); set once the backend is loaded
         self.open = 0  # counted from the ack, so a drain never misses one still connecting
         self.closed = 0  # connections closed since start
         self.socks: dict = {}  # protocol -> our socket object for its fd, to shut it down on close

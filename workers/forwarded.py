@@ -8,7 +8,8 @@ from aiohttp import hdrs
 
 from balancer.trusted import TrustedPeers, parse_ip
 
-X_FOR, X_PROTO, X_HOST = "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"
+# istr: a case-insensitive lookup with a plain str folds its case on every call, one per request here.
+X_FOR, X_PROTO, X_HOST = hdrs.X_FORWARDED_FOR, hdrs.X_FORWARDED_PROTO, hdrs.X_FORWARDED_HOST
 SCHEMES = frozenset(("http", "https"))
 # A host[:port] as a proxy forwards it: a name or IPv4 address, or a bracketed IPv6 one. Anything else is
 # dropped rather than handed to yarl, which would raise on it in request.url (a 500 for the handler).

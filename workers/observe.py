@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from time import perf_counter
 
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler
 
 # Counted for a request whose handler never finished: its client went away, or the graceful deadline cut it.
 GONE = 499
 
 
 class Observer:
-    """One worker's request bookkeeping, split between the start of a request and aiohttp's access-log call.
+    """One worker's request bookkeeping, split between the start of a request and its access-log call.
 
-    aiohttp calls its access logger after every response it writes, whatever the handler did (returned, raised
-    an HTTP error, crashed into a 500), with the request and the response. Recording there, and only noting
-    the start time where the handler is called, costs two plain function calls per request; a coroutine
-    wrapped around the handler cost an extra frame, an await and a try/finally on every request.
-    A request whose handler is cancelled (client gone, graceful deadline) gets no access-log call: it is
+    aiohttp's RequestHandler calls its log_access() after every response it writes, whatever the handler did
+    (returned, raised an HTTP error, crashed into a 500), with the request and the response. The worker's
+    connections are RequestHandlers whose log_access() is finish(); the start time is noted where the handler
+    is called. That costs two plain function calls per request: a coroutine wrapped around the handler cost a
+    frame, an await and a try/finally on every request, and aiohttp's own access-logger object (one per
+    connection) adds two clock reads per request on top.
+    A request whose handler is cancelled (client gone, graceful deadline) reaches no log_access(): it is
     counted when its connection is lost, or at the final report.
     """
 
@@ -43,7 +45,7 @@ class Observer:
             deadlines.pop(protocol, None)  # its headers are in: the header deadline is lifted
             if self.draining:
                 close_after(request)
-            started[protocol] = (perf_counter(), request.method)
+            started[protocol] = (perf_counter(), request._method)
             if request._payload is not EMPTY_PAYLOAD:
                 limits.watch_body(request)  # may raise 413: aiohttp answers it, and logs it through log()
             # A plain function returning inner's coroutine: aiohttp awaits it, and no frame of ours stays.
@@ -59,29 +61,36 @@ class Observer:
             if request is not None:
                 close_after(request)
 
-    def access_logger_class(self):
-        """An AbstractAccessLogger subclass whose log() is this observer's finish()."""
+    def protocol_factory(self, server, loop):
+        """What makes each connection's protocol: aiohttp's RequestHandler, with finish() as its log_access()."""
 
-        class RequestObserver(AbstractAccessLogger):
+        class ObservedRequestHandler(RequestHandler):
             __slots__ = ()
-            enabled = True  # aiohttp then calls log() for every response it writes
-            log = staticmethod(self.finish)  # no frame of its own between aiohttp and finish()
+            log_access = staticmethod(self.finish)  # no frame of its own between aiohttp and finish()
 
-        return RequestObserver
+        # As aiohttp's Server.__call__ does, with the Server's own handler options (its _kwargs: there is no
+        # public way to give Server a RequestHandler class); the Server stays the manager of each connection.
+        kwargs = server._kwargs
 
-    def finish(self, request, response, time: float = 0.0) -> None:
+        def make_protocol() -> RequestHandler:
+            return ObservedRequestHandler(server, loop=loop, **kwargs)
+
+        return make_protocol
+
+    def finish(self, request, response, start_time=None) -> None:
         """A response was written (or failed to be): count it with its duration; release its body; log it."""
         end = perf_counter()
         # None: not through our handler (aiohttp's own 400 for a request it could not parse).
-        start, _ = self.started.pop(request._protocol, None) or (end, None)
+        started = self.started.pop(request._protocol, None)
+        seconds = end - started[0] if started is not None else 0.0
         if request._payload is not EMPTY_PAYLOAD:
             self.limits.release_body(request._payload)
         stats = self.stats
-        stats.observe(request.method, response.status, end - start)
+        stats.observe(request._method, response._status, seconds)
         if self.draining:  # prepared before the drain began, so it went out keep-alive: end the connection now
             response.force_close()
         if self.access is not None:
-            self.access.log(request, response, end - start)
+            self.access.log(request, response, seconds)
         if self.request_limit and stats.count >= self.request_limit:
             self.on_limit()
 

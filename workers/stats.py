@@ -6,11 +6,13 @@ import json
 import logging
 import sys
 from bisect import bisect_left
+from collections import defaultdict
 
 log = logging.getLogger("balancer.worker")
 
 # Upper bounds in seconds, shared with the master's histogram (Prometheus le labels).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FIRST_BUCKET = BUCKETS[0]
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
 # A heartbeat is one datagram, and it must stay far below the channel's send buffer (~208 KiB by default):
 # a datagram past the buffer fails outright (EMSGSIZE), and a big one holds the room acks and refusals need.
@@ -24,7 +26,9 @@ class RequestStats:
     """Cumulative figures since the worker started; the master folds them per slot."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
+        # method -> status -> count; a request with a method outside METHODS counts under "other" (unbounded
+        # label values would let a client blow up the series count). Per method, so no key tuple per request.
+        self.by_method: dict[str, defaultdict[int, int]] = {m: defaultdict(int) for m in (*METHODS, "other")}
         self.buckets = [0] * (len(BUCKETS) + 1)  # last one is +Inf
         self.duration_sum = 0.0
         self.count = 0
@@ -41,18 +45,24 @@ class RequestStats:
 
     def observe(self, method: str, status: int, seconds: float) -> None:
         """Record one finished request."""
-        if method not in METHODS:
-            method = "other"  # unbounded label values would let a client blow up the series count
-        key = (method, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        counts = self.by_method.get(method)
+        if counts is None:
+            counts = self.by_method["other"]
+        counts[status] += 1
+        # Most requests finish within the first bucket: one comparison instead of a search.
+        self.buckets[0 if seconds <= FIRST_BUCKET else bisect_left(BUCKETS, seconds)] += 1
         self.duration_sum += seconds
         self.count += 1
+
+    @property
+    def requests(self) -> dict[tuple[str, int], int]:
+        """(method, status) -> requests finished."""
+        return {(m, s): n for m, counts in self.by_method.items() for s, n in counts.items() if n}
 
     def snapshot(self, max_bytes: int = HEARTBEAT_BYTES) -> dict:
         """A JSON-able copy of the figures, with as many of the backend's prometheus_client metrics as fit."""
         body = {
-            "requests": [[m, s, n] for (m, s), n in self.requests.items()],
+            "requests": [[m, s, n] for m, counts in self.by_method.items() for s, n in counts.items()],
             "buckets": list(self.buckets),
             "sum": self.duration_sum,
             "count": self.count,

@@ -72,10 +72,9 @@ class Worker:
             self.runner = web.AppRunner(
                 backend.app,
                 handle_signals=False,
-                # Every response goes through the observer's access-log call, which counts and times it (and
-                # writes the access line when that is on); aiohttp needs a truthy logger to make the call.
-                access_log=logging.getLogger("aiohttp.access"),
-                access_log_class=self.observer.access_logger_class(),
+                # No aiohttp access logger: every response goes through the observer's log_access() instead
+                # (observe.py), which counts and times it and writes the access line when that is on.
+                access_log=None,
                 keepalive_timeout=self.settings["keepalive_timeout"],
                 tcp_keepalive=False,  # SO_KEEPALIVE and its timings are inherited from the master's listener
                 shutdown_timeout=1.0,  # only what is still running at the graceful deadline waits this
@@ -112,7 +111,7 @@ class Worker:
 
     def _hook_server(self, server, dispatch=None) -> None:
         """Count connections in and out of aiohttp's Server (it has no public callbacks for this)."""
-        self.connections.server = server
+        self.connections.server = self.observer.protocol_factory(server, self.loop)
         # Observe requests where aiohttp's Server calls the Application, outside every middleware: a
         # middleware of our own would cost aiohttp's per-middleware wrapping on every request.
         # dispatch, for a bare handler, replaces the Application's routing (workers/backend.py skip_router).
@@ -161,6 +160,10 @@ class Worker:
         """No new connections; each open one closes after its next response or keep-alive expiry; report last."""
         self.draining = True
         await self.connections.wait_idle(self.settings["graceful_timeout"])
+        # Past the graceful deadline: cut what is still open now. aiohttp's cleanup would wait for each running
+        # handler again (shutdown_timeout, twice), racing the master's SIGKILL, which loses the final report.
+        for protocol in self.runner.server.connections:
+            protocol.force_close()
         await self.runner.cleanup()
         # Requests cut off at the graceful deadline were counted (499) as their connections closed during the
         # cleanup; any whose close is still queued are counted here, before the final report.
