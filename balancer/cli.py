@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 
 from balancer import __version__
-from balancer.config import ConfigError, option_fields
+from balancer.config import Config, ConfigError, option_fields
 from balancer.logs import LogSetupError, setup_master_logging
 from balancer.sources import Resolved, config_file_of, default_of, describe, flag_of, resolve
 
@@ -139,6 +140,11 @@ def print_config(resolved: Resolved, as_json: bool) -> None:
         print(f"{name} = {shown}  # {origin}")
 
 
+def rebuild(cli, environ: dict, config_file: str) -> Config:
+    """The Config again from the same command line and start-up environment, and the file as it is now."""
+    return resolve(cli, environ, config_file).config
+
+
 def run(ns: argparse.Namespace) -> int:
     """`balancer run`: resolve the options, then serve until stopped."""
     environ = dict(os.environ)  # as at start: a reload re-reads the file, not a changed environment
@@ -155,10 +161,7 @@ def run(ns: argparse.Namespace) -> int:
         return 2
     from balancer.master import BootError, run_master
 
-    reread = None
-    if resolved.config_file:
-        def reread():
-            return resolve(cli, environ, resolved.config_file).config
+    reread = functools.partial(rebuild, cli, environ, resolved.config_file) if resolved.config_file else None
     try:
         return run_master(config, config.loop, reread=reread)
     except ConfigError as exc:

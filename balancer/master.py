@@ -12,10 +12,11 @@ from typing import Callable
 
 from balancer import handoff, privileges, proctitle, systemd
 from balancer.accepting import AcceptPath
+from balancer.commands import MasterCommands
 from balancer.config import Config, ConfigError, parse_octal
-from balancer.dispatch import Dispatcher, Phase
+from balancer.dispatch import Dispatcher
 from balancer.listeners import Listener, open_listeners
-from balancer.logs import LogSetupError, log_file_paths, reopen_log_files, setup_master_logging
+from balancer.logs import log_file_paths
 from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
 from balancer.supervisor import Supervisor
@@ -28,7 +29,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 
 
-class Master(AcceptPath):
+class Master(AcceptPath, MasterCommands):
     """Owns the listening sockets and the worker pool; acts on signals recorded by its handlers."""
 
     def __init__(self, config: Config, reread: Callable[[], Config] | None = None) -> None:
@@ -186,88 +187,6 @@ class Master(AcceptPath):
         """True for a worker process the supervisor still has to reap itself."""
         return self.supervisor is not None and pid in self.supervisor.table
 
-    def handle_signal(self, sig: int) -> None:
-        """SIGHUP: rolling reload; SIGTTIN/SIGTTOU: one worker more/fewer; SIGUSR1: reopen log files."""
-        sup = self.supervisor
-        if sig == signal.SIGHUP:
-            self.request_reload()
-        elif sig == signal.SIGTTIN:
-            sup.scale(sup.target + 1)
-        elif sig == signal.SIGTTOU:
-            sup.scale(max(1, sup.target - 1))
-        elif sig == signal.SIGUSR1:
-            self.reopen_logs()
-
-    def reopen_logs(self) -> None:
-        """SIGUSR1 (logrotate): reopen the master's log files, and have every worker reopen its own."""
-        try:
-            count = reopen_log_files()
-        except OSError as exc:  # the old files stay in use
-            log.error("SIGUSR1: reopening log files failed: %s", exc)
-        else:
-            log.info("SIGUSR1: log files reopened (%d); the workers reopen theirs", count)
-        if self.supervisor is not None:
-            self.reopen_pending.update(w.pid for w in self.supervisor.records())
-            self.forward_reopen()
-
-    def forward_reopen(self) -> None:
-        """Pass SIGUSR1 on to workers owed it, once they are past booting.
-
-        A worker ignores SIGUSR1 only from its first lines on and reopens on it only once its loop runs:
-        before that, the default action would kill it. A booting worker gets it when it reports ready.
-        """
-        if not self.reopen_pending:
-            return
-        for w in self.supervisor.records():
-            if w.pid in self.reopen_pending and w.phase is not Phase.BOOTING:
-                self.reopen_pending.discard(w.pid)
-                w.signal(signal.SIGUSR1)
-        self.reopen_pending.intersection_update(self.supervisor.table)  # reaped ones are owed nothing
-
-    def request_reload(self) -> asyncio.Future:
-        """Rolling reload, told to systemd: RELOADING=1 now, READY=1 once it is over (done or given up)."""
-        if self.reread is not None:
-            self.reread_config()  # first: the reload's workers start with the file's new settings
-        self.notifier.reloading(f"reloading {self.supervisor.target} workers")
-        done = self.supervisor.request_reload()  # a future, not a task: nothing to hold; it ends True or False
-        done.add_done_callback(self._reload_over)
-        return done
-
-    def reread_config(self) -> None:
-        """Apply the file's reloadable changes; name those that need a restart; a bad file keeps the old config."""
-        from balancer.sources import merge_reload
-
-        try:
-            config, applied, kept = merge_reload(self.config, self.reread())
-        except ConfigError as exc:
-            log.error("reload keeps the old configuration: %s", exc)
-            return
-        if kept:
-            log.warning("changed in the config file but needs a restart: %s",
-                        ", ".join("--" + name.replace("_", "-") for name in kept))
-        if not applied:
-            return
-        log.info("reload applies from the config file: %s",
-                 ", ".join("--" + name.replace("_", "-") for name in applied))
-        old, self.config = self.config, config
-        self.supervisor.config = config
-        try:  # as gunicorn does on SIGHUP: the log options anew (the new workers get them too)
-            setup_master_logging(config)
-        except LogSetupError as exc:
-            log.error("reload: %s", exc)
-        if config.workers != old.workers:
-            self.supervisor.scale(config.workers)
-
-    def _reload_over(self, done: asyncio.Future) -> None:
-        """READY=1 after a reload, with what serves now."""
-        ok = not done.cancelled() and done.result()
-        self.notifier.ready(self.serving_status() if ok else "reload stopped: the previous workers serve on")
-
-    def serving_status(self) -> str:
-        """The STATUS= line systemctl status shows."""
-        return (f"{self.supervisor.target} workers serving on "
-                + ", ".join(listener.label for listener in self.listeners))
-
     async def _drop_privileges(self) -> None:
         """Bound and set up as root: become --user for good; workers, all started after this, are that user too."""
         paths = [listener.unlink for listener in self.listeners if listener.unlink]
@@ -317,14 +236,6 @@ class Master(AcceptPath):
         services, self.services = self.services, []
         for service in services:
             await service.close()
-
-    def _on_source_change(self, paths: list[str]) -> None:
-        """--reload: a changed source file takes the SIGHUP path (held back while booting, ignored once stopping)."""
-        if self.shutting_down:
-            return
-        log.info("--reload: %s changed", ", ".join(paths[:3])
-                 + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""))
-        self.signals.put_nowait(signal.SIGHUP)
 
     def _schedule_tick(self) -> None:
         """Run supervision checks every TICK seconds."""

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 from bench import loadgen
-from bench.procstat import group_cpu
 from bench.systems import HOST, SPECS, Running
 
 # (component, substrings of a frame's file or function); the first component found from the innermost frame

@@ -317,3 +317,20 @@ def test_user_app_with_its_own_workers_package_boots_and_serves(user_app, tmp_pa
     status, body, log = serve_once(cmd, cwd, clean_env())
     assert (status, body) == (200, "from the user workers package"), log
     assert "No module named" not in log, log
+
+
+@pytest.mark.timeout(90)
+def test_a_module_in_the_current_directory_cannot_shadow_what_the_worker_runtime_imports(tmp_path):
+    # Workers start with `python -P`: the directory the master was started in does not go first on the worker's
+    # import path before the runtime has imported what it needs. A project file named like a standard module the
+    # runtime uses (json.py here) would otherwise replace it in every worker, which then could not boot.
+    app = tmp_path / "project"
+    app.mkdir()
+    (app / "json.py").write_text("raise RuntimeError('the project json.py was imported by the worker runtime')\n")
+    (app / "myapp.py").write_text("from aiohttp import web\n\n\n"
+                                  "async def handler(request):\n    return web.Response(text='served')\n")
+    cmd = [*balancer_command(), "--backend", "myapp:handler", "--bind", "127.0.0.1:0", "--metrics-bind", "none",
+           "--workers", "1"]
+    status, body, log = serve_once(cmd, app, clean_env())
+    assert (status, body) == (200, "served"), log
+    assert "project json.py" not in log, log
