@@ -71,8 +71,12 @@ class Build:
             if not (self.tree / "balancer_workers").exists():
                 (self.tree / "balancer_workers").symlink_to("workers")
             if (self.tree / "setup.py").exists():  # revisions with the C accelerator: build it beside the code
-                subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=self.tree,
-                               check=True, capture_output=True)
+                built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=self.tree,
+                                       capture_output=True, text=True)
+                if built.returncode != 0:  # no Build object will exist to remove its worktree later
+                    subprocess.run(["git", "worktree", "remove", "--force", str(self.tree)], cwd=REPO,
+                                   capture_output=True)
+                    raise RuntimeError(f"building {rev}'s C module failed:\n{built.stderr[-1500:]}")
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log = root / f"balancer-{index}-{sha}.log"
@@ -162,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             parse_spec(spec)
     except ValueError as exc:
         parser.error(str(exc))
-    builds = [Build(spec, i, root, opts.workers, opts.backend) for i, spec in enumerate(opts.specs)]
+    builds: list[Build] = []
     try:
+        for i, spec in enumerate(opts.specs):  # one at a time: a failure still removes the worktrees made so far
+            builds.append(Build(spec, i, root, opts.workers, opts.backend))
         for b in builds:
             b.start()
         for b in builds:

@@ -117,3 +117,13 @@ def test_per_round_ratios_pair_cells_of_the_same_round_only() -> None:
     assert report.per_round(data, "hello-close", "rps", "gunicorn-uvloop") == [1.1, 1.25]  # round 1's peer failed
     assert report.per_round(data, "hello-close", "leader_us", None) == [12.0, 14.0, 16.0]
     assert report.per_round(data, "template", "rps", "gunicorn-uvloop") == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("variant", ["plain", "observe+proxy"])
+def test_hotpath_harness_serves_every_request_of_a_variant(variant) -> None:
+    # What bench.hotpath runs under valgrind, run directly: it must get every pipelined answer back (a lost
+    # answer would hang it, and the timeout fails the test), and leave no error output.
+    proc = subprocess.run([sys.executable, "-m", "bench.hotpath", "--run", variant, "3", "50"], cwd=REPO,
+                          capture_output=True, text=True, timeout=45)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
