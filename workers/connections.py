@@ -47,17 +47,25 @@ class Connections:
         self.draining = False
         self.idle = asyncio.Event()  # set while draining once no connection is open
 
-    def serve(self, fds: list[int], families: list[int]) -> None:
-        """Wrap each fd (family known, so no getsockopt probing) and attach it to aiohttp's protocol."""
+    def adopt(self, fds: list[int], families: list[int]) -> list[socket.socket]:
+        """Count the handed-over fds open and wrap each (family known, so no getsockopt probing).
+
+        An fd that cannot be wrapped is closed and counted closed at once: the master is told through the board.
+        """
         self.open += len(fds)
-        connect, server = self.loop.connect_accepted_socket, self.server
+        socks = []
         for fd, family in zip(fds, families):
             try:
-                sock = AcceptedSocket(family, socket.SOCK_STREAM, 0, fd)
+                socks.append(AcceptedSocket(family, socket.SOCK_STREAM, 0, fd))
             except OSError:
                 os.close(fd)
                 self.count_closed()
-                continue
+        return socks
+
+    def serve(self, fds: list[int], families: list[int]) -> None:
+        """Wrap each fd and attach it to aiohttp's protocol."""
+        connect, server = self.loop.connect_accepted_socket, self.server
+        for sock in self.adopt(fds, families):
             self.drive(connect(server, sock), sock)
 
     def drive(self, coro, sock: socket.socket, _done=None) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import socket
 import ssl
 
 from balancer.trusted import TrustedPeers
-from balancer_workers.connections import AcceptedSocket, shutdown_quietly
+from balancer_workers.connections import shutdown_quietly
 from balancer_workers.limits import LogBudget, one_line
 from balancer_workers.proxyproto import MORE, ClientGone, HeaderReader, ProxyHeaderError
 from balancer_workers.tls import TLSError, context_from_settings
@@ -69,16 +68,8 @@ class Edge:
 
     def serve(self, fds: list[int], families: list[int]) -> None:
         """Like Connections.serve, with a PROXY header read from trusted peers and TLS before aiohttp."""
-        connections = self.connections
-        connections.open += len(fds)
         deadline = self.loop.time() + self.timeout
-        for fd, family in zip(fds, families):
-            try:
-                sock = AcceptedSocket(family, socket.SOCK_STREAM, 0, fd)
-            except OSError:
-                os.close(fd)
-                connections.count_closed()
-                continue
+        for sock in self.connections.adopt(fds, families):
             if self.proxy and self._from_proxy(sock):
                 ProxyHeader(self, sock, deadline).start()
             else:

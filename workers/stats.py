@@ -54,11 +54,6 @@ class RequestStats:
         self.duration_sum += seconds
         self.count += 1
 
-    @property
-    def requests(self) -> dict[tuple[str, int], int]:
-        """(method, status) -> requests finished."""
-        return {(m, s): n for m, counts in self.by_method.items() for s, n in counts.items() if n}
-
     def snapshot(self, max_bytes: int = HEARTBEAT_BYTES) -> dict:
         """A JSON-able copy of the figures, with as many of the backend's prometheus_client metrics as fit."""
         body = {

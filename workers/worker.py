@@ -48,7 +48,6 @@ class Worker:
                                on_gone=functools.partial(self.stop, "master gone"))
         self.heartbeat = Heartbeat(self.loop, self.channel, self.stats, self.connections,
                                    settings.get("beat_interval", 1.0))
-        self.draining = False
         self.stopped = self.loop.create_future()  # set when it is time to drain
         self.runner: web.AppRunner | None = None
         self.limits = Limits(settings, self.stats, self.loop)  # header and body deadlines, body size, bad requests
@@ -150,7 +149,7 @@ class Worker:
     def stop(self, why: str) -> None:
         """Begin draining (DRAIN from the master, SIGTERM, or the master gone)."""
         # At once, not when _drain() gets scheduled: a handoff read in the same batch as DRAIN is refused.
-        self.draining = self.channel.refusing = True
+        self.channel.refusing = True
         self.observer.drain()
         if not self.stopped.done():
             log.debug("draining (%s)", why)
@@ -158,7 +157,6 @@ class Worker:
 
     async def _drain(self) -> None:
         """No new connections; each open one closes after its next response or keep-alive expiry; report last."""
-        self.draining = True
         await self.connections.wait_idle(self.settings["graceful_timeout"])
         # Past the graceful deadline: cut what is still open now. aiohttp's cleanup would wait for each running
         # handler again (shutdown_timeout, twice), racing the master's SIGKILL, which loses the final report.
