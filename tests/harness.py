@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -139,3 +140,16 @@ def pid_alive(pid: int) -> bool:
 def fd_count(pid: int) -> int:
     """Open fds of pid."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def unix_request(path: str, target: str = "/", headers: dict | None = None) -> bytes:
+    """One raw GET over a unix socket, Connection: close; the whole answer as sent."""
+    lines = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: sock\r\nConnection: close\r\n{lines}\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from types import MappingProxyType
 
 import pytest
@@ -12,7 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from balancer.trusted import TrustedPeers
 from balancer_workers.forwarded import client_hop, from_forwarded, from_x_forwarded, strip_port
-from tests.harness import Balancer
+from tests.harness import Balancer, unix_request
 
 pytestmark = pytest.mark.timeout(60)
 BARE, APPLICATION = ("--backend", "whoisapp:whois"), ("--backend", "whoisapp:application")
@@ -31,14 +30,7 @@ def get(b: Balancer, headers: dict | None = None, source: str = "127.0.0.1", pat
 
 def get_unix(path: str, headers: dict) -> dict:
     """One request over a unix socket, raw."""
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(path)
-        sock.sendall(f"GET /u HTTP/1.1\r\nHost: sock\r\nConnection: close\r\n{lines}\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+    data = unix_request(path, "/u", headers)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), data
     return json.loads(body)

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from balancer.logs import DEFAULT_ACCESS_LOG_FORMAT
 from balancer_workers.accesslog import AccessFormatError, AccessLog, compile_format
-from tests.harness import HERE, SERVING, Balancer
+from tests.harness import HERE, SERVING, Balancer, unix_request
 from tests.test_sockets_privileges import accounts, python_for_others, shared_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
@@ -191,14 +190,7 @@ def get(port: int, path: str = "/", headers: dict | None = None) -> int:
 
 def get_unix(path: str, target: str = "/") -> bytes:
     """One raw request over a unix socket; the answer's status line."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(path)
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: sock\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data.split(b"\r\n", 1)[0]
+    return unix_request(path, target).split(b"\r\n", 1)[0]
 
 
 def wait_in_file(path, pattern: str, timeout: float = 20.0, count: int = 1) -> list[re.Match]:
