@@ -23,6 +23,7 @@ from balancer_workers.heartbeat import Heartbeat
 from balancer_workers.limits import Limits
 from balancer_workers.observe import Observer
 from balancer_workers.stats import RequestStats
+from balancer_workers.tuning import skip_second_nodelay, tune_gc
 
 log = logging.getLogger("balancer.worker")
 
@@ -88,6 +89,8 @@ class Worker:
         self._hook_server(self.runner.server, skip_router(backend) if backend.route else None)
         if edge is not None:  # PROXY header and TLS handshake before aiohttp; without them the plain path
             self.channel.serve = edge.serve
+        skip_second_nodelay()
+        tune_gc()  # last before serving: what booting made is frozen, and the app's own gc choice is seen
         self.channel.start()
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         if not c_parser_in_use():
