@@ -210,8 +210,11 @@ class Dispatcher:
             self.homeless.clear()
             self.dispatch(items)
 
-    def collect(self, link: Link) -> None:
-        """Read the worker's ack board: close the master's copies of what it took, update its open count."""
+    def collect(self, link: Link, closing: list[int] | None = None) -> None:
+        """Read the worker's ack board: close the master's copies of what it took, update its open count.
+
+        With closing given, the fds to close are added to it for the caller to close with other workers' fds.
+        """
         words = link.board
         word = words[board.HANDLED]
         if word != link.seen_word:
@@ -230,15 +233,26 @@ class Dispatcher:
                         done.append(item[0])
             link.ack_progress = time.monotonic()
             if done:
-                handoff.close_fds(done)  # the worker holds its own copies
+                if closing is None:
+                    handoff.close_fds(done)  # the worker holds its own copies
+                else:
+                    closing += done
                 link.acked_total += len(done)
                 link.ack_overdue = False  # not after refusals alone: a refusing worker rests until the tick
         link.open_conns = max(0, link.acked_total - words[board.CLOSED])
 
     def collect_all(self) -> None:
-        """Collect every worker's board."""
+        """Collect every worker's board, closing what they took in one call.
+
+        A batch of accepted fds is mostly consecutive numbers, but ties in the pick alternate between workers,
+        so each worker's share has gaps: closed together, the runs come back and close_fds ends each run
+        with one close_range() instead of one close() per fd.
+        """
+        closing: list[int] = []
         for link in self.links:
-            self.collect(link)
+            self.collect(link, closing)
+        if closing:
+            handoff.close_fds(closing)
 
     def on_refuse(self, link: Link, ids: list[int]) -> None:
         """The worker did not take these: give them to another worker."""
