@@ -11,11 +11,12 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from balancer.config import COALESCE_BUSY
-from tests.harness import Balancer
+from tests.harness import Balancer, unix_request
 from tests.test_integration import APP, fetch, run_cli, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -98,6 +99,47 @@ def test_accept_coalesces_only_while_every_worker_is_busy(tmp_path, wait):
         assert (status()["coalesced"] >= 1) == (wait != "0")
         for conn in held:
             conn.close()
+
+
+def test_coalescing_waits_chain_while_busy_and_both_listeners_are_read_again_after(tmp_path):
+    """Busy workers: the master accepts on the wait's timer alone, for every listener; then it watches them again."""
+    sock, path = tmp_path / "ctl.sock", tmp_path / "b.sock"
+    with Balancer("--workers", "2", "--accept-coalesce", "0.02", "--keepalive-timeout", "60",
+                  "--control-socket", str(sock), "--bind", f"unix:{path}", *APP) as b:
+        def status() -> dict:
+            return json.loads(ctl("status", "--control-socket", str(sock), "--json", "--interval", "0").stdout)
+
+        held = []
+        for _ in range(2 * COALESCE_BUSY):
+            conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+            conn.request("GET", "/")
+            assert conn.getresponse().read()
+            held.append(conn)
+        wait_until(lambda: all(w["open"] >= COALESCE_BUSY for w in status()["workers"]), 10, "busy workers")
+        answers: list[bool] = []
+
+        def client(over_unix: bool) -> None:
+            for _ in range(15):  # connections keep arriving during the waits: each wait's batch finds some
+                if over_unix:
+                    answers.append(unix_request(str(path)).startswith(b"HTTP/1.1 200"))
+                else:
+                    answers.append(fetch(b).status == 200)
+
+        threads = [threading.Thread(target=client, args=(i % 2 == 1,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(answers) == 8 * 15 and all(answers)
+        assert status()["coalesced"] >= 2
+        for conn in held:
+            conn.close()
+        wait_until(lambda: all(w["open"] < COALESCE_BUSY for w in status()["workers"]), 10, "idle workers")
+        coalesced = status()["coalesced"]
+        for _ in range(3):  # not busy: each one is taken as its listener turns readable, without a wait
+            assert fetch(b).status == 200
+            assert unix_request(str(path)).startswith(b"HTTP/1.1 200")
+        assert status()["coalesced"] == coalesced
 
 
 def test_reload_and_scale_are_refused_while_the_first_workers_boot_and_status_answers(tmp_path):
