@@ -40,7 +40,7 @@ if aiohttp.__version__ != '$lowest':
 echo "== the worker's HTTP tests on aiohttp $lowest ($venv)"
 worker_tests=()
 for f in test_protocol test_integration test_abuse test_limits test_worker_runtime test_tls test_proxy_protocol \
-         test_forwarded; do
+         test_forwarded test_tuning; do
     [ -f "tests/$f.py" ] && worker_tests+=("tests/$f.py")
 done
 "$venv/bin/python" -m pytest -p no:cacheprovider "${worker_tests[@]}" || status=$?
