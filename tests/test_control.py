@@ -76,24 +76,35 @@ def test_second_master_on_the_same_control_socket_refuses(tmp_path):
         assert fetch(b).status == 200  # the first master is untouched
 
 
+def ctl_status(sock) -> dict:
+    """The master's status as JSON, without the rate sampling wait."""
+    return json.loads(ctl("status", "--control-socket", str(sock), "--json", "--interval", "0").stdout)
+
+
+def make_workers_busy(b: Balancer, sock) -> list[http.client.HTTPConnection]:
+    """Idle keep-alive connections, dealt alternately: COALESCE_BUSY per worker; returned once both count them."""
+    held = []
+    for _ in range(2 * COALESCE_BUSY):
+        conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+        conn.request("GET", "/")
+        assert conn.getresponse().read()
+        held.append(conn)
+    wait_until(lambda: all(w["open"] >= COALESCE_BUSY for w in ctl_status(sock)["workers"]), 10, "busy workers")
+    return held
+
+
 @pytest.mark.parametrize("wait", ["0.05", "0"])
 def test_accept_coalesces_only_while_every_worker_is_busy(tmp_path, wait):
     sock = tmp_path / "ctl.sock"
     with Balancer("--workers", "2", "--accept-coalesce", wait, "--keepalive-timeout", "60",
                   "--control-socket", str(sock), *APP) as b:
         def status() -> dict:
-            return json.loads(ctl("status", "--control-socket", str(sock), "--json", "--interval", "0").stdout)
+            return ctl_status(sock)
 
         for _ in range(4):
             assert fetch(b).status == 200
         assert status()["coalesced"] == 0  # workers with few connections: every accept goes straight out
-        held = []  # idle keep-alive connections, dealt alternately: COALESCE_BUSY per worker
-        for _ in range(2 * COALESCE_BUSY):
-            conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
-            conn.request("GET", "/")
-            assert conn.getresponse().read()
-            held.append(conn)
-        wait_until(lambda: all(w["open"] >= COALESCE_BUSY for w in status()["workers"]), 10, "busy workers")
+        held = make_workers_busy(b, sock)
         slots = [fetch(b).getheader("X-Worker-Slot") for _ in range(4)]  # still served, still round robin
         assert sorted(set(slots)) == ["0", "1"]
         assert (status()["coalesced"] >= 1) == (wait != "0")
@@ -107,15 +118,9 @@ def test_coalescing_waits_chain_while_busy_and_both_listeners_are_read_again_aft
     with Balancer("--workers", "2", "--accept-coalesce", "0.02", "--keepalive-timeout", "60",
                   "--control-socket", str(sock), "--bind", f"unix:{path}", *APP) as b:
         def status() -> dict:
-            return json.loads(ctl("status", "--control-socket", str(sock), "--json", "--interval", "0").stdout)
+            return ctl_status(sock)
 
-        held = []
-        for _ in range(2 * COALESCE_BUSY):
-            conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
-            conn.request("GET", "/")
-            assert conn.getresponse().read()
-            held.append(conn)
-        wait_until(lambda: all(w["open"] >= COALESCE_BUSY for w in status()["workers"]), 10, "busy workers")
+        held = make_workers_busy(b, sock)
         answers: list[bool] = []
 
         def client(over_unix: bool) -> None:
