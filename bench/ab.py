@@ -82,8 +82,8 @@ class Build:
         self.log = root / f"balancer-{index}-{sha}.log"
         self.runs: list[tuple[float, float, float, int]] = []  # (req/s, master us/conn, workers us/req, errors)
 
-    def start(self) -> None:
-        self.port = free_port()
+    def start(self, avoid=()) -> None:
+        self.port = free_port(avoid)
         cmd = [sys.executable, "-m", "balancer", "--backend", self.backend,
                "--workers", str(self.workers), "--bind", f"{HOST}:{self.port}", "--metrics-bind", f"{HOST}:0",
                "--control-socket", str(self.log.with_suffix(".sock")), *self.args]
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, spec in enumerate(opts.specs):  # one at a time: a failure still removes the worktrees made so far
             builds.append(Build(spec, i, root, opts.workers, opts.backend))
-        for b in builds:
-            b.start()
+        for i, b in enumerate(builds):
+            b.start(avoid={other.port for other in builds[:i]})  # none has bound its port yet
         for b in builds:
             b.wait_ready()
             found = re.search(r"hand-off in (\w+)", b.log.read_text())  # revisions before 2a2b00c do not say

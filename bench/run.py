@@ -150,8 +150,8 @@ def check_tools() -> None:
 
 
 def start_all(systems: list[Running]) -> None:
-    for s in systems:
-        s.start()
+    for i, s in enumerate(systems):
+        s.start(avoid={other.port for other in systems[:i]})  # none has bound its port yet
     for s in systems:
         try:
             s.wait_ready()
@@ -162,7 +162,7 @@ def start_all(systems: list[Running]) -> None:
                 raise
             progress(f"  {s.name} exited while starting ({exc}); starting it once more")
             s.stop()
-            s.start()
+            s.start(avoid={other.port for other in systems})
             s.wait_ready()
         note = f" ({s.note})" if s.note else ""
         progress(f"  {s.name} ready on :{s.port}, pids {sorted(s.processes())}{note}")

@@ -81,9 +81,14 @@ SPECS = {s.name: s for s in [
 ]}
 
 
-def free_port() -> int:
-    """A port in 18000-18999 nobody is listening on right now (checked by binding it)."""
+def free_port(avoid=()) -> int:
+    """A port in 18000-18999 nobody is listening on right now (checked by binding it), and not in avoid.
+
+    avoid: ports already given to systems that are still starting (not bound yet, so they look free).
+    """
     for port in random.sample(PORTS, len(PORTS)):
+        if port in avoid:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((HOST, port))
@@ -136,8 +141,8 @@ class Running:
     def pgid(self) -> int:
         return self.proc.pid  # start_new_session: the leader's pid is the group id
 
-    def start(self) -> None:
-        self.port = free_port()
+    def start(self, avoid=()) -> None:
+        self.port = free_port(avoid)
         self.log = self.logdir / f"{self.name}-{self.port}.log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(self.spec.command(self.port, self.workers, self.tls_files), stdout=out,

@@ -127,3 +127,14 @@ def test_hotpath_harness_serves_every_request_of_a_variant(variant) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.hotpath", "--run", variant, "3", "50"], cwd=REPO,
                           capture_output=True, text=True, timeout=45)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+
+
+def test_free_port_skips_ports_given_to_systems_still_starting() -> None:
+    """Systems start together and bind later: a port handed to one must not go to the next (a run lost a round)."""
+    from bench.systems import PORTS, free_port
+
+    two = set(PORTS[:2])
+    given = {free_port(avoid=set(PORTS) - two) for _ in range(20)}
+    assert given <= two  # only ports outside avoid come back (a bound one is skipped too)
+    with pytest.raises(RuntimeError, match="no free port"):
+        free_port(avoid=set(PORTS))
