@@ -98,16 +98,13 @@ def test_accept_coalesces_only_while_every_worker_is_busy(tmp_path, wait):
     sock = tmp_path / "ctl.sock"
     with Balancer("--workers", "2", "--accept-coalesce", wait, "--keepalive-timeout", "60",
                   "--control-socket", str(sock), *APP) as b:
-        def status() -> dict:
-            return ctl_status(sock)
-
         for _ in range(4):
             assert fetch(b).status == 200
-        assert status()["coalesced"] == 0  # workers with few connections: every accept goes straight out
+        assert ctl_status(sock)["coalesced"] == 0  # workers with few connections: every accept goes straight out
         held = make_workers_busy(b, sock)
         slots = [fetch(b).getheader("X-Worker-Slot") for _ in range(4)]  # still served, still round robin
         assert sorted(set(slots)) == ["0", "1"]
-        assert (status()["coalesced"] >= 1) == (wait != "0")
+        assert (ctl_status(sock)["coalesced"] >= 1) == (wait != "0")
         for conn in held:
             conn.close()
 
@@ -117,9 +114,6 @@ def test_coalescing_waits_chain_while_busy_and_both_listeners_are_read_again_aft
     sock, path = tmp_path / "ctl.sock", tmp_path / "b.sock"
     with Balancer("--workers", "2", "--accept-coalesce", "0.02", "--keepalive-timeout", "60",
                   "--control-socket", str(sock), "--bind", f"unix:{path}", *APP) as b:
-        def status() -> dict:
-            return ctl_status(sock)
-
         held = make_workers_busy(b, sock)
         answers: list[bool] = []
 
@@ -136,15 +130,15 @@ def test_coalescing_waits_chain_while_busy_and_both_listeners_are_read_again_aft
         for t in threads:
             t.join(60)
         assert len(answers) == 8 * 15 and all(answers)
-        assert status()["coalesced"] >= 2
+        assert ctl_status(sock)["coalesced"] >= 2
         for conn in held:
             conn.close()
-        wait_until(lambda: all(w["open"] < COALESCE_BUSY for w in status()["workers"]), 10, "idle workers")
-        coalesced = status()["coalesced"]
+        wait_until(lambda: all(w["open"] < COALESCE_BUSY for w in ctl_status(sock)["workers"]), 10, "idle workers")
+        coalesced = ctl_status(sock)["coalesced"]
         for _ in range(3):  # not busy: each one is taken as its listener turns readable, without a wait
             assert fetch(b).status == 200
             assert unix_request(str(path)).startswith(b"HTTP/1.1 200")
-        assert status()["coalesced"] == coalesced
+        assert ctl_status(sock)["coalesced"] == coalesced
 
 
 def test_reload_and_scale_are_refused_while_the_first_workers_boot_and_status_answers(tmp_path):
