@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import platform
 
-import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
@@ -18,6 +17,7 @@ from prometheus_client.utils import floatToGoString
 from balancer import __version__, handoff
 from balancer.config import parse_bind
 from balancer.dispatch import Phase
+from balancer.scrape import Reply, ScrapeServer
 from balancer_workers.stats import BUCKETS
 
 log = logging.getLogger("balancer")
@@ -27,6 +27,9 @@ RESTART_REASONS = ("crash", "timeout", "reload", "recycle", "scale")
 RESOURCE_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 # Samples of the backend's own metrics that only grow: folded into the slot's base when a worker exits.
 FOLDED = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
+TEXT = "text/plain; charset=utf-8"
+# What the workers run, read from the installed distribution: importing aiohttp would load its web stack here.
+AIOHTTP_VERSION = importlib.metadata.version("aiohttp")
 LE = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -149,55 +152,49 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         ProcessCollector(registry=self.registry)  # the master's own CPU and memory: it is the dispatch path
-        self.runner: web.AppRunner | None = None
+        self.server: ScrapeServer | None = None
+        self.address: tuple[str, int] | None = None  # (host, port) bound, once started
 
     async def start(self) -> None:
         """Hook worker exits, bind, and log the real address."""
         self.master.supervisor.on_exit_hooks.append(self.fold)
-        app = web.Application()
-        app.router.add_get("/metrics", self.handle_metrics)
-        app.router.add_get("/healthz", self.handle_healthz)
-        app.router.add_get("/readyz", self.handle_readyz)
-        # Scrapers keep their connection; a short idle timeout and shutdown grace keep exit quick.
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=15,
-                                    shutdown_timeout=1.0)
-        await self.runner.setup()
+        self.server = ScrapeServer({"/metrics": self.handle_metrics, "/healthz": self.handle_healthz,
+                                    "/readyz": self.handle_readyz})
         bind = parse_bind(self.master.config.metrics_bind)
-        await web.TCPSite(self.runner, bind.host, bind.port).start()
-        host, port = self.runner.addresses[0][:2]
+        host, port = self.address = await self.server.start(bind.host, bind.port)
         shown = f"[{host}]" if ":" in host else host
         log.info("metrics on http://%s:%d/metrics", shown, port)
 
     async def close(self) -> None:
         """Stop serving."""
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
-    async def handle_metrics(self, request: web.Request) -> web.Response:
+    async def handle_metrics(self, headers: dict[str, str]) -> Reply:
         """Read the workers' /proc figures in a thread, then collect and answer in the format asked for."""
         # A worker's fd table grows with its connections: reading it on the loop would stall every accept.
         pids = [w.pid for w in self.master.supervisor.processes() if not w.exited]
         self._proc = await asyncio.get_running_loop().run_in_executor(None, read_procs, pids)
         self.master.dispatcher.collect_all()  # open connections as of now, not as of the last tick
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        return 200, content_type, encoder(self.registry)
 
-    async def handle_healthz(self, request: web.Request) -> web.Response:
+    async def handle_healthz(self, headers: dict[str, str]) -> Reply:
         """The master's loop answers: it is alive."""
-        return web.Response(text="ok\n")
+        return 200, TEXT, b"ok\n"
 
-    async def handle_readyz(self, request: web.Request) -> web.Response:
+    async def handle_readyz(self, headers: dict[str, str]) -> Reply:
         """200 while at least one worker is ready and the master is not shutting down, else 503 saying why."""
         if self.master.shutting_down or self.master.stopping:  # also during --shutdown-delay, while it serves on
-            return web.Response(status=503, text="not ready: shutting down\n")
+            return 503, TEXT, b"not ready: shutting down\n"
         sup = self.master.supervisor
         ready = sum(1 for w in sup.processes() if w.phase is Phase.READY)
         if ready:
-            return web.Response(text=f"ready: {ready} workers\n")
-        return web.Response(status=503, text="not ready: no worker ready\n")
+            return 200, TEXT, f"ready: {ready} workers\n".encode()
+        return 503, TEXT, b"not ready: no worker ready\n"
 
     # ---- folding ------------------------------------------------------------------------------
 
@@ -258,7 +255,7 @@ class MetricsServer:
                       master.dispatcher.redispatched)
         info = GaugeMetricFamily("balancer_build_info", "Versions in use; always 1. handoff: c or python.",
                                  labels=["version", "python", "aiohttp", "handoff"])
-        info.add_metric([__version__, platform.python_version(), aiohttp.__version__, handoff.IMPLEMENTATION], 1)
+        info.add_metric([__version__, platform.python_version(), AIOHTTP_VERSION, handoff.IMPLEMENTATION], 1)
         yield info
         yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", len(sup.slots))
         yield gauge("balancer_start_time_seconds", "Unix time the master started.", master.started)

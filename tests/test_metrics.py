@@ -296,7 +296,7 @@ def test_readyz_healthz_and_the_log_line(caplog):
         try:
             lines = [r.getMessage() for r in caplog.records if "metrics on http://" in r.getMessage()]
             assert len(lines) == 1
-            port = server.runner.addresses[0][1]
+            port = server.address[1]
             assert lines[0].endswith(f"metrics on http://127.0.0.1:{port}/metrics") and port > 0
             base = f"http://127.0.0.1:{port}"
             async with aiohttp.ClientSession() as s:

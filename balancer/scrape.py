@@ -1,0 +1,205 @@
+"""The master's small HTTP/1.1 server for /metrics, /healthz and /readyz, on h11 and asyncio streams.
+
+The master answers three GET routes to scrapers and probes. aiohttp's server did it at the price of its whole
+web stack in the master's memory (about a third of the master's resident set, in every instance of a pod);
+h11 parses and frames HTTP/1.1 (keep-alive, pipelining, HEAD, malformed input) in a fraction of that, and
+this file adds only routing, limits and timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Awaitable, Callable
+
+import h11
+
+log = logging.getLogger("balancer")
+
+Reply = tuple[int, str, bytes]  # status, content type, body
+Route = Callable[[dict[str, str]], Awaitable[Reply]]  # called with the request's headers, names lower-case
+
+# A scraper keeps its connection between scrapes (Prometheus: every 15 s to 1 min). A request must be complete
+# this long after its connection went idle: a client that sends nothing, or drips its headers, is let go.
+IDLE_TIMEOUT = 15.0
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 64 * 1024  # no route reads a body; past this the client is answered 413 and let go
+MAX_CONNECTIONS = 128  # scrapers and probes need a handful; the master's other fds are for dispatch
+# After the last reply the master shuts its side and reads what the client still sends for this long: closing
+# with unread input makes the kernel send a reset, which can destroy the reply before the client reads it.
+LINGER = 1.0
+GZIP_MIN_BYTES = 1024
+READ_SIZE = 64 * 1024
+REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+           408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+           500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable"}
+
+
+@dataclass
+class Asked:
+    """One request as the routes see it, or the reply it gets without reaching them."""
+
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    early: Reply | None = None  # answered without routing (a body too large, a target that is not a path)
+
+
+class ScrapeServer:
+    """GET and HEAD on a fixed set of paths; keep-alive, pipelining and gzip when asked; nothing else."""
+
+    def __init__(self, routes: dict[str, Route]) -> None:
+        self.routes = routes
+        self.server: asyncio.Server | None = None
+        self.clients: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on host:port (every address host resolves to); returns the first bound address."""
+        self.server = await asyncio.start_server(self.serve, host, port, limit=READ_SIZE)
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        """Stop listening and end every connection, a scrape in progress included."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for task in list(self.clients):
+            task.cancel()
+        if self.clients:
+            await asyncio.wait(list(self.clients), timeout=1.0)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: requests in order until either side closes, the client idles out, or it misbehaves."""
+        if len(self.clients) >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        self.clients.add(task)
+        try:
+            await self.converse(reader, writer)
+            await linger(reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # a bug here must cost one connection, never the master's loop
+            log.exception("metrics endpoint: a connection failed")
+        finally:
+            self.clients.discard(task)
+            writer.transport.abort()  # nothing left to flush: every reply was drained, or it is too late
+
+    async def converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The request/response cycles of one connection."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        while True:
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT):
+                    asked = await next_request(conn, reader)
+            except TimeoutError:
+                if conn.their_state is not h11.IDLE or conn.trailing_data[0]:  # it had started a request
+                    await send(conn, writer, "GET", (408, "text/plain", b"request timeout\n"), {}, close=True)
+                return
+            except h11.RemoteProtocolError as exc:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    status = exc.error_status_hint
+                    await send(conn, writer, "GET", (status, "text/plain", f"{exc}\n".encode()), {}, close=True)
+                return
+            if asked is None:  # the client closed between requests
+                return
+            close = asked.early is not None and conn.their_state is h11.SEND_BODY  # its body was not read
+            reply = asked.early or await self.route(asked)
+            await send(conn, writer, asked.method, reply, asked.headers, close=close)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+
+    async def route(self, asked: Asked) -> Reply:
+        """The route's reply; a route that raises is a 500, logged."""
+        route = self.routes.get(asked.path)
+        if route is None:
+            return 404, "text/plain", b"not found\n"
+        if asked.method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"method not allowed\n"
+        try:
+            return await route(asked.headers)
+        except Exception:
+            log.exception("metrics endpoint: %s %s failed", asked.method, asked.path)
+            return 500, "text/plain", b"internal error\n"
+
+
+async def next_request(conn: h11.Connection, reader: asyncio.StreamReader) -> Asked | None:
+    """The next whole request on conn (its body read and dropped), or None at a clean end of stream."""
+    request: h11.Request | None = None
+    body = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(READ_SIZE)
+            if not data and request is None and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                return None
+            conn.receive_data(data)  # b"" tells h11 the client closed: a half-sent request is its error
+        elif isinstance(event, h11.Request):
+            request = event
+            # h11 bounds only a head still incomplete; one that arrived whole in a single read is checked here.
+            if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEADER_BYTES:
+                return Asked(event.method.decode("ascii"), "", early=(431, "text/plain", b"headers too large\n"))
+            target = event.target.split(b"?", 1)[0]
+            if not target.startswith(b"/"):  # absolute-form or "*": no proxying here
+                return Asked(event.method.decode("ascii"), "", early=(400, "text/plain", b"bad request target\n"))
+        elif isinstance(event, h11.Data):
+            body += len(event.data)
+            if body > MAX_BODY_BYTES:
+                return Asked(request.method.decode("ascii"), "", early=(413, "text/plain", b"body too large\n"))
+        elif isinstance(event, h11.EndOfMessage):
+            headers: dict[str, str] = {}
+            for name, value in request.headers:  # h11 lower-cases names; repeated fields join as RFC 9110 says
+                key, text = name.decode("latin-1"), value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            return Asked(request.method.decode("ascii"), target.decode("latin-1"), headers)
+        else:  # ConnectionClosed
+            return None
+
+
+async def send(conn: h11.Connection, writer: asyncio.StreamWriter, method: str, reply: Reply,
+               headers: dict[str, str], close: bool) -> None:
+    """Write one response (its head only for HEAD); close=True says Connection: close and h11 ends the cycle."""
+    status, content_type, body = reply
+    fields = [(b"Content-Type", content_type.encode("latin-1")), (b"Date", formatdate(usegmt=True).encode())]
+    if status == 405:
+        fields.append((b"Allow", b"GET, HEAD"))
+    if status == 200 and len(body) >= GZIP_MIN_BYTES and accepts_gzip(headers.get("accept-encoding", "")):
+        body = gzip.compress(body, compresslevel=6)
+        fields.append((b"Content-Encoding", b"gzip"))
+    fields.append((b"Content-Length", str(len(body)).encode()))
+    if close:
+        fields.append((b"Connection", b"close"))
+    data = conn.send(h11.Response(status_code=status, headers=fields, reason=REASONS.get(status, b"")))
+    if method != "HEAD" and body:
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    writer.write(data)
+    await writer.drain()
+
+
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Send FIN, then read and drop what the client still sends, until it closes or LINGER runs out."""
+    if writer.transport.is_closing():
+        return
+    writer.write_eof()
+    dropped = 0
+    try:
+        async with asyncio.timeout(LINGER):
+            while dropped <= MAX_BODY_BYTES and (data := await reader.read(READ_SIZE)):
+                dropped += len(data)
+    except TimeoutError:
+        pass
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """True when an Accept-Encoding value lists gzip (with any q but 0)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() == "gzip":
+            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
