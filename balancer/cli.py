@@ -10,7 +10,7 @@ import sys
 
 from balancer import __version__
 from balancer.config import Config, ConfigError, option_fields
-from balancer.logs import LogSetupError, setup_master_logging
+from balancer.logs import LogSetupError, StartupHold, setup_master_logging
 from balancer.sources import Resolved, config_file_of, default_of, describe, flag_of, resolve
 
 CONTROL_COMMANDS = ("reload", "scale", "stop", "status")
@@ -162,16 +162,21 @@ def run(ns: argparse.Namespace) -> int:
     from balancer.master import BootError, run_master
 
     reread = functools.partial(rebuild, cli, environ, resolved.config_file) if resolved.config_file else None
+    hold = StartupHold()  # the master releases its info lines once its workers serve
     try:
-        return run_master(config, config.loop, reread=reread)
+        return run_master(config, config.loop, reread=reread, startup=hold)
     except ConfigError as exc:
+        hold.drop()
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
     except BootError as exc:
+        hold.drop()
         print(f"balancer: error: worker failed to boot: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         return 130
+    finally:
+        hold.release()  # stopped before its workers served: what it said still goes out
 
 
 def main(argv: list[str] | None = None) -> int:

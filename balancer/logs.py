@@ -156,13 +156,59 @@ def _one_line(exc: BaseException) -> str:
     return ": ".join(p for p in parts if p).replace("\n", " ")
 
 
-def file_handlers() -> list[logging.FileHandler]:
-    """Every handler of this process's loggers that writes a file (ours and --log-config's)."""
+def all_handlers() -> list[logging.Handler]:
+    """Every handler of this process's loggers (ours and --log-config's), each once."""
     handlers = {id(h): h for h in logging.getLogger().handlers}
     for logger in list(logging.Logger.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger):
             handlers.update((id(h), h) for h in logger.handlers)
-    return [h for h in handlers.values() if isinstance(h, logging.FileHandler)]
+    return list(handlers.values())
+
+
+def file_handlers() -> list[logging.FileHandler]:
+    """Every handler of this process's loggers that writes a file (ours and --log-config's)."""
+    return [h for h in all_handlers() if isinstance(h, logging.FileHandler)]
+
+
+class StartupHold(logging.Filter):
+    """Holds the master's info lines back until its first workers serve; dropped if start-up fails.
+
+    A start-up failure (a backend that raises at import, a privilege drop refused) is one line on stderr:
+    without the hold it came after "metrics on ...", "control socket at ..." and a line per worker stopped.
+    Info, warning and error lines are held; debug lines (asked for, to watch the start) and critical ones
+    never are. A start that succeeds writes what was held, late but in order with its own timestamps.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self.handlers = all_handlers()
+        for handler in self.handlers:
+            handler.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep info, warning and error records for later; let the rest through."""
+        if logging.INFO <= record.levelno < logging.CRITICAL:
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Write what was held, in order and with its own timestamps; from now on nothing is held."""
+        self._remove()
+        held, self.held = self.held, []
+        for record in held:
+            logging.getLogger(record.name).handle(record)
+
+    def drop(self) -> None:
+        """Start-up failed: forget what was held; the caller prints the one error line."""
+        self._remove()
+        self.held = []
+
+    def _remove(self) -> None:
+        for handler in self.handlers:
+            handler.removeFilter(self)
+        self.handlers = []
 
 
 def log_file_paths(config) -> list[str]:

@@ -32,9 +32,10 @@ HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
 class Master(AcceptPath, MasterCommands):
     """Owns the listening sockets and the worker pool; acts on signals recorded by its handlers."""
 
-    def __init__(self, config: Config, reread: Callable[[], Config] | None = None) -> None:
+    def __init__(self, config: Config, reread: Callable[[], Config] | None = None, startup=None) -> None:
         self.config = config
         self.reread = reread  # builds the Config again from the -c file (SIGHUP), or None without one
+        self.startup = startup  # the info lines held back until the workers serve (balancer/logs.py), or None
         self.listeners: list[Listener] = []
         self.dispatcher = Dispatcher(config.worker_connections, on_blocked=self._on_blocked)
         self.supervisor: Supervisor | None = None
@@ -85,6 +86,8 @@ class Master(AcceptPath, MasterCommands):
                 await self._drop_privileges()
             if await self._boot():
                 self.booted = True
+                if self.startup is not None:
+                    self.startup.release()
                 log.info("balancer %d workers serving on %s (pid %d, hand-off in %s)", self.config.workers,
                          ", ".join(listener.label for listener in self.listeners), os.getpid(),
                          "C" if handoff.IMPLEMENTATION == "c" else "Python")
@@ -321,10 +324,11 @@ def raise_fd_limit(worker_connections: int) -> int:
     return soft
 
 
-def run_master(config: Config, loop_choice: str = "auto", reread: Callable[[], Config] | None = None) -> int:
-    """Run a master to completion; returns its exit code."""
+def run_master(config: Config, loop_choice: str = "auto", reread: Callable[[], Config] | None = None,
+               startup=None) -> int:
+    """Run a master to completion; returns its exit code. startup: a logs.StartupHold to release once serving."""
     raise_fd_limit(config.worker_connections)
-    master = Master(config, reread)
+    master = Master(config, reread, startup)
     factory = asyncio.new_event_loop
     if loop_choice in ("auto", "uvloop"):
         try:
