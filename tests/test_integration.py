@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import http.client
 import json
 import os
@@ -129,8 +130,15 @@ def test_bare_handler_gets_a_full_request_for_every_method_and_path_and_100_cont
 def test_crashing_handler_costs_one_request_not_the_worker():
     with Balancer("--workers", "1", *APP) as b:
         pid = fetch(b).getheader("X-Worker-Pid")
-        assert fetch(b, "/crash").status == 500
-        assert fetch(b).getheader("X-Worker-Pid") == pid
+        for how in ("error", "sys.exit", "exit", "interrupt", "generator-exit", "base"):
+            # A request of another client in flight on the same worker meanwhile is served to the end.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                mark = b.mark()
+                slow = pool.submit(fetch, b, "/slow?s=0.5")
+                b.wait_for("slow request started", 10, start=mark)
+                assert fetch(b, f"/crash?how={how}").status == 500, how
+                assert slow.result(timeout=10).status == 200, how
+            assert fetch(b).getheader("X-Worker-Pid") == pid, how
 
 
 async def _load(url: str, clients: int, stop: threading.Event, results: list, new_conn: bool) -> None:

@@ -1,7 +1,8 @@
-"""Per-request observation: timing, counts, limits and the access log, without a coroutine around the handler."""
+"""Per-request observation: timing, counts, limits and the access log; a handler's BaseException made a 500."""
 
 from __future__ import annotations
 
+import asyncio
 from time import perf_counter
 
 from aiohttp.streams import EMPTY_PAYLOAD
@@ -17,9 +18,10 @@ class Observer:
     aiohttp's RequestHandler calls its log_access() after every response it writes, whatever the handler did
     (returned, raised an HTTP error, crashed into a 500), with the request and the response. The worker's
     connections are RequestHandlers whose log_access() is finish(); the start time is noted where the handler
-    is called. That costs two plain function calls per request: a coroutine wrapped around the handler cost a
-    frame, an await and a try/finally on every request, and aiohttp's own access-logger object (one per
-    connection) adds two clock reads per request on top.
+    is called. The counting costs two plain function calls per request: done in a coroutine wrapped around
+    the handler it cost a frame, an await and a try/finally more, and aiohttp's own access-logger object (one
+    per connection) adds two clock reads per request on top. The one coroutine around the handler is
+    guarded(), a bare try/except (about 0.6% of a keep-alive request's instructions).
     A request whose handler is cancelled (client gone, graceful deadline) reaches no log_access(): it is
     counted when its connection is lost, or at the final report.
     """
@@ -48,8 +50,7 @@ class Observer:
             started[protocol] = (perf_counter(), request._method)
             if request._payload is not EMPTY_PAYLOAD:
                 limits.watch_body(request)  # may raise 413: aiohttp answers it, and logs it through log()
-            # A plain function returning inner's coroutine: aiohttp awaits it, and no frame of ours stays.
-            return inner(request)
+            return guarded(inner(request))
 
         return handle
 
@@ -104,6 +105,26 @@ class Observer:
         """At the final report: count every request still without a response."""
         for protocol in list(self.started):
             self.lost(protocol)
+
+
+class HandlerExit(Exception):
+    """A handler raised SystemExit, KeyboardInterrupt or another BaseException; aiohttp answers it with a 500."""
+
+
+async def guarded(handler):
+    """Await the handler; a BaseException it raises (not a cancellation) becomes a HandlerExit.
+
+    aiohttp answers an Exception with a 500 and serves on, but a SystemExit or KeyboardInterrupt (a sys.exit()
+    in a handler) goes up through the event loop and ends the worker with every request it is serving, and
+    another BaseException drops the connection unanswered. A cancellation stays one: it is how aiohttp
+    stops a handler whose client left.
+    """
+    try:
+        return await handler
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        raise HandlerExit(f"the handler raised {type(exc).__name__}: {exc}") from exc
 
 
 def close_after(request) -> None:

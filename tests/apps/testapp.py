@@ -29,8 +29,18 @@ async def nap(request: web.Request) -> web.Response:
     return web.Response(text="rested\n", headers=_ident())
 
 
+class Custom(BaseException):
+    """Neither an Exception nor a cancellation."""
+
+
+CRASHES = {"error": lambda: RuntimeError("handler crashed on purpose"), "exit": lambda: SystemExit(1),
+           "interrupt": KeyboardInterrupt, "generator-exit": GeneratorExit, "base": lambda: Custom("custom")}
+
+
 async def crash(request: web.Request) -> web.Response:
-    raise RuntimeError("handler crashed on purpose")
+    if request.query.get("how") == "sys.exit":
+        sys.exit(3)
+    raise CRASHES[request.query.get("how", "error")]()
 
 
 async def block(request: web.Request) -> web.Response:
