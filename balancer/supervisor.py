@@ -308,17 +308,20 @@ class Supervisor:
         done_to = min((w.generation for w in serving if w is not None), default=-1)
         full = all(w is not None and not w.recycle for w in serving)
         keep = []
+        done = False
         for generation, future in self._reload_waiters:
             if future.done():
                 continue
             if self.stopping or self.failed_generation >= generation:
                 future.set_result(False)
             elif full and done_to >= generation:
-                log.info("rolling reload done (generation %d)", self.generation)
+                done = True
                 future.set_result(True)
             else:
                 keep.append((generation, future))
         self._reload_waiters = keep
+        if done:  # once, however many reload requests this answered; the generation every slot now runs
+            log.info("rolling reload done (generation %d)", done_to)
 
     # ---- start, reload, scale -------------------------------------------------------------------
 
