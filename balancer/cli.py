@@ -6,11 +6,13 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 
 from balancer import __version__
 from balancer.config import Config, ConfigError, option_fields
 from balancer.logs import LogSetupError, StartupHold, setup_master_logging
+from balancer.signals import HANDLED_SIGNALS
 from balancer.sources import Resolved, config_file_of, default_of, describe, flag_of, resolve
 
 CONTROL_COMMANDS = ("reload", "scale", "stop", "status")
@@ -147,6 +149,9 @@ def rebuild(cli, environ: dict, config_file: str) -> Config:
 
 def run(ns: argparse.Namespace) -> int:
     """`balancer run`: resolve the options, then serve until stopped."""
+    # Until the master's loop has its handlers, a SIGHUP or SIGUSR1 would kill it and a SIGTTIN stop it: held
+    # back here, they are delivered once it can act on them (balancer/master.py unblocks them).
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     environ = dict(os.environ)  # as at start: a reload re-reads the file, not a changed environment
     try:
         resolved, cli = resolve_namespace(ns, environ)

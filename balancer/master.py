@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import resource
 import signal
+import socket
 import time
 from typing import Callable
 
@@ -19,14 +21,13 @@ from balancer.listeners import Listener, open_listeners
 from balancer.logs import log_file_paths
 from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
+from balancer.signals import HANDLED_SIGNALS, STOP_SIGNALS
 from balancer.supervisor import Supervisor
 
 log = logging.getLogger("balancer")
 
 TICK = 0.25  # seconds between supervision checks (heartbeats, deadlines, memory)
 STALL_AFTER = 0.5  # seconds without an ack before a worker gets no new connections (an ack takes microseconds)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 
 
 class Master(AcceptPath, MasterCommands):
@@ -71,9 +72,13 @@ class Master(AcceptPath, MasterCommands):
                                         parse_octal(self.config.socket_mode, "--socket-mode"),
                                         privileges.socket_owner(self.config, self.run_as))
         proctitle.title_master(self.config.name, [listener.label for listener in self.listeners])
+        await self._keep_signals_off_other_threads(loop)
         for sig in HANDLED_SIGNALS:
             # The handler only records the signal; the loop below acts on it.
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        # `balancer run` blocked them while it started (cli.run): one that came meanwhile is delivered now, to
+        # the handler, instead of killing (SIGHUP, SIGUSR1) or stopping (SIGTTIN) a master not yet listening.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         self.reaper.start(loop)  # before the first worker: whatever its backend orphans comes back to us
         env = worker_env()
         # Settings read at each spawn: the workers of a reload get what the re-read config file says.
@@ -109,9 +114,28 @@ class Master(AcceptPath, MasterCommands):
             await self.shutdown()
             raise
         finally:
+            # The master is ending: closing the loop puts these signals back to their default actions, and a
+            # SIGUSR1 from logrotate or a SIGTTIN that came now would kill it or stop it before it exits 0.
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
             self._close_listeners()
             self.reaper.stop()
             self.notifier.close()
+
+    @staticmethod
+    async def _keep_signals_off_other_threads(loop) -> None:
+        """Make every thread but this one block the handled signals, so they only ever come to the loop.
+
+        A process-directed signal goes to any thread not blocking it. At the end of a stop the master blocks
+        them in its main thread before the loop's close puts their default actions back; a helper thread
+        (the executor that reads /proc for /metrics, libuv's pool that resolves names) must not take one then.
+        Threads inherit the mask they are created with: the executor's block it as they start, and libuv's
+        pool, started here at the first lookup, starts while `balancer run` still holds them back.
+        """
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="balancer-proc", initializer=signal.pthread_sigmask,
+            initargs=(signal.SIG_BLOCK, HANDLED_SIGNALS)))
+        # A numeric lookup: no name service is asked, but uvloop still runs it on (and so starts) libuv's pool.
+        await loop.getnameinfo(("127.0.0.1", 0), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
 
     async def _serve_before_drain(self, sig: int) -> int:
         """Keep accepting for --shutdown-delay while /readyz says 503; the stop signal to drain with.

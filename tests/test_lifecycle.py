@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import socket
 import threading
@@ -155,3 +156,52 @@ def test_worker_connection_cap_pauses_accepting_until_one_frees():
         third.close()
         for c in held:
             c.close()
+
+
+def blocked_signals(pid: int) -> int:
+    """The SigBlk mask of pid from /proc (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def test_a_sighup_while_the_master_starts_is_a_reload_once_it_serves():
+    # Before its loop has handlers, a SIGHUP's default action would kill the master: it is held back instead.
+    b = Balancer("--workers", "1", *APP, ready=False)
+    try:
+        wait_until(lambda: blocked_signals(b.pid) & (1 << (signal.SIGHUP - 1)), 10, "the CLI to hold SIGHUP back")
+        b.signal(signal.SIGHUP)
+        b.wait_ready()
+        b.wait_for(r"rolling reload done \(generation 1\)", 30)
+        assert fetch(b).status == 200
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize("late", [signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN])
+def test_signals_during_the_end_of_a_stop_neither_kill_nor_freeze_the_master(late):
+    # logrotate's SIGUSR1 (or a SIGHUP, a SIGTTIN) landing as the master finishes its stop: once its loop
+    # closes, their default actions would kill the master (exit 138/129) or stop it (state T, never exiting).
+    with Balancer("--workers", "1", *APP) as b:
+        done = threading.Event()
+
+        def pester():
+            while not done.is_set():
+                try:
+                    os.kill(b.pid, late)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.001)
+
+        b.signal(signal.SIGTERM)
+        t = threading.Thread(target=pester, daemon=True)
+        t.start()
+        try:
+            assert b.wait(30) == 0
+        finally:
+            done.set()
+            t.join(5)
+        # the master forwards SIGUSR1 to its workers: none may die of it on its way out either
+        assert "exited (shutdown)" in b.log() and ", signal SIG" not in b.log(), b.log()

@@ -74,7 +74,12 @@ def main() -> int:
 
     async def run() -> int:
         reopen_on_sigusr1(asyncio.get_running_loop())  # SIGUSR1 was ignored until now: logrotate's reopen
-        return await Worker(channel, settings, ack_board).run()
+        try:
+            return await Worker(channel, settings, ack_board).run()
+        finally:
+            # Closing the loop puts SIGUSR1's default action back: one the master forwards now (logrotate)
+            # must not kill a worker on its way out, nor a late SIGTERM turn its exit into a crash.
+            signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGTERM))
 
     with asyncio.Runner(loop_factory=loop_factory(settings.get("loop", "auto"))) as runner:
         return runner.run(run())
