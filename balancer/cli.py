@@ -81,7 +81,7 @@ def build_cli(command: str = "") -> argparse.ArgumentParser:
     """
     top = CliParser(prog="balancer", description="Master-dispatch load balancer and process supervisor for aiohttp "
                                                  "apps. Without a subcommand, `balancer [options] [MODULE:ATTR]` "
-                                                 "runs; `balancer run --help` lists the options.")
+                                                 "runs, with the options listed below.")
     top.add_argument("--version", action="version", version=f"balancer {__version__}")
     sub = top.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", required=True,
                              parser_class=CliParser)
@@ -187,6 +187,10 @@ def run(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `balancer` console script."""
     argv = _implicit_run(list(sys.argv[1:] if argv is None else argv))
+    if argv[:1] in (["-h"], ["--help"]):  # the subcommands, then run's options: run is what a bare call does
+        print(build_cli().format_help())
+        print(build_parser("balancer [run]").format_help(), end="")
+        return 0
     ns = build_cli(argv[0] if argv else "").parse_args(argv)
     if ns.command in CONTROL_COMMANDS:
         from balancer.control_client import run_command

@@ -151,7 +151,8 @@ class Config:
                           "worker after the options above", metavar="FILE")
     metrics_bind: str = opt(DEFAULT_METRICS_BIND, "HOST:PORT for /metrics, /healthz, /readyz; 'none' disables",
                             metavar="ADDR")
-    control_socket: str = opt("", "path of the 0600 control socket (default: $XDG_RUNTIME_DIR or /tmp, per port)",
+    control_socket: str = opt("", "path of the 0600 control socket (default: <--name, else the first bind>.sock in "
+                                  "$XDG_RUNTIME_DIR/balancer, else $TMPDIR/balancer-<uid>)",
                               metavar="PATH")
     pid_file: str = opt("", "write the master's pid here", metavar="PATH")
     name: str = opt("", "a name for this instance, shown by `balancer status` and in process titles, and used by "
@@ -181,7 +182,10 @@ class Config:
         for text in self.bind:
             parse_bind(text)
         if self.metrics_bind != "none":
-            b = parse_bind(self.metrics_bind)
+            try:
+                b = parse_bind(self.metrics_bind)
+            except ConfigError as exc:
+                raise ConfigError(f"--metrics-bind: {exc}") from None
             if b.family != "tcp":
                 raise ConfigError("--metrics-bind must be HOST:PORT or none")
         for name in ("workers", "worker_connections", "backlog", "client_max_size"):

@@ -223,6 +223,10 @@ class ControlServer:
             if not isinstance(interval, (int, float)) or interval < 0:
                 return {"ok": False, "error": f"status needs an interval of 0 or more seconds, got {interval!r}"}
             return {"ok": True, **await full_status(master, interval)}
+        if cmd == "stop":  # acts at once, as SIGTERM does, also while the first workers boot
+            if not (master.stopping or master.shutting_down):  # already stopping: --wait waits for that stop
+                master.signals.put_nowait(signal.SIGTERM)  # the same path as a real SIGTERM
+            return {"ok": True, "pid": os.getpid()}
         if sup is None or not master.booted or master.stopping or master.shutting_down:
             return {"ok": False, "error": "the master is starting or stopping"}
         if cmd == "reload":
@@ -239,9 +243,6 @@ class ControlServer:
                 return {"ok": False, "error": f"scale needs a worker count of at least 1, got {n!r}"}
             sup.scale(n)
             return {"ok": True, "target": sup.target}
-        if cmd == "stop":
-            master.signals.put_nowait(signal.SIGTERM)  # the same path as a real SIGTERM
-            return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 

@@ -183,7 +183,7 @@ def prompt(found: list[tuple[str, dict]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Add the options of one control command (reload, scale, stop, status) to an argparse (sub)parser."""
     if command == "scale":
-        parser.add_argument("n", type=int, help="the number of workers to run")
+        parser.add_argument("n", type=worker_count, help="the number of workers to run (1 or more)")
     pick = parser.add_argument_group("which master (default: the only one this user runs; asks when several)")
     pick.add_argument("--name", default="", help="the master started with this --name (default name: its first bind)")
     pick.add_argument("--pid", type=int, default=0, help="the master with this process id")
@@ -198,6 +198,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--wait", action="store_true", help=f"return only {waits}")
         parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                             help="give up waiting after this long, exit 1 (default: 60; 0: wait for ever)")
+
+
+def worker_count(text: str) -> int:
+    """scale's N: a whole number of at least 1; anything else is a usage error (exit 2), before any master is asked."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a worker count is a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"scale needs a worker count of at least 1, got {n}")
+    return n
 
 
 def run_command(command: str, args: argparse.Namespace) -> int:
@@ -234,6 +245,15 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"balancer: error: {path}: {exc}", file=sys.stderr)
         return 1
+    try:
+        return report(command, args, reply, started, master)
+    except BrokenPipeError:  # the reader left early (| head, | true): not an error; nothing more to write
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def report(command: str, args: argparse.Namespace, reply: dict, started: float, master: "ExitWatch") -> int:
+    """Wait for the exit if asked, print the reply; the exit code."""
     code = 0 if reply.get("ok") else 1
     if code == 0 and command == "stop" and args.wait:
         left = args.timeout - (time.monotonic() - started) if args.timeout else None
@@ -253,6 +273,7 @@ def run_command(command: str, args: argparse.Namespace) -> int:
         print(("stopped" if code == 0 else "stopping") if args.wait else "stopping")
     else:
         print(f"scaling to {reply.get('target')}")
+    sys.stdout.flush()  # here, where a reader that left shows as BrokenPipeError
     return code
 
 

@@ -20,6 +20,18 @@ def test_usage_line_shows_the_subcommands():
     assert r.returncode == 0 and r.stdout.startswith(f"usage: balancer [-h] [--version] {SUBCOMMANDS}"), r.stdout
 
 
+def test_help_lists_every_run_option_with_its_default():
+    # `balancer --help` is where a user looks first; run is what a bare `balancer` does, so its options show.
+    from balancer.config import option_fields
+    from balancer.sources import flag_of
+
+    r = balancer("--help")
+    assert r.returncode == 0, r.stderr
+    missing = [f.name for f in option_fields() if (f.metadata.get("flag") or flag_of(f.name)) not in r.stdout]
+    assert not missing, missing
+    assert "{run,reload,scale,stop,status,config}" in r.stdout and "(default: 1000)" in r.stdout
+
+
 def test_a_mistyped_subcommand_is_an_error_naming_them():
     r = balancer("stauts")
     assert_one_error(r, "invalid choice: 'stauts'")

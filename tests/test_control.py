@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import os
@@ -54,7 +55,7 @@ def test_status_scale_reload_stop(tmp_path):
         assert fetch(b).status == 200
 
         r = ctl("scale", "0", "--control-socket", str(sock))
-        assert r.returncode == 1 and "at least 1" in r.stderr
+        assert r.returncode == 2 and "at least 1" in r.stderr
 
         r = ctl("stop", "--control-socket", str(sock))
         assert r.returncode == 0
@@ -152,6 +153,42 @@ def test_reload_and_scale_are_refused_while_the_first_workers_boot_and_status_an
         status = json.loads(ctl("status", "--control-socket", str(sock), "--json", "--interval", "0").stdout)
         assert status["target"] == 2 and {w["state"] for w in status["workers"]} == {"booting"}, status
         assert b.log().count("slow boot started") == 2  # nothing was started beside the boot
+        # a stop acts at once, as SIGTERM does, and stop --wait returns once the master has exited
+        r = ctl("stop", "--wait", "--timeout", "20", "--control-socket", str(sock))
+        assert (r.returncode, r.stdout.strip()) == (0, "stopped"), r.stderr
+        assert b.wait(5) == 0
+
+
+def test_stop_wait_on_a_master_already_stopping_waits_for_its_exit(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with Balancer("--workers", "1", "--control-socket", str(sock), *APP) as b:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            mark = b.mark()
+            slow = pool.submit(fetch, b, "/slow?s=2")
+            b.wait_for("slow request started", 10, start=mark)
+            b.signal(signal.SIGTERM)  # draining: the slow request holds the master for about 2 s
+            b.wait_for("graceful shutdown", 10, start=mark)
+            r = ctl("stop", "--wait", "--timeout", "20", "--control-socket", str(sock))
+            assert (r.returncode, r.stdout.strip()) == (0, "stopped"), r.stderr
+            assert b.proc.poll() == 0 and slow.result(10).status == 200
+
+
+def test_scale_below_one_is_a_usage_error_and_a_closed_pipe_is_not_an_error(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with Balancer("--workers", "1", "--control-socket", str(sock), *APP):
+        for n in ("0", "-1", "abc"):
+            r = ctl("scale", n, "--control-socket", str(sock))
+            expect = "whole number" if n == "abc" else "at least 1"
+            assert r.returncode == 2 and expect in r.stderr and r.stderr.count("\n") == 1, (n, r.stderr)
+        for args in (("status", "--interval", "0"), ("status", "--json", "--interval", "0"), ("scale", "1")):
+            read_end, write_end = os.pipe()
+            os.close(read_end)  # the reader left before a byte was written (`| head -0`): every write fails
+            try:
+                r = subprocess.run([sys.executable, "-m", "balancer", *args, "--control-socket", str(sock)],
+                                   stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30)
+            finally:
+                os.close(write_end)
+            assert r.returncode == 0 and r.stderr == "", (args, r.stderr)
 
 
 # ---- the default control-socket directory and the client's trust in what answers there -------------------

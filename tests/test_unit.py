@@ -316,6 +316,7 @@ def test_parse_bind_bad(text):
     ({"loop": "tokio"}, "--loop must be one of"),
     ({"bind": ()}, "at least one --bind"),
     ({"metrics_bind": "unix:/x"}, "--metrics-bind must be HOST:PORT"),
+    ({"metrics_bind": "127.0.0.1:x"}, "--metrics-bind: bad bind"),
     ({"accept_coalesce": -0.001}, "--accept-coalesce must be between 0 and"),
     ({"accept_coalesce": 0.5}, "--accept-coalesce must be between 0 and"),
 ])
