@@ -31,8 +31,7 @@ class AcceptPath:
     def _on_readable(self, listener: Listener) -> None:
         """Accept a bounded batch and hand it out; stop reading when no worker has room."""
         dispatcher = self.dispatcher
-        dispatcher.collect_all()  # acks and closes since the last look: free fds and room
-        room = dispatcher.free_capacity()
+        room = dispatcher.survey()  # acks and closes since the last look: free fds and room, in one pass
         if room <= 0 or dispatcher.homeless:
             self._pause()
             self._watch_capacity()
@@ -52,12 +51,13 @@ class AcceptPath:
         if items:
             self._accept_backoff = 0.0
             self.accepted += len(items)
-            dispatcher.dispatch(items)
+            dispatcher.dispatch(items, surveyed=True)
             # room - len(items) can only overestimate (a channel found full meanwhile); the next call re-counts
             if dispatcher.homeless or room - len(items) <= 0:
                 self._pause()
                 self._watch_capacity()
-            elif self.config.accept_coalesce and dispatcher.all_busy(COALESCE_BUSY):
+            elif (self.config.accept_coalesce and dispatcher.min_open_ready is not None
+                  and dispatcher.min_open_ready >= COALESCE_BUSY):  # every ready worker is busy
                 self._coalesce()
 
     def _coalesce(self) -> None:

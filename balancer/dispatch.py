@@ -26,6 +26,40 @@ class Phase(enum.Enum):
 PEER_GONE_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ECONNREFUSED))
 
 
+def fill_py(loads: list[int], rooms: list[int], start: int, count: int) -> tuple[list[int], int, int]:
+    """Make count picks, one at a time, of the least-loaded link with room, ties going round-robin from start.
+
+    Returns how many picks each link got, where the round robin goes on from, and how many picks were made
+    (fewer than count when every link ran out of room). `_speedups.fill` is the same in C.
+    """
+    n = len(loads)
+    loads, rooms = list(loads), list(rooms)
+    counts = [0] * n
+    placed = 0
+    while placed < count:
+        idx, best, best_load, best_idx = start, -1, 0, 0
+        for _ in range(n):
+            if idx >= n:
+                idx = 0
+            i = idx
+            idx += 1
+            if rooms[i] > 0 and (best < 0 or loads[i] < best_load):
+                best, best_load, best_idx = i, loads[i], idx
+                if best_load <= 0:
+                    break
+        if best < 0:
+            break
+        counts[best] += 1
+        loads[best] += 1
+        rooms[best] -= 1
+        start = best_idx
+        placed += 1
+    return counts, start, placed
+
+
+fill = getattr(handoff.c_module, "fill", fill_py) if handoff.c_module is not None else fill_py
+
+
 class Link:
     """The dispatcher's view of one worker process: its channel, its load, and the fds it has not acked."""
 
@@ -67,10 +101,13 @@ class Dispatcher:
         self._next = 0
         self._next_id = 0
         self._on_blocked = on_blocked or (lambda link: None)
+        self._surveyed: tuple[list[int], list[int]] | None = None  # survey()'s snapshot, for one dispatch
+        self.min_open_ready: int | None = None  # fewest open connections of a READY worker, at the last survey
 
     def set_links(self, links: list[Link]) -> None:
         """Replace the view of live workers (the supervisor calls this whenever its table changes)."""
         self.links = links
+        self._surveyed = None
         if self._next >= len(links):
             self._next = 0
 
@@ -94,100 +131,144 @@ class Dispatcher:
         generator or a noisy neighbour), and a new connection given to the one with a queue waits while the
         other worker sits idle.
         """
-        # eligible() inlined: this runs once per connection.
-        links = self.links
-        n = len(links)
-        idx = self._next
+        loads, rooms = self.snapshot()
+        counts, self._next, placed = fill(loads, rooms, self._next, 1)
+        return self.links[counts.index(1)] if placed else None
+
+    def snapshot(self) -> tuple[list[int], list[int]]:
+        """Each link's load, and how many more connections it may take now (0 when it may take none)."""
         cap, max_unacked, ready = self.cap, self.max_unacked, Phase.READY
-        best = None
-        best_load = cap
-        best_idx = 0
-        for _ in range(n):
-            if idx >= n:
-                idx = 0
-            link = links[idx]
-            idx += 1
+        loads, rooms = [], []
+        for link in self.links:
+            unacked = len(link.unacked)
+            load = link.open_conns + unacked
+            loads.append(load)
             if (link.phase is ready and not link.send_blocked and not link.ack_overdue and not link.resting
-                    and not link.channel_lost and len(link.unacked) < max_unacked):
-                load = link.open_conns + len(link.unacked)
-                if load < best_load:
-                    best, best_load, best_idx = link, load, idx
-                    if load == 0:
-                        break
-        if best is not None:
-            self._next = best_idx
-        return best
+                    and not link.channel_lost):
+                room = min(cap - load, max_unacked - unacked)
+                rooms.append(room if room > 0 else 0)
+            else:
+                rooms.append(0)
+        return loads, rooms
+
+    def survey(self) -> int:
+        """Collect every board (closing what was acked in one call) and snapshot the links; the room in all.
+
+        The accept path's one pass over the workers per wake-up: dispatch() right after uses this snapshot,
+        and min_open_ready says whether every ready worker is busy. With 64 workers, four passes per wake-up
+        and a scan of every worker per connection cost the master more than the connection's syscalls.
+        """
+        closing: list[int] = []
+        cap, max_unacked, ready = self.cap, self.max_unacked, Phase.READY
+        handled_word, closed_word, collect = board.HANDLED, board.CLOSED, self.collect
+        loads, rooms = [], []
+        total = 0
+        min_open = None
+        for link in self.links:
+            words = link.board
+            if words[handled_word] != link.seen_word:
+                collect(link, closing)
+            else:  # no ack or refusal since the last look: only closes can have changed
+                open_conns = link.acked_total - words[closed_word]
+                link.open_conns = open_conns if open_conns > 0 else 0
+            unacked = len(link.unacked)
+            load = link.open_conns + unacked
+            loads.append(load)
+            if link.phase is ready:
+                if min_open is None or link.open_conns < min_open:
+                    min_open = link.open_conns
+                if not (link.send_blocked or link.ack_overdue or link.resting or link.channel_lost):
+                    room = min(cap - load, max_unacked - unacked)
+                    if room > 0:
+                        rooms.append(room)
+                        total += room
+                        continue
+            rooms.append(0)
+        if closing:
+            handoff.close_fds(closing)
+        self._surveyed = (loads, rooms)
+        self.min_open_ready = min_open
+        return total
 
     def any_ready(self) -> bool:
         """True when some worker is READY (full or not)."""
         return any(link.phase is Phase.READY for link in self.links)
 
-    def all_busy(self, busy: int) -> bool:
-        """True when every ready worker has at least `busy` connections open."""
-        found = False
-        for link in self.links:
-            if link.phase is Phase.READY:
-                if link.open_conns < busy:
-                    return False
-                found = True
-        return found
-
     def free_capacity(self) -> int:
         """How many more connections the ready workers can take right now."""
-        room = 0
-        for link in self.links:
-            if self.eligible(link):
-                room += min(self.cap - link.open_conns - len(link.unacked), self.max_unacked - len(link.unacked))
-        return room
+        return sum(self.snapshot()[1])
 
-    def dispatch(self, items: list[tuple[int, int]]) -> None:
-        """Hand each (fd, family) to a worker; what no worker can take waits in homeless."""
-        batches: dict[Link, tuple[list[int], list[int], list[int]]] = {}
-        pick = self.pick
+    def dispatch(self, items: list[tuple[int, int]], surveyed: bool = False) -> None:
+        """Hand each (fd, family) to a worker; what no worker can take waits in homeless.
+
+        The least-loaded picks of the whole batch are counted at once (fill(), in C when built), and each
+        worker's share goes as consecutive items: which accepted fd goes to which worker does not matter, and
+        consecutive fds close later in one close_range(). surveyed=True uses the snapshot survey() just took.
+        """
+        if not items:
+            return
+        if surveyed and self._surveyed is not None:
+            loads, rooms = self._surveyed
+        else:
+            loads, rooms = self.snapshot()
+        self._surveyed = None  # the loads change now: a snapshot is good for one dispatch
+        counts, self._next, placed = fill(loads, rooms, self._next, len(items))
+        messages = []
+        start = 0
         conn_id = self._next_id
-        for item in items:
-            link = pick()
-            if link is None:
-                self.homeless.append(item)
+        links, per_msg = self.links, wire.MAX_FDS_PER_MSG
+        for i, count in enumerate(counts):
+            if not count:
                 continue
-            conn_id = (conn_id + 1) & 0xFFFFFFFF
+            link, share = links[i], items[start:start + count]
+            start += count
+            if conn_id + count <= 0xFFFFFFFF:
+                ids = list(range(conn_id + 1, conn_id + count + 1))
+            else:  # the 32-bit ids wrap around
+                ids = [(conn_id + j) & 0xFFFFFFFF for j in range(1, count + 1)]
+            conn_id = ids[-1]
             unacked = link.unacked
             if not unacked:
                 link.ack_progress = time.monotonic()
-            unacked[conn_id] = item
-            batch = batches.get(link)
-            if batch is None:
-                batch = batches[link] = ([], [], [])
-            batch[0].append(conn_id)
-            batch[1].append(item[0])
-            batch[2].append(item[1])
-            if len(batch[0]) >= wire.MAX_FDS_PER_MSG:
-                self._next_id = conn_id
-                self._send(link, *batches.pop(link))
-                conn_id = self._next_id
+            unacked.update(zip(ids, share))
+            if count <= per_msg:
+                messages.append((link, ids, [fd for fd, _ in share], [family for _, family in share]))
+                continue
+            for at in range(0, count, per_msg):
+                part = share[at:at + per_msg]
+                messages.append((link, ids[at:at + per_msg], [fd for fd, _ in part], [family for _, family in part]))
         self._next_id = conn_id
-        for link, batch in batches.items():
-            self._send(link, *batch)
+        if placed < len(items):
+            self.homeless.extend(items[placed:])
+        reclaimed = None
+        for link, ids, fds, families in messages:
+            if (reclaimed is not None and link in reclaimed) or not self._send(link, ids, fds, families):
+                # its later messages are not tried either: the channel is full or gone
+                reclaimed = reclaimed or {}
+                reclaimed.setdefault(link, []).extend(link.unacked.pop(i) for i in ids)
+        if reclaimed:
+            taken_back = [item for share in reclaimed.values() for item in share]
+            self.redispatched += len(taken_back)
+            self.dispatch(taken_back)
 
-    def _send(self, link: Link, ids: list[int], fds: list[int], families: list[int]) -> None:
-        """Send one handoff message; on a full or broken channel take the fds back and re-route them."""
+    def _send(self, link: Link, ids: list[int], fds: list[int], families: list[int]) -> bool:
+        """Send one handoff message; False when the channel is full or broken (the caller takes the fds back)."""
         try:
             handoff.send_handoff(link.channel, ids, families, fds)
-            link.dispatched += len(ids)
-            link.sent_msgs = seq = (link.sent_msgs + 1) & board.HANDLED_MASK
-            link.sent.append((seq, ids))
-            return
         except BlockingIOError:
             link.send_blocked = True
             self._on_blocked(link)
+            return False
         except OSError as exc:
             if exc.errno in PEER_GONE_ERRNOS:
                 link.channel_lost = True  # the supervisor reaps it; its fds must not wait for that
             else:
                 link.resting = True  # ENOBUFS, ENOMEM: the kernel is short for a moment, the worker is fine
-        reclaimed = [link.unacked.pop(i) for i in ids]
-        self.redispatched += len(reclaimed)
-        self.dispatch(reclaimed)
+            return False
+        link.dispatched += len(ids)
+        link.sent_msgs = seq = (link.sent_msgs + 1) & board.HANDLED_MASK
+        link.sent.append((seq, ids))
+        return True
 
     def mark_overdue(self, now: float, after: float) -> None:
         """Stop choosing workers whose oldest unacked fd has waited more than `after` seconds; end rests.

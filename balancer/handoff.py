@@ -61,6 +61,7 @@ def _load_c():
 
 
 _c = _load_c()
+c_module = _c  # balancer/dispatch.py takes its fill() from here too
 IMPLEMENTATION = "c" if _c is not None else "python"
 accept_many = _c.accept_many if _c is not None else accept_many_py
 send_handoff = _c.send_handoff if _c is not None else send_handoff_py

@@ -8,12 +8,19 @@ import socket
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balancer import board, wire
 from balancer.backoff import Backoff
 from balancer.cli import build_parser, parse_config
 from balancer.config import Config, ConfigError, parse_bind
-from balancer.dispatch import Dispatcher, Link, Phase
+from balancer.dispatch import Dispatcher, Link, Phase, fill_py
+
+try:
+    from balancer import _speedups
+except ImportError:
+    _speedups = None
 
 
 def ready_routes(d: Dispatcher, n: int) -> list[Link]:
@@ -105,17 +112,94 @@ def test_pick_skips_unavailable(skip):
     close_routes(routes)
 
 
-def test_all_busy_needs_every_ready_worker_at_the_threshold():
+def test_survey_collects_and_names_the_least_busy_ready_worker():
     d = Dispatcher(cap=100)
-    assert not d.all_busy(2)  # no ready worker: nothing to coalesce for
+    assert d.survey() == 0 and d.min_open_ready is None  # no ready worker: nothing to coalesce for
     routes = ready_routes(d, 3)
     try:
-        routes[0].open_conns, routes[1].open_conns, routes[2].open_conns = 5, 2, 9
-        assert d.all_busy(2) and not d.all_busy(3)
-        routes[1].phase = Phase.DRAINING  # only ready workers count
-        assert d.all_busy(5) and not d.all_busy(6)
+        for r, acked in zip(routes, (5, 2, 9)):
+            r.acked_total = acked  # acked and never closed: open
+        assert d.survey() == 95 + 98 + 91 and d.min_open_ready == 2
+        assert [r.open_conns for r in routes] == [5, 2, 9]
+        routes[1].board[board.CLOSED] = 2  # the worker closed both
+        routes[0].board[board.CLOSED] = 1
+        d.survey()
+        assert [r.open_conns for r in routes] == [4, 0, 9] and d.min_open_ready == 0
+        routes[1].phase = Phase.DRAINING  # only ready workers count, for room and for busy
+        assert d.survey() == 96 + 91 and d.min_open_ready == 4
     finally:
         close_routes(routes)
+
+
+fill_cases = st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(0, 40), min_size=n, max_size=n), st.lists(st.integers(0, 6), min_size=n, max_size=n),
+    st.integers(0, n), st.integers(0, 80)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(fill_cases)
+def test_fill_in_c_gives_what_python_gives(case):
+    if _speedups is None:
+        pytest.skip("balancer._speedups is not built")  # test_handoff's test_c_accelerator_is_built fails then
+    loads, rooms, start, count = case
+    assert _speedups.fill(loads, rooms, start, count) == fill_py(loads, rooms, start, count)
+
+
+@settings(max_examples=60, deadline=None)
+@given(fill_cases)
+def test_a_batch_is_shared_as_one_pick_at_a_time_would(case):
+    loads, rooms, start, count = case
+    cap = 50
+
+    def dispatcher():
+        d = Dispatcher(cap=cap, max_unacked=8)
+        routes = ready_routes(d, len(loads))
+        for r, load, room in zip(routes, loads, rooms):
+            r.open_conns = load
+            if room == 0:
+                r.resting = True  # this one takes nothing
+            else:  # room left under max_unacked
+                r.unacked = {-i: (-1, socket.AF_INET) for i in range(1, 9 - room)}
+        d._next = start
+        return d, routes
+
+    one, one_routes = dispatcher()
+    picked = []
+    for _ in range(count):
+        link = one.pick()
+        if link is None:
+            break
+        link.unacked[len(picked) + 1] = (-1, socket.AF_INET)  # what dispatch would record
+        picked.append(link.slot)
+    batch, batch_routes = dispatcher()
+    before = [len(r.unacked) for r in batch_routes]
+    pipes = [os.pipe() for _ in range(count)]  # every fd a distinct file, so each can be told where it went
+    fds = [read for read, _ in pipes]
+    files = {os.fstat(fd).st_ino: fd for fd in fds}
+    received = []
+    try:
+        batch.dispatch([(fd, socket.AF_INET) for fd in fds])
+        shares = [len(r.unacked) - b for r, b in zip(batch_routes, before)]
+        assert shares == [picked.count(r.slot) for r in one_routes]
+        assert len(batch.homeless) == count - len(picked)
+        assert batch._next == one._next
+        for r in batch_routes:  # what each worker receives is what the master holds for it, fd for fd
+            got_ids, got_files = [], []
+            while (msg := wire.receive(r.peer)) is not None:
+                ids, _ = wire.decode_handoff(msg[0])
+                got_ids += ids
+                got_files += [os.fstat(fd).st_ino for fd in msg[1]]
+                received += msg[1]
+            held = {i: item for i, item in r.unacked.items() if i > 0}
+            assert got_ids == list(held) and [files[ino] for ino in got_files] == [fd for fd, _ in held.values()]
+        held = [item[0] for r in batch_routes for i, item in r.unacked.items() if i > 0]
+        assert sorted(held + [fd for fd, _ in batch.homeless]) == sorted(fds)  # each fd to one place only
+    finally:
+        for r in batch_routes:
+            r.unacked = {i: item for i, item in r.unacked.items() if i > 0}
+        release_all(batch, batch_routes)
+        close_routes(one_routes)
+        wire.close_all(received + [write for _, write in pipes])
 
 
 def test_unacked_count_toward_cap_and_stall_limit():
