@@ -11,6 +11,11 @@ together: the master never sees a handled count without the refusals in it. A re
 REFUSE message, sent before that store.
 Word 1: connections the worker has closed.
 Both only grow (modulo their widths). A memoryview item store or load of format "Q" is one aligned 8-byte move.
+
+Words 2 and up: the worker's request counts (count, duration sum, latency buckets, event counters, and a
+table of (method, status) -> requests), written by the worker as each request finishes. The master reads them
+for /metrics and, when the worker is gone, for the last time: a worker killed outright (kill -9, OOM) sends
+no final heartbeat, but what it counted is here, in the master's own mapping of the page.
 """
 
 from __future__ import annotations
@@ -18,13 +23,28 @@ from __future__ import annotations
 import mmap
 import os
 
-WORDS = 2
+WORDS = 512  # one page
 SIZE = 8 * WORDS
 HANDLED = 0
 CLOSED = 1
 HANDLED_BITS = 40
 HANDLED_MASK = (1 << HANDLED_BITS) - 1
 REFUSED_MASK = (1 << 24) - 1
+
+# The request counts. Upper bounds of the latency buckets in seconds, shared with the master's histogram.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Methods counted under their own name; any other counts as "other" (unbounded label values would let a
+# client blow up the series count). Their order is the table's key encoding: never reorder, only append.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "other")
+EVENTS = ("header_timeouts", "body_timeouts", "bad_requests", "proxy_protocol_errors", "tls_handshake_errors")
+COUNT = 2  # requests finished
+SUM_NS = 3  # their durations added up, in nanoseconds
+BUCKET0 = 4  # len(BUCKETS) + 1 words (the last is +Inf): requests per latency bucket, not cumulative
+EVENT0 = BUCKET0 + len(BUCKETS) + 1  # one word per EVENTS name
+PAIRS_USED = EVENT0 + len(EVENTS)  # how many (key, requests) pairs follow; a pair is written before it counts
+PAIR0 = PAIRS_USED + 1
+MAX_PAIRS = (WORDS - PAIR0) // 2 - 1  # then one more pair, the overflow: (method, status)s past the table
+OVERFLOW_KEY = 1 << 41  # the overflow pair's key: its requests are counted, their labels are not kept
 
 
 def create(name: str = "balancer-board") -> tuple[int, memoryview]:
@@ -61,3 +81,32 @@ def unpack(word: int) -> tuple[int, int]:
 def handled_by(seq: int, handled: int) -> bool:
     """True when message number seq (1-based, masked) is within the first `handled` messages."""
     return ((handled - seq) & HANDLED_MASK) < (1 << (HANDLED_BITS - 1))
+
+
+def pair_key(method: int, status: int) -> int:
+    """The table key of (index in METHODS, HTTP status); never 0, so an unwritten pair reads as empty."""
+    return (method << 16) | (status & 0xFFFF) | (1 << 40)
+
+
+def read_counts(words: memoryview) -> dict:
+    """The request counts on a board, in the shape of a heartbeat's: requests, buckets, sum, count, events.
+
+    Read while the worker may be writing: each word is whole, a pair is complete before it is counted, and the
+    figures may disagree by the requests finished during the read, as two scrapes a moment apart would.
+    """
+    used = min(words[PAIRS_USED], MAX_PAIRS + 1)
+    requests = []
+    for at in range(PAIR0, PAIR0 + 2 * used, 2):
+        key, n = words[at], words[at + 1]
+        if not n:
+            continue
+        if key == OVERFLOW_KEY:
+            requests.append(["other", "other", n])
+            continue
+        method = (key >> 16) & 0xFFFFFF
+        requests.append([METHODS[method] if method < len(METHODS) else "other", key & 0xFFFF, n])
+    out = {"requests": requests, "buckets": list(words[BUCKET0:BUCKET0 + len(BUCKETS) + 1]),
+           "sum": words[SUM_NS] / 1e9, "count": words[COUNT]}
+    for i, name in enumerate(EVENTS):
+        out[name] = words[EVENT0 + i]
+    return out

@@ -34,15 +34,16 @@ def summary(master) -> dict:
 
 
 def requests_done(stats: dict) -> int:
-    """Requests a worker has finished, from its last heartbeat."""
+    """Requests a worker has finished (its board counts them as they finish)."""
     return sum(n for _, _, n in stats.get("requests", ()))
 
 
 def sample(master) -> dict:
-    """Per pid: (when its last heartbeat arrived, requests it had finished by then), plus the time of this sample."""
+    """Per pid: (now, requests it has finished by now), plus the time of this sample."""
     sup = master.supervisor
-    beats = {w.pid: (w.last_beat, requests_done(w.stats)) for w in sup.processes()} if sup else {}
-    return {"at": time.monotonic(), "beats": beats}
+    now = time.monotonic()
+    beats = {w.pid: (now, requests_done(w.stats)) for w in sup.processes()} if sup else {}
+    return {"at": now, "beats": beats}
 
 
 async def measure(master, interval: float) -> tuple[dict, dict, dict, float]:
@@ -92,10 +93,10 @@ async def full_status(master, interval: float) -> dict:
     def per_second(pid: int) -> float | None:
         if interval <= 0 or pid not in first["beats"] or pid not in second["beats"]:
             return None
-        (beat_a, done_a), (beat_b, done_b) = first["beats"][pid], second["beats"][pid]
-        if beat_b <= beat_a:
-            return None  # no heartbeat in between: nothing new is known
-        return round((done_b - done_a) / (beat_b - beat_a), 1)
+        (at_a, done_a), (at_b, done_b) = first["beats"][pid], second["beats"][pid]
+        if at_b <= at_a:
+            return None
+        return round((done_b - done_a) / (at_b - at_a), 1)
 
     me = os.getpid()
     now = time.monotonic()

@@ -15,10 +15,10 @@ from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFami
 from prometheus_client.utils import floatToGoString
 
 from balancer import __version__, handoff
+from balancer.board import BUCKETS
 from balancer.config import parse_bind
 from balancer.dispatch import Phase
 from balancer.scrape import Reply, ScrapeServer
-from balancer_workers.stats import BUCKETS
 
 log = logging.getLogger("balancer")
 

@@ -34,12 +34,21 @@ class WorkerProcess:
         self.started = time.monotonic() if now is None else now
         self.started_wall = time.time()
         self.last_beat = self.started
-        self.stats: dict = {}  # latest snapshot from the worker's heartbeat
+        self.beat: dict = {}  # the worker's last heartbeat
         self.reason = ""  # why it is leaving: reload, recycle, timeout, scale, shutdown, crash
         self.recycle = False  # asked to be replaced (--max-requests, --max-memory)
         self.kill_at = 0.0  # monotonic deadline for SIGKILL once it has been told to go
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.exited = False
+
+    @property
+    def stats(self) -> dict:
+        """Its figures: the request counts from its board as of now, the rest from its last heartbeat.
+
+        The board is read even after the worker is gone: a worker killed outright sent no final heartbeat,
+        but every request it finished is counted there.
+        """
+        return {**self.beat, **board.read_counts(self.link.board)}
 
     @property
     def phase(self) -> Phase:

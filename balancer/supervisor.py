@@ -140,7 +140,7 @@ class Supervisor:
             w.last_beat = self.clock()
             body = wire.decode_json(msg)
             if isinstance(body, dict):
-                w.stats = body
+                w.beat = body
                 if body.get("recycle") and not w.recycle and w.phase is Phase.READY:
                     w.recycle = True
                     self.changed()

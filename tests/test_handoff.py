@@ -223,3 +223,48 @@ def test_an_index_that_empties_a_list_mid_call_is_refused_not_a_crash(name):
     assert [line.split(":")[0] for line in lines[:3]] == ["ids", "families", "fds"]
     assert all(": refused:" in line for line in lines[:3]), lines
     assert lines[3] == "closed True", lines
+
+
+# ---- tally: a worker's request counts on its board --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["python", "c"])
+def test_tally_counts_a_request_on_the_board(name):
+    from balancer import board
+    from balancer_workers import stats
+
+    if name == "c" and _speedups is None:
+        pytest.skip("balancer._speedups is not built")
+    tally = stats.tally_py if name == "python" else _speedups.tally
+    words = board.private()
+    pair = board.PAIR0 + 1
+    for seconds, bucket in ((0.0005, board.BUCKET0), (0.3, board.BUCKET0 + 8), (0.0, board.BUCKET0)):
+        tally(words, pair, bucket, seconds)
+    assert words[pair] == 3 and words[board.COUNT] == 3
+    assert words[board.BUCKET0] == 2 and words[board.BUCKET0 + 8] == 1
+    assert words[board.SUM_NS] == 500_000 + 300_000_000
+    assert sum(words) == 3 + 3 + 2 + 1 + 300_500_000  # nothing else on the board was written
+
+
+def test_the_c_tally_refuses_what_is_not_a_board():
+    from balancer import board
+
+    if _speedups is None:
+        pytest.skip("balancer._speedups is not built")
+    words = board.private()
+    for bad in (bytearray(64), memoryview(bytes(4096)).cast("Q"), memoryview(bytearray(4096)).cast("I")):
+        with pytest.raises((TypeError, ValueError)):
+            _speedups.tally(bad, board.PAIR0, board.BUCKET0, 0.1)
+    for pair, bucket in ((board.WORDS, board.BUCKET0), (board.PAIR0, -1), (board.COUNT, board.BUCKET0)):
+        with pytest.raises(IndexError):
+            _speedups.tally(words, pair, bucket, 0.1)
+    assert sum(words) == 0
+
+
+def test_workers_count_with_the_c_tally_when_it_is_built():
+    from balancer_workers import stats
+
+    if os.environ.get("BALANCER_NO_EXTENSIONS"):
+        assert stats.tally is stats.tally_py
+    else:
+        assert stats.tally is getattr(_speedups, "tally", None), "balancer/_speedups.c did not build"

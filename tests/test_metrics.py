@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import http.client
 import logging
 import os
 import shutil
@@ -434,3 +435,25 @@ def test_requests_cut_off_count_499_and_leave_the_in_flight_gauge():
         assert sum(value(found, "balancer_worker_requests_total", worker=w, method="GET", code="200") or 0
                    for w in ("0", "1")) == 0
         clients[1].close()
+
+
+def test_a_worker_killed_outright_right_after_answering_still_has_every_request_counted():
+    # 200 requests answered on one keep-alive connection, then kill -9 before any heartbeat could carry them:
+    # the worker counted each on its board, which the master reads after the worker is gone.
+    with Balancer("--workers", "1", "--backend", "testapp:create_app") as b:
+        base = f"http://{b.metrics_address}/metrics"
+        conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+        for _ in range(200):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+        victim = int(resp.getheader("X-Worker-Pid"))
+        os.kill(victim, signal.SIGKILL)
+        conn.close()
+        mark = b.mark()
+        b.wait_for(rf"worker slot=0 pid={victim} died", 10)
+        b.wait_for(r"worker slot=0 pid=\d+ ready", 20, start=mark)
+        found = samples(http_get(base)[2])
+        assert value(found, "balancer_worker_requests_total", worker="0", method="GET", code="200") == 200
+        assert value(found, "balancer_worker_request_duration_seconds_count", worker="0") == 200

@@ -1,19 +1,46 @@
-"""Request counters, latency histogram and in-flight gauge kept by a worker, shipped in heartbeats."""
+"""Request counters, latency histogram and in-flight gauge kept by a worker: on its board, and in heartbeats."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from bisect import bisect_left
-from collections import defaultdict
+
+from balancer import board
+from balancer.board import BUCKETS, METHODS
 
 log = logging.getLogger("balancer.worker")
 
-# Upper bounds in seconds, shared with the master's histogram (Prometheus le labels).
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+def tally_py(words: memoryview, pair: int, bucket: int, seconds: float) -> None:
+    """Count one finished request on a board: its (method, status) word, its bucket, the sum and the count."""
+    words[pair] += 1
+    words[bucket] += 1
+    if seconds > 0:
+        words[board.SUM_NS] += int(seconds * 1e9)
+    words[board.COUNT] += 1
+
+
+def _load_tally():
+    """balancer._speedups.tally when built, matching this board layout and not switched off; else tally_py."""
+    if os.environ.get("BALANCER_NO_EXTENSIONS"):
+        return tally_py
+    try:
+        from balancer import _speedups
+    except ImportError:  # the master has already said so, once
+        return tally_py
+    if (getattr(_speedups, "BOARD_COUNT", None), getattr(_speedups, "BOARD_SUM_NS", None)) != (board.COUNT,
+                                                                                                board.SUM_NS):
+        return tally_py  # a stale build beside newer Python code
+    return _speedups.tally
+
+
+tally = _load_tally()
+
 FIRST_BUCKET = BUCKETS[0]
-METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
+BUCKET0 = board.BUCKET0
 # A heartbeat is one datagram, and it must stay far below the channel's send buffer (~208 KiB by default):
 # a datagram past the buffer fails outright (EMSGSIZE), and a big one holds the room acks and refusals need.
 # The worker's own figures always go; the backend's metrics get what is left of this.
@@ -22,52 +49,83 @@ BEAT_EXTRAS = 128  # bytes kept for the fields the heartbeat adds to a snapshot 
 _COMPACT = (",", ":")  # as wire.encode_json writes it
 
 
-class RequestStats:
-    """Cumulative figures since the worker started; the master folds them per slot."""
+def _event(name: str) -> property:
+    """An event counter kept in its board word (rare events: a property is cheap enough)."""
+    at = board.EVENT0 + board.EVENTS.index(name)
 
-    def __init__(self) -> None:
-        # method -> status -> count; a request with a method outside METHODS counts under "other" (unbounded
-        # label values would let a client blow up the series count). Per method, so no key tuple per request.
-        self.by_method: dict[str, defaultdict[int, int]] = {m: defaultdict(int) for m in (*METHODS, "other")}
-        self.buckets = [0] * (len(BUCKETS) + 1)  # last one is +Inf
-        self.duration_sum = 0.0
-        self.count = 0
+    def get(self) -> int:
+        return self.words[at]
+
+    def set(self, value: int) -> None:
+        self.words[at] = value
+
+    return property(get, set, doc=f"{name}, in board word {at}")
+
+
+class RequestStats:
+    """Cumulative figures since the worker started, kept on its board (balancer/board.py) as they change.
+
+    The master reads the board for /metrics and once more when the worker is gone, so a worker killed
+    outright still has every request it finished counted; heartbeats carry the same figures as a snapshot.
+    """
+
+    header_timeouts = _event("header_timeouts")
+    body_timeouts = _event("body_timeouts")  # requests answered 408: their body came slower than --body-min-rate
+    bad_requests = _event("bad_requests")  # malformed requests answered 400 by aiohttp's parser
+    proxy_protocol_errors = _event("proxy_protocol_errors")  # connections closed for a bad or missing PROXY header
+    tls_handshake_errors = _event("tls_handshake_errors")  # handshakes refused (deadline cuts are header timeouts)
+
+    def __init__(self, words: memoryview | None = None) -> None:
+        self.words = words if words is not None else board.private()  # private: a worker without a master
+        # method -> status -> the board word counting it; a method outside METHODS counts under "other".
+        # Per method, so no key tuple per request.
+        self.pairs: dict[str, dict[int, int]] = {m: {} for m in METHODS}
+        self.pairs_used = 0
         # protocol -> (start, method) of each request whose handler runs (workers/observe.py): the in-flight count.
         self.started: dict = {}
-        self.header_timeouts = 0
-        self.body_timeouts = 0  # requests answered 408: their body came slower than --body-min-rate
-        self.bad_requests = 0  # malformed requests answered 400 by aiohttp's parser
-        self.proxy_protocol_errors = 0  # connections closed for a missing or malformed PROXY header
-        self.tls_handshake_errors = 0  # TLS handshakes the TLS layer refused (deadline cuts are header_timeouts)
         self._default_names: frozenset[str] | None = None
         self._warned_cap = False
         self._warned_collect = False
 
+    @property
+    def count(self) -> int:
+        """Requests finished."""
+        return self.words[board.COUNT]
+
     def observe(self, method: str, status: int, seconds: float) -> None:
         """Record one finished request."""
-        counts = self.by_method.get(method)
-        if counts is None:
-            counts = self.by_method["other"]
-        counts[status] += 1
+        statuses = self.pairs.get(method)
+        if statuses is None:
+            statuses = self.pairs["other"]
+        at = statuses.get(status)
+        if at is None:
+            at = self._add_pair(method if method in self.pairs else "other", status, statuses)
         # Most requests finish within the first bucket: one comparison instead of a search.
-        self.buckets[0 if seconds <= FIRST_BUCKET else bisect_left(BUCKETS, seconds)] += 1
-        self.duration_sum += seconds
-        self.count += 1
+        tally(self.words, at, BUCKET0 if seconds <= FIRST_BUCKET else BUCKET0 + bisect_left(BUCKETS, seconds),
+              seconds)
+
+    def _add_pair(self, method: str, status: int, statuses: dict[int, int]) -> int:
+        """The board word that will count (method, status): a new pair, or the overflow once the table is full."""
+        words = self.words
+        if self.pairs_used < board.MAX_PAIRS:
+            at = board.PAIR0 + 2 * self.pairs_used
+            words[at] = board.pair_key(METHODS.index(method), status)
+            self.pairs_used += 1
+            words[board.PAIRS_USED] = self.pairs_used  # after the key: the master never reads a half pair
+        else:
+            at = board.PAIR0 + 2 * board.MAX_PAIRS
+            if words[board.PAIRS_USED] <= board.MAX_PAIRS:
+                words[at] = board.OVERFLOW_KEY
+                words[board.PAIRS_USED] = board.MAX_PAIRS + 1
+                log.warning("more than %d (method, status) pairs: the next ones are counted without their labels",
+                            board.MAX_PAIRS)
+        statuses[status] = at + 1
+        return at + 1
 
     def snapshot(self, max_bytes: int = HEARTBEAT_BYTES) -> dict:
         """A JSON-able copy of the figures, with as many of the backend's prometheus_client metrics as fit."""
-        body = {
-            "requests": [[m, s, n] for m, counts in self.by_method.items() for s, n in counts.items()],
-            "buckets": list(self.buckets),
-            "sum": self.duration_sum,
-            "count": self.count,
-            "inflight": len(self.started),
-            "header_timeouts": self.header_timeouts,
-            "body_timeouts": self.body_timeouts,
-            "bad_requests": self.bad_requests,
-            "proxy_protocol_errors": self.proxy_protocol_errors,
-            "tls_handshake_errors": self.tls_handshake_errors,
-        }
+        body = board.read_counts(self.words)
+        body["inflight"] = len(self.started)
         # A backend that never imported prometheus_client registered nothing: don't pay for the import.
         if "prometheus_client" in sys.modules:
             room = max_bytes - BEAT_EXTRAS - len(json.dumps(body, separators=_COMPACT))

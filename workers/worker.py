@@ -42,7 +42,7 @@ class Worker:
         self.settings = settings
         self.slot = settings["slot"]
         self.loop = asyncio.get_running_loop()
-        self.stats = RequestStats()
+        self.stats = RequestStats(ack_board)  # counted on the board, where the master reads them
         self.connections = Connections(self.loop, ack_board)
         self.channel = Channel(channel_sock, self.loop, ack_board, serve=self.connections.serve,
                                on_drain=functools.partial(self.stop, "master"),
