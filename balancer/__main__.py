@@ -1,5 +1,5 @@
 """Allow `python -m balancer`."""
 
-from balancer.cli import main
+from balancer.launch import main
 
 raise SystemExit(main())

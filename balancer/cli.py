@@ -187,9 +187,15 @@ def run(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `balancer` console script."""
     argv = _implicit_run(list(sys.argv[1:] if argv is None else argv))
+    if argv[0] != "run":  # only a master keeps them held (balancer/launch.py) until its loop handles them
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     if argv[:1] in (["-h"], ["--help"]):  # the subcommands, then run's options: run is what a bare call does
-        print(build_cli().format_help())
-        print(build_parser("balancer [run]").format_help(), end="")
+        try:
+            print(build_cli().format_help())
+            print(build_parser("balancer [run]").format_help(), end="")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader left early (| head): not an error; nothing more to write
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     ns = build_cli(argv[0] if argv else "").parse_args(argv)
     if ns.command in CONTROL_COMMANDS:
