@@ -35,7 +35,8 @@ GZIP_MIN_BYTES = 1024
 READ_SIZE = 64 * 1024
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
            408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
-           500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable"}
+           500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
+           505: b"HTTP Version Not Supported"}
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Asked:
     path: str
     headers: dict[str, str] = field(default_factory=dict)
     early: Reply | None = None  # answered without routing (a body too large, a target that is not a path)
+    close: bool = False  # end the connection after the reply (Transfer-Encoding and Content-Length both sent)
 
 
 class ScrapeServer:
@@ -95,7 +97,7 @@ class ScrapeServer:
         while True:
             try:
                 async with asyncio.timeout(IDLE_TIMEOUT):
-                    asked = await next_request(conn, reader)
+                    asked = await next_request(conn, reader, writer)
             except TimeoutError:
                 if conn.their_state is not h11.IDLE or conn.trailing_data[0]:  # it had started a request
                     await send(conn, writer, "GET", (408, "text/plain", b"request timeout\n"), {}, close=True)
@@ -107,7 +109,7 @@ class ScrapeServer:
                 return
             if asked is None:  # the client closed between requests
                 return
-            close = asked.early is not None and conn.their_state is h11.SEND_BODY  # its body was not read
+            close = asked.close or (asked.early is not None and conn.their_state is h11.SEND_BODY)  # body unread
             reply = asked.early or await self.route(asked)
             await send(conn, writer, asked.method, reply, asked.headers, close=close)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -128,13 +130,17 @@ class ScrapeServer:
             return 500, "text/plain", b"internal error\n"
 
 
-async def next_request(conn: h11.Connection, reader: asyncio.StreamReader) -> Asked | None:
+async def next_request(conn: h11.Connection, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> Asked | None:
     """The next whole request on conn (its body read and dropped), or None at a clean end of stream."""
     request: h11.Request | None = None
     body = 0
+    close = False
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
+            if conn.they_are_waiting_for_100_continue:  # the client sends its (small) body once told to
+                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
             data = await reader.read(READ_SIZE)
             if not data and request is None and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                 return None
@@ -145,8 +151,17 @@ async def next_request(conn: h11.Connection, reader: asyncio.StreamReader) -> As
             if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEADER_BYTES:
                 return Asked(event.method.decode("ascii"), "", early=(431, "text/plain", b"headers too large\n"))
             target = event.target.split(b"?", 1)[0]
+            method = event.method.decode("ascii")
+            if event.http_version not in (b"1.0", b"1.1"):
+                return Asked(method, "", early=(505, "text/plain", b"HTTP/1.1 or 1.0 only\n"))
             if not target.startswith(b"/"):  # absolute-form or "*": no proxying here
-                return Asked(event.method.decode("ascii"), "", early=(400, "text/plain", b"bad request target\n"))
+                return Asked(method, "", early=(400, "text/plain", b"bad request target\n"))
+            names = {name for name, _ in event.headers}
+            if b"content-length" in names:
+                if b"transfer-encoding" in names:  # RFC 9112 6.1: framed by the chunks, then the connection ends
+                    close = True
+                elif int(dict(event.headers)[b"content-length"]) > MAX_BODY_BYTES:  # h11 checked it is a number
+                    return Asked(method, "", early=(413, "text/plain", b"body too large\n"))
         elif isinstance(event, h11.Data):
             body += len(event.data)
             if body > MAX_BODY_BYTES:
@@ -156,7 +171,7 @@ async def next_request(conn: h11.Connection, reader: asyncio.StreamReader) -> As
             for name, value in request.headers:  # h11 lower-cases names; repeated fields join as RFC 9110 says
                 key, text = name.decode("latin-1"), value.decode("latin-1")
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
-            return Asked(request.method.decode("ascii"), target.decode("latin-1"), headers)
+            return Asked(request.method.decode("ascii"), target.decode("latin-1"), headers, close=close)
         else:  # ConnectionClosed
             return None
 
@@ -168,9 +183,11 @@ async def send(conn: h11.Connection, writer: asyncio.StreamWriter, method: str, 
     fields = [(b"Content-Type", content_type.encode("latin-1")), (b"Date", formatdate(usegmt=True).encode())]
     if status == 405:
         fields.append((b"Allow", b"GET, HEAD"))
-    if status == 200 and len(body) >= GZIP_MIN_BYTES and accepts_gzip(headers.get("accept-encoding", "")):
-        body = gzip.compress(body, compresslevel=6)
-        fields.append((b"Content-Encoding", b"gzip"))
+    if status == 200 and len(body) >= GZIP_MIN_BYTES:
+        fields.append((b"Vary", b"Accept-Encoding"))  # caches must not serve one form for the other
+        if accepts_gzip(headers.get("accept-encoding", "")):
+            body = gzip.compress(body, compresslevel=6)
+            fields.append((b"Content-Encoding", b"gzip"))
     fields.append((b"Content-Length", str(len(body)).encode()))
     if close:
         fields.append((b"Connection", b"close"))

@@ -91,6 +91,25 @@ def test_keepalive_pipelining_and_connection_close():
     run(test)
 
 
+def test_chunked_with_a_content_length_is_answered_then_closed_and_expect_gets_100():
+    async def test(port, server):
+        # RFC 9112 6.1: the chunks frame the body, and the connection ends after the reply
+        smuggled = (b"GET /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                    b"0\r\n\r\nGET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = responses(await exchange(port, smuggled))
+        assert [r[0] for r in got] == ["HTTP/1.1 200 OK"] and got[0][1]["connection"] == "close"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n"
+                     b"Connection: close\r\n\r\n")
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"abc")
+        got = responses(await reader.read())
+        assert got[0][0] == "HTTP/1.1 200 OK"
+        writer.close()
+
+    run(test)
+
+
 def test_head_sends_the_get_headers_and_no_body():
     async def test(port, server):
         data = await exchange(port, b"HEAD /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -110,6 +129,7 @@ def test_gzip_only_when_asked(accept_encoding, compressed):
         got = responses(await exchange(port, raw + b"Connection: close\r\n\r\n"))
         (status, headers, body), = got
         assert headers["content-type"] == "application/openmetrics-text"  # the route saw the header
+        assert headers["vary"] == "Accept-Encoding"  # either way: a cache must not serve one form for the other
         if compressed:
             assert headers["content-encoding"] == "gzip" and gzip.decompress(body) == BIG
         else:
@@ -126,6 +146,8 @@ def test_gzip_only_when_asked(accept_encoding, compressed):
     (b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (20 * 1024) + b"\r\n\r\n", "431"),
     (b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 100000, "413"),
     (b"GET /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", "501"),
+    (b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n", "413"),  # said, not sent: at once
+    (b"GET /ok HTTP/2.0\r\nHost: x\r\n\r\n", "505"),
 ])
 def test_malformed_requests_get_an_error_and_the_server_lives_on(raw, status):
     async def test(port, server):
