@@ -148,10 +148,7 @@ def rebuild(cli, environ: dict, config_file: str) -> Config:
 
 
 def run(ns: argparse.Namespace) -> int:
-    """`balancer run`: resolve the options, then serve until stopped."""
-    # Until the master's loop has its handlers, a SIGHUP or SIGUSR1 would kill it and a SIGTTIN stop it: held
-    # back here, they are delivered once it can act on them (balancer/master.py unblocks them).
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    """`balancer run`: resolve the options, then serve until stopped (signals held since balancer/launch.py)."""
     environ = dict(os.environ)  # as at start: a reload re-reads the file, not a changed environment
     try:
         resolved, cli = resolve_namespace(ns, environ)

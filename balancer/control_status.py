@@ -39,11 +39,10 @@ def requests_done(stats: dict) -> int:
 
 
 def sample(master) -> dict:
-    """Per pid: (now, requests it has finished by now), plus the time of this sample."""
+    """Per pid, the requests it has finished by now; and the time of this sample."""
     sup = master.supervisor
-    now = time.monotonic()
-    beats = {w.pid: (now, requests_done(w.stats)) for w in sup.processes()} if sup else {}
-    return {"at": now, "beats": beats}
+    done = {w.pid: requests_done(w.stats) for w in sup.processes()} if sup else {}
+    return {"at": time.monotonic(), "done": done}
 
 
 async def measure(master, interval: float) -> tuple[dict, dict, dict, float]:
@@ -91,12 +90,9 @@ async def full_status(master, interval: float) -> dict:
         return round(100.0 * (procs_b[pid][0] - procs_a[pid][0]) / elapsed, 1)
 
     def per_second(pid: int) -> float | None:
-        if interval <= 0 or pid not in first["beats"] or pid not in second["beats"]:
+        if interval <= 0 or elapsed <= 0 or pid not in first["done"] or pid not in second["done"]:
             return None
-        (at_a, done_a), (at_b, done_b) = first["beats"][pid], second["beats"][pid]
-        if at_b <= at_a:
-            return None
-        return round((done_b - done_a) / (at_b - at_a), 1)
+        return round((second["done"][pid] - first["done"][pid]) / elapsed, 1)
 
     me = os.getpid()
     now = time.monotonic()

@@ -9,7 +9,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from balancer import board, handoff, wire
+from balancer import board, handoff, speedups, wire
 
 
 class Phase(enum.Enum):
@@ -57,7 +57,7 @@ def fill_py(loads: list[int], rooms: list[int], start: int, count: int) -> tuple
     return counts, start, placed
 
 
-fill = getattr(handoff.c_module, "fill", fill_py) if handoff.c_module is not None else fill_py
+fill = speedups.MODULE.fill if speedups.MODULE is not None else fill_py
 
 
 class Link:
@@ -112,17 +112,9 @@ class Dispatcher:
             self._next = 0
 
     def eligible(self, link: Link | None) -> bool:
-        """True when link may be given one more connection now."""
-        return (
-            link is not None
-            and link.phase is Phase.READY
-            and not link.send_blocked
-            and not link.ack_overdue
-            and not link.resting
-            and not link.channel_lost
-            and link.load < self.cap
-            and len(link.unacked) < self.max_unacked
-        )
+        """True when link may be given one more connection now (what snapshot() says of it)."""
+        links = self.links
+        return link is not None and link in links and self.snapshot()[1][links.index(link)] > 0
 
     def pick(self) -> Link | None:
         """The least-loaded eligible link, ties going round-robin from the last one picked; None when all are full.
@@ -137,18 +129,7 @@ class Dispatcher:
 
     def snapshot(self) -> tuple[list[int], list[int]]:
         """Each link's load, and how many more connections it may take now (0 when it may take none)."""
-        cap, max_unacked, ready = self.cap, self.max_unacked, Phase.READY
-        loads, rooms = [], []
-        for link in self.links:
-            unacked = len(link.unacked)
-            load = link.open_conns + unacked
-            loads.append(load)
-            if (link.phase is ready and not link.send_blocked and not link.ack_overdue and not link.resting
-                    and not link.channel_lost):
-                room = min(cap - load, max_unacked - unacked)
-                rooms.append(room if room > 0 else 0)
-            else:
-                rooms.append(0)
+        loads, rooms, _, _ = self._look(None)
         return loads, rooms
 
     def survey(self) -> int:
@@ -159,18 +140,30 @@ class Dispatcher:
         and a scan of every worker per connection cost the master more than the connection's syscalls.
         """
         closing: list[int] = []
+        loads, rooms, total, self.min_open_ready = self._look(closing)
+        if closing:
+            handoff.close_fds(closing)
+        self._surveyed = (loads, rooms)
+        return total
+
+    def _look(self, closing: list[int] | None) -> tuple[list[int], list[int], int, int | None]:
+        """One pass over the links: loads, rooms, the room in all, the fewest open connections of a READY one.
+
+        With closing given, each link's board is read first (what it acked is added to closing).
+        """
         cap, max_unacked, ready = self.cap, self.max_unacked, Phase.READY
         handled_word, closed_word, collect = board.HANDLED, board.CLOSED, self.collect
         loads, rooms = [], []
         total = 0
         min_open = None
         for link in self.links:
-            words = link.board
-            if words[handled_word] != link.seen_word:
-                collect(link, closing)
-            else:  # no ack or refusal since the last look: only closes can have changed
-                open_conns = link.acked_total - words[closed_word]
-                link.open_conns = open_conns if open_conns > 0 else 0
+            if closing is not None:
+                words = link.board
+                if words[handled_word] != link.seen_word:
+                    collect(link, closing)
+                else:  # no ack or refusal since the last look: only closes can have changed (as collect does)
+                    open_conns = link.acked_total - words[closed_word]
+                    link.open_conns = open_conns if open_conns > 0 else 0
             unacked = len(link.unacked)
             load = link.open_conns + unacked
             loads.append(load)
@@ -184,11 +177,7 @@ class Dispatcher:
                         total += room
                         continue
             rooms.append(0)
-        if closing:
-            handoff.close_fds(closing)
-        self._surveyed = (loads, rooms)
-        self.min_open_ready = min_open
-        return total
+        return loads, rooms, total, min_open
 
     def any_ready(self) -> bool:
         """True when some worker is READY (full or not)."""

@@ -7,11 +7,10 @@ reference it is tested against, and the fallback where it is missing or BALANCER
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from operator import index
 
-from balancer import wire
+from balancer import speedups, wire
 
 
 def accept_many_py(sock: socket.socket, limit: int) -> tuple[list[int], int]:
@@ -42,26 +41,13 @@ def close_fds_py(fds: list[int]) -> None:
     wire.close_all(fds)
 
 
-def _load_c():
-    """The C module when it is built, matches the wire format and is not switched off; else None."""
-    if os.environ.get("BALANCER_NO_EXTENSIONS"):
-        return None
-    try:
-        from balancer import _speedups
-    except ImportError:
-        # pip hides the build's output, so an install without a C compiler would go unnoticed: say it once,
-        # here, where the master first needs the hand-off (workers never import this module).
-        logging.getLogger("balancer.handoff").warning(
-            "C accelerator balancer._speedups is not installed (built only with a C compiler and the Python "
-            "headers): handing connections off in Python, which costs the master more CPU per connection")
-        return None
-    if _speedups.MAX_FDS != wire.MAX_FDS_PER_MSG:  # a stale build beside newer Python code
-        return None
-    return _speedups
-
-
-_c = _load_c()
-c_module = _c  # balancer/dispatch.py takes its fill() from here too
+if speedups.WHY == "missing":
+    # pip hides the build's output, so an install without a C compiler would go unnoticed: say it once, here,
+    # where the master first needs the hand-off (workers never import this module).
+    logging.getLogger("balancer.handoff").warning(
+        "C accelerator balancer._speedups is not installed (built only with a C compiler and the Python "
+        "headers): handing connections off in Python, which costs the master more CPU per connection")
+_c = speedups.MODULE
 IMPLEMENTATION = "c" if _c is not None else "python"
 accept_many = _c.accept_many if _c is not None else accept_many_py
 send_handoff = _c.send_handoff if _c is not None else send_handoff_py

@@ -76,7 +76,7 @@ class Master(AcceptPath, MasterCommands):
         for sig in HANDLED_SIGNALS:
             # The handler only records the signal; the loop below acts on it.
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
-        # `balancer run` blocked them while it started (cli.run): one that came meanwhile is delivered now, to
+        # `balancer run` blocked them while it started (launch.py): one that came meanwhile is delivered now, to
         # the handler, instead of killing (SIGHUP, SIGUSR1) or stopping (SIGTTIN) a master not yet listening.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         self.reaper.start(loop)  # before the first worker: whatever its backend orphans comes back to us

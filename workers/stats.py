@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from bisect import bisect_left
 
-from balancer import board
+from balancer import board, speedups
 from balancer.board import BUCKETS, METHODS
 
 log = logging.getLogger("balancer.worker")
@@ -23,21 +22,7 @@ def tally_py(words: memoryview, pair: int, bucket: int, seconds: float) -> None:
     words[board.COUNT] += 1
 
 
-def _load_tally():
-    """balancer._speedups.tally when built, matching this board layout and not switched off; else tally_py."""
-    if os.environ.get("BALANCER_NO_EXTENSIONS"):
-        return tally_py
-    try:
-        from balancer import _speedups
-    except ImportError:  # the master has already said so, once
-        return tally_py
-    if (getattr(_speedups, "BOARD_COUNT", None), getattr(_speedups, "BOARD_SUM_NS", None)) != (board.COUNT,
-                                                                                                board.SUM_NS):
-        return tally_py  # a stale build beside newer Python code
-    return _speedups.tally
-
-
-tally = _load_tally()
+tally = speedups.MODULE.tally if speedups.MODULE is not None else tally_py  # C when built
 
 FIRST_BUCKET = BUCKETS[0]
 BUCKET0 = board.BUCKET0
