@@ -351,11 +351,22 @@ def mebibytes(n: int | None) -> float | None:
     return None if n is None else n / (1024 * 1024)
 
 
+def generations(reply: dict) -> str:
+    """The generation served, and where a reload stands when the served one is not the wanted one."""
+    wanted, serving = reply["generation"], reply.get("serving_generation", reply["generation"])
+    if serving == wanted:
+        return f"generation {wanted}"
+    served = "no full generation" if serving is None else f"generation {serving}"
+    if reply.get("reload_failed"):
+        return f"{served} (reload to generation {wanted} failed: see the master's log)"
+    return f"{served} (reloading to generation {wanted})"
+
+
 def format_status(reply: dict) -> str:
     """The status reply as a header, a table of workers and a line per slot that needs attention."""
     master = reply.get("master", {})
     lines = [f"{reply['name']}: master pid {reply['pid']}, up {duration(reply['uptime'])}, "
-             f"{reply['ready']}/{reply['target']} workers ready, generation {reply['generation']}, "
+             f"{reply['ready']}/{reply['target']} workers ready, {generations(reply)}, "
              f"listening on {', '.join(reply['listening'])}",
              f"{reply['accepted']} connections accepted; master RSS {figure(mebibytes(master.get('rss')))} MiB, "
              f"CPU {figure(master.get('cpu_percent'))}%",

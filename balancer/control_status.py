@@ -30,7 +30,19 @@ def summary(master) -> dict:
             "started": master.started, "uptime": round(time.time() - master.started, 3),
             "listening": [listener.label for listener in master.listeners],
             "target": sup.target if sup else 0, "generation": sup.generation if sup else 0,
+            "serving_generation": serving_generation(sup),
+            "reload_failed": bool(sup and sup.failed_generation >= sup.generation),
             "ready": sum(1 for w in sup.processes() if w.phase is Phase.READY) if sup else 0}
+
+
+def serving_generation(sup) -> int | None:
+    """The oldest code generation a wanted slot serves (every slot runs it or newer); None if a slot is empty."""
+    if sup is None:
+        return None
+    serving = sup.slots
+    if not serving or any(w is None for w in serving):
+        return None
+    return min(w.generation for w in serving)
 
 
 def requests_done(stats: dict) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from tests.harness import Balancer
+from tests.test_control import ctl
 from tests.test_integration import APP, fetch, run_load, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,7 +58,9 @@ def board_maps(pid: int) -> int:
 def test_reload_to_broken_code_keeps_old_workers(tmp_path):
     app = tmp_path / "editable.py"
     app.write_text("from aiohttp import web\nasync def handler(request):\n    return web.Response(text='v1')\n")
-    with Balancer("--workers", "2", "--app-dir", str(tmp_path), "--backend", "editable:handler") as b:
+    sock = str(tmp_path / "ctl.sock")
+    with Balancer("--workers", "2", "--app-dir", str(tmp_path), "--backend", "editable:handler",
+                  "--control-socket", sock) as b:
         pids = slots_pids(b)
         app.write_text("raise ImportError('half-deployed release')\n")
         mark = b.mark()
@@ -65,12 +69,19 @@ def test_reload_to_broken_code_keeps_old_workers(tmp_path):
         assert "half-deployed release" in b.log()
         assert fetch(b).body == b"v1" and b.proc.poll() is None
         wait_until(lambda: slots_pids(b) == pids, 10, "the failed replacement to be reaped")
+        # status tells what serves (the old code) and that the reload failed, not the generation it wanted
+        status = ctl("status", "--control-socket", sock, "--interval", "0")
+        assert "2/2 workers ready, generation 0 (reload to generation 1 failed" in status.stdout, status
+        brief = json.loads(ctl("status", "--control-socket", sock, "--json", "--interval", "0").stdout)
+        assert (brief["generation"], brief["serving_generation"], brief["reload_failed"]) == (1, 0, True)
         # fixed code on disk: the next reload picks it up
         app.write_text("from aiohttp import web\nasync def handler(request):\n    return web.Response(text='v2')\n")
         mark = b.mark()
         b.signal(signal.SIGHUP)
         b.wait_for("rolling reload done", 30, start=mark)
         assert {fetch(b).body for _ in range(4)} == {b"v2"}
+        status = ctl("status", "--control-socket", sock, "--interval", "0").stdout
+        assert "2/2 workers ready, generation 2, listening" in status, status
 
 
 def test_blocked_loop_is_replaced_within_timeout_and_others_keep_serving():
