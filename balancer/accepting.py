@@ -122,6 +122,17 @@ class AcceptPath:
             self._read_listeners(False)
             self.paused = True
             self._paused_since = time.monotonic()
+            self._pause_for_room = self.dispatcher.any_ready()
+
+    def _recount_pause(self) -> None:
+        """A pause is backpressure only while some worker is ready; with none (start, all down) it is not."""
+        for_room = self.dispatcher.any_ready()
+        if for_room != self._pause_for_room:
+            now = time.monotonic()
+            if self._pause_for_room:
+                self.paused_seconds += now - self._paused_since
+            self._paused_since = now
+            self._pause_for_room = for_room
 
     def _resume(self) -> None:
         """Read the listeners again."""
@@ -131,16 +142,22 @@ class AcceptPath:
                 self._coalesce_timer = None
             self._read_listeners(True)
             self.paused = False
-            self.paused_seconds += time.monotonic() - self._paused_since
+            if self._pause_for_room:
+                self.paused_seconds += time.monotonic() - self._paused_since
 
     def paused_total(self) -> float:
-        """Seconds spent with accepting paused, including the current pause."""
-        extra = time.monotonic() - self._paused_since if self.paused and not self.stopping else 0.0
-        return self.paused_seconds + extra
+        """Seconds spent with accepting paused while some worker was ready, including the current pause."""
+        if self.paused and not self.stopping:
+            self._recount_pause()
+            if self._pause_for_room:
+                return self.paused_seconds + time.monotonic() - self._paused_since
+        return self.paused_seconds
 
     def _on_capacity(self) -> None:
         """A worker got ready, acked, closed or refused: place waiting fds, maybe resume accepting."""
         dispatcher = self.dispatcher
+        if self.paused and not self.stopping:
+            self._recount_pause()
         if dispatcher.homeless:
             dispatcher.retry_homeless()
             if dispatcher.homeless:

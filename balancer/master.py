@@ -47,8 +47,9 @@ class Master(AcceptPath, MasterCommands):
         self.booted = False  # every first worker reported ready: reload and scale may act
         self.accepted = 0
         self.accept_errors: dict[str, int] = {}
-        self.paused_seconds = 0.0
+        self.paused_seconds = 0.0  # time paused while some worker was ready: backpressure, not an outage
         self._paused_since = time.monotonic()
+        self._pause_for_room = False  # the current pause is counted in paused_seconds
         self._accept_backoff = 0.0
         self._accept_retry: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None

@@ -245,7 +245,7 @@ class MetricsServer:
             errors.add_metric([name], master.accept_errors.get(name, 0))
         yield errors
         yield counter("balancer_accept_paused_seconds",
-                      "Seconds the master stopped accepting because no worker had room (backpressure).",
+                      "Seconds the master stopped accepting while every ready worker was full (backpressure).",
                       master.paused_total())
         yield counter("balancer_accept_coalesced",
                       "Times the master waited --accept-coalesce before accepting again, every worker being busy.",

@@ -265,7 +265,7 @@ class Supervisor:
             wanted = Wanted(self.target, self.generation, self.failed_generation, self.stopping)
             steps = plan(self.records(), wanted, self.not_before, self.clock())
             for w, reason in steps.drain:
-                if reason in ("reload", "recycle"):
+                if reason in ("reload", "recycle", "scale"):  # scale: a serving worker retired by a scale-down
                     self.restarts[(w.slot, reason)] += 1
                 self.drain(w, reason)
             for w, reason in steps.dismiss:

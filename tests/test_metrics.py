@@ -400,6 +400,40 @@ def test_a_slot_removed_by_scale_down_keeps_its_counters_but_not_its_up_gauge():
         assert value(after, "balancer_worker_up", worker="0") == 1
         assert value(after, "balancer_worker_requests_total", worker="1", method="GET", code="200") == served_by_1
         assert value(after, "balancer_workers_desired") == 1
+        # the retirement is counted, under its own reason: the dashboard's Restarts annotation shows it
+        assert value(after, "balancer_worker_restarts_total", worker="1", reason="scale") == 1
+        assert value(after, "balancer_worker_restarts_total", worker="0", reason="scale") == 0
+
+
+def test_accept_paused_counts_backpressure_not_a_boot_or_an_empty_pool():
+    """balancer_accept_paused_seconds_total grows while every ready worker is full, not while none is ready."""
+    with Balancer("--workers", "1", "--worker-connections", "1", "--backend", "testapp:slow_boot",
+                  env={"SLOW_BOOT": "1.5"}) as b:
+        base = f"http://{b.metrics_address}/metrics"
+
+        def paused() -> float:
+            return value(samples(http_get(base)[2]), "balancer_accept_paused_seconds_total")
+
+        assert paused() < 0.5, "the 1.5 s boot counted as backpressure"
+        host, port = b.address.rsplit(":", 1)
+        hold = socket.create_connection((host, int(port)), timeout=10)  # takes the worker's only connection
+        hold.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+        b.wait_for(r"slow request started in pid \d+", 10)
+        waiting = socket.create_connection((host, int(port)), timeout=15)  # left in the backlog meanwhile
+        waiting.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        wait_until(lambda: paused() >= 1.0, 10, "a second of backpressure counted")
+        # The only worker killed: accepting stays paused until its replacement has booted (1.5 s and more),
+        # and that outage is not backpressure.
+        mark = b.mark()
+        os.kill(b.worker_pids()[0], signal.SIGKILL)
+        b.wait_for(r"worker slot=0 pid=\d+ died", 10, start=mark)
+        at_death = paused()
+        b.wait_for(r"worker slot=0 pid=\d+ ready", 20, start=mark)
+        reply = waiting.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert paused() - at_death < 0.5, "the time with no worker ready counted as backpressure"
+        hold.close()
+        waiting.close()
 
 
 def test_requests_cut_off_count_499_and_leave_the_in_flight_gauge():
