@@ -180,7 +180,10 @@ class Config:
         if not self.bind:
             raise ConfigError("at least one --bind is required")
         for text in self.bind:
-            parse_bind(text)
+            try:
+                parse_bind(text)
+            except ConfigError as exc:
+                raise ConfigError(f"--bind: {exc}") from None
         if self.metrics_bind != "none":
             try:
                 b = parse_bind(self.metrics_bind)
@@ -233,9 +236,12 @@ class Config:
 
     def _validate_tls(self) -> None:
         """Load the TLS files once, so that a bad one stops start-up here rather than in every worker."""
+        if self.cert_reqs not in (0, 1, 2):  # as workers/tls.py CERT_REQS
+            raise ConfigError(f"--cert-reqs must be 0 (none), 1 (optional) or 2 (required), got {self.cert_reqs}")
         if not self.certfile:
-            if self.keyfile or self.ca_certs or self.cert_reqs or self.ciphers:
-                raise ConfigError("--keyfile, --ca-certs, --cert-reqs and --ciphers need --certfile")
+            for name in ("keyfile", "ca_certs", "cert_reqs", "ciphers"):
+                if getattr(self, name):  # named alone, so that the message can say where it was set
+                    raise ConfigError(f"--{name.replace('_', '-')} needs --certfile")
             return
         if self.cert_reqs and not self.ca_certs:
             raise ConfigError(f"--cert-reqs {self.cert_reqs} needs --ca-certs to verify client certificates with")

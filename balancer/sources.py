@@ -117,10 +117,14 @@ def file_values(path: str) -> dict[str, tuple[object, Origin]]:
         raise ConfigError(f"bad config file {path}: {exc}") from None
     by_name = {f.name: f for f in option_fields()}
     out: dict[str, tuple[object, Origin]] = {}
+    keys: dict[str, str] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in by_name:
             raise ConfigError(f"unknown option {key!r} in {path}")
+        if name in keys:  # max_requests and max-requests: which one was meant is not ours to guess
+            raise ConfigError(f"option {name} is set twice in {path}, as {keys[name]!r} and {key!r}")
+        keys[name] = key
         out[name] = (from_toml(by_name[name], value, f"{key} in {path}"), Origin("file", path))
     return out
 

@@ -179,7 +179,10 @@ class Supervisor:
         w.channel.close()
         if not w.exited and w.phase is not Phase.DRAINING and not self.stopping:
             # Supervised still: with no channel it sends no heartbeat, so --timeout aborts it if it lingers.
-            log.warning("worker slot=%d pid=%d closed its channel; waiting for it to exit", w.slot, w.pid)
+            # Info, not a warning: a stop signalled to the whole process group (systemd's control-group kill,
+            # timeout(1), Ctrl-C) reaches the workers before the master's loop has acted on its own copy, and
+            # an exit that is a failure is logged as one when it is reaped.
+            log.info("worker slot=%d pid=%d closed its channel; waiting for it to exit", w.slot, w.pid)
         self.on_capacity()
 
     def _on_exit(self, w: WorkerProcess) -> None:

@@ -81,6 +81,8 @@ def test_the_default_worker_count_says_where_it_came_from():
     ("workers = [\n", "bad config file "),
     ("access_log = 1\n", "expected true or false"),
     ("workers = 0\n", "--workers must be at least 1, got 0 (from file "),
+    ('ca_certs = "ca.pem"\n', "--ca-certs needs --certfile (from file "),
+    ("max_requests = 5\nmax-requests = 6\n", "option max_requests is set twice in "),
 ])
 def test_a_bad_file_is_one_line_and_exit_2(tmp_path, content, message):
     conf = tmp_path / "bad.toml"
@@ -96,6 +98,17 @@ def test_bad_environment_values_and_a_missing_file_are_one_line(tmp_path):
     assert_one_error(balancer("config", env=clean_env(BALANCER_BACKLOG="0")),
                      "--backlog must be at least 1, got 0 (from env BALANCER_BACKLOG)")
     assert_one_error(balancer("config", "-c", str(tmp_path / "none.toml")), "cannot read config file")
+    bad_bind = tmp_path / "bind.toml"
+    bad_bind.write_text('bind = ["bad"]\n')
+    assert_one_error(balancer("config", "-c", str(bad_bind)),
+                     "--bind: bad bind 'bad': expected HOST:PORT, [IPV6]:PORT or unix:/path (from file ")
+    assert_one_error(balancer("config", env=clean_env(BALANCER_BIND="nowhere")),
+                     "--bind: bad bind 'nowhere'")
+    assert_one_error(balancer("config", env=clean_env(BALANCER_BIND="nowhere")), "(from env BALANCER_BIND)")
+    assert_one_error(balancer("config", env=clean_env(BALANCER_CIPHERS="HIGH")),
+                     "--ciphers needs --certfile (from env BALANCER_CIPHERS)")
+    # out of range is said as such, whatever else is missing
+    assert_one_error(balancer("config", "--cert-reqs", "5"), "--cert-reqs must be 0 (none), 1 (optional) or 2")
 
 
 def test_worker_count_from_the_environment_in_a_real_run():
