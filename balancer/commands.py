@@ -96,7 +96,7 @@ class MasterCommands:
     def serving_status(self) -> str:
         """The STATUS= line systemctl status shows."""
         return (f"{self.supervisor.target} workers serving on "
-                + ", ".join(listener.label for listener in self.listeners))
+                + ", ".join(listener.described for listener in self.listeners))
 
     def _on_source_change(self, paths: list[str]) -> None:
         """--reload: a changed source file takes the SIGHUP path (held back while booting, ignored once stopping)."""

@@ -120,7 +120,7 @@ def bind_matches(text: str, listening: list[str]) -> bool:
         try:
             have = parse_bind(label)
         except ConfigError:
-            continue  # "systemd fd 3"
+            continue  # an abstract unix name, say
         if want.family == "unix" and have.family == "unix":
             if os.path.realpath(want.path) == os.path.realpath(have.path):
                 return True

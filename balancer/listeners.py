@@ -18,13 +18,19 @@ class Listener:
     """One non-blocking listening socket and what the dispatcher needs to know about it."""
 
     def __init__(self, sock: socket.socket, label: str, unlink: str = "",
-                 identity: tuple[int, int] | None = None) -> None:
+                 identity: tuple[int, int] | None = None, systemd_fd: int | None = None) -> None:
         self.sock = sock
-        self.label = label
+        self.label = label  # the address, as --bind would give it: what `balancer status --bind` matches
+        self.systemd_fd = systemd_fd  # the fd systemd passed it as, for an inherited socket
         self.family = sock.family
         self.unlink = unlink  # unix path we created and remove on close, if it is still the file we made:
         self.identity = identity  # its (st_dev, st_ino) right after our bind()
         sock.setblocking(False)
+
+    @property
+    def described(self) -> str:
+        """The address, and where an inherited socket came from (start-up line, systemd STATUS=)."""
+        return self.label if self.systemd_fd is None else f"{self.label} (systemd fd {self.systemd_fd})"
 
     def close(self) -> None:
         """Close the socket and remove a unix path we bound."""
@@ -150,17 +156,46 @@ def systemd_listeners() -> list[Listener]:
     """Adopt sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), if any for us."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
-    count = int(os.environ.get("LISTEN_FDS", "0"))
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        raise ConfigError(f"bad LISTEN_FDS {os.environ['LISTEN_FDS']!r}: expected a number of sockets") from None
     out = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
+        sock = adopt_listener(fd)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             set_inherited_options(sock, True)
-        out.append(Listener(sock, f"systemd fd {fd}"))
+        out.append(Listener(sock, address_of(sock), systemd_fd=fd))
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(key, None)
     return out
+
+
+def adopt_listener(fd: int) -> socket.socket:
+    """The socket at an fd systemd passed; ConfigError unless it is a listening TCP or unix stream socket."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ConfigError(f"systemd fd {fd} is not a socket")
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"systemd fd {fd}: {exc.strerror}") from None
+    listening = sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or not listening:
+        sock.detach()  # systemd's fd: left as it was
+        raise ConfigError(f"systemd fd {fd} is not a listening TCP or unix stream socket (use ListenStream=)")
+    return sock
+
+
+def address_of(sock: socket.socket) -> str:
+    """A listening socket's address written as --bind takes it: HOST:PORT, [IPV6]:PORT, unix:/path."""
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        if isinstance(name, bytes):  # abstract namespace
+            name = "@" + name[1:].decode(errors="replace")
+        return f"unix:{name}"
+    host, port = sock.getsockname()[:2]
+    return str(Bind("tcp", host=host, port=port))
 
 
 def open_listeners(binds: list[Bind], backlog: int, keepalive: bool = True, unix_mode: int | None = None,

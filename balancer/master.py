@@ -95,7 +95,7 @@ class Master(AcceptPath, MasterCommands):
                 if self.startup is not None:
                     self.startup.release()
                 log.info("balancer %d workers serving on %s (pid %d, hand-off in %s)", self.config.workers,
-                         ", ".join(listener.label for listener in self.listeners), os.getpid(),
+                         ", ".join(listener.described for listener in self.listeners), os.getpid(),
                          "C" if handoff.IMPLEMENTATION == "c" else "Python")
                 self.notifier.ready(self.serving_status())
             self._schedule_tick()

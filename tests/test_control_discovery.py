@@ -55,7 +55,7 @@ class Activated(Balancer):
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.address = self.metrics_address = ""
-        self.wait_for(r"workers serving on systemd fd 3")
+        self.wait_for(r"workers serving on 127\.0\.0\.1:\d+ \(systemd fd 3\)")
 
 
 def plant_stale(runtime: str) -> list[str]:
@@ -101,7 +101,9 @@ def test_status_finds_each_master_however_it_was_started(tmp_path):
         assert status(env, "--bind", f":{wildcard_port}")["pid"] == b.pid
         assert status(env, "--bind", f"unix:{unix}")["pid"] == c.pid  # its control socket is elsewhere: a link
         activated = status(env, "--name", "sd")
-        assert activated["pid"] == d.pid and activated["listening"] == ["systemd fd 3"]
+        inherited_address = "127.0.0.1:%d" % inherited.getsockname()[1]
+        assert activated["pid"] == d.pid and activated["listening"] == [inherited_address]
+        assert status(env, "--bind", inherited_address)["pid"] == d.pid  # found by the address systemd bound
         r = ctl(env, "run", "--bind", "127.0.0.1:0", *ONE, "--name", "beta")  # names are unique per user
         assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
             f"balancer: error: a master named 'beta' is already running (control socket {runtime}/beta.sock); "

@@ -82,14 +82,14 @@ def test_socket_activated_master_serves_and_tells_systemd_each_state(tmp_path):
         assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"\r\n\r\nNOTIFY_SOCKET=- WATCHDOG_USEC=-")
         ready = notify.wait_for("READY")
         assert ready["READY"] == "1" and ready["MAINPID"] == str(proc.pid)
-        assert ready["STATUS"] == "2 workers serving on systemd fd 3"
+        assert ready["STATUS"] == f"2 workers serving on unix:{path} (systemd fd 3)"  # its address, and whence
         assert notify.wait_for("WATCHDOG", 2)["WATCHDOG"] == "1"  # every 0.15 s asked; the master ticks at 0.25 s
 
         os.kill(proc.pid, signal.SIGHUP)
         reloading = notify.wait_for("RELOADING")
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         assert reloading["RELOADING"] == "1" and 0 <= usec - int(reloading["MONOTONIC_USEC"]) < 10_000_000
-        assert notify.wait_for("READY")["STATUS"] == "2 workers serving on systemd fd 3"  # the reload is over
+        assert notify.wait_for("READY")["STATUS"] == f"2 workers serving on unix:{path} (systemd fd 3)"  # reloaded
 
         os.kill(proc.pid, signal.SIGTERM)
         assert notify.wait_for("STOPPING")["STOPPING"] == "1"
@@ -151,3 +151,24 @@ def test_systemd_analyze_verifies_both_units(tmp_path):
     proc = subprocess.run([analyze, "verify", str(tmp_path / "balancer.socket"), str(tmp_path / "balancer.service")],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr  # an unknown key is only a warning
+
+
+@pytest.mark.parametrize("kind", ["file", "udp", "not listening"])
+def test_an_inherited_fd_that_is_no_listening_stream_socket_is_one_line_and_exit_2(tmp_path, kind):
+    from tests.test_startup import assert_one_error_line
+
+    if kind == "file":
+        held = open(tmp_path / "plain", "w+")
+    else:
+        held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+        held.bind(("127.0.0.1", 0))
+    with held:
+        fd = held.fileno()
+        script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&"$FD" {FD}<&-'
+        r = subprocess.run(["bash", "-c", script, "bash", sys.executable, "-m", "balancer", "--metrics-bind",
+                            "none", "--control-socket", str(tmp_path / "control.sock")],
+                           pass_fds=(fd,), env={**os.environ, "FD": str(fd)}, capture_output=True, text=True,
+                           timeout=30, start_new_session=True)
+    expected = "is not a socket" if kind == "file" else "is not a listening TCP or unix stream socket"
+    assert_one_error_line(r, 2, f"systemd fd 3 {expected}")
+    assert sorted(os.listdir(tmp_path)) == (["plain"] if kind == "file" else [])
