@@ -116,9 +116,10 @@ class ControlServer:
         self.link_identity: tuple[int, int] | None = None
 
     @property
-    def files(self) -> list[str]:
-        """The paths this service creates and removes at exit."""
-        return [self.path] + [path for path in (self.pid_file, self.link) if path]
+    def files(self) -> list[tuple[str, tuple[int, int] | None]]:
+        """The paths this service created and removes at exit, each with its identity (st_dev, st_ino)."""
+        made = ((self.path, self.identity), (self.pid_file, self.pid_identity), (self.link, self.link_identity))
+        return [(path, identity) for path, identity in made if path and identity is not None]
 
     async def start(self) -> None:
         """Create the socket 0600 (no window where others could connect) and the pid file."""

@@ -59,6 +59,7 @@ class Master(AcceptPath, MasterCommands):
         self.started = time.time()
         self.services: list = []  # metrics endpoint, control socket: objects with async close()
         self.run_as: privileges.RunAs | None = None  # --user/--group: who the master becomes once bound
+        self.janitor: tuple[int, int] | None = None  # (pid, pipe end) of the process removing what we cannot
         self.reaper = OrphanReaper(self._is_worker)
         self.reopen_pending: set[int] = set()  # booting workers owed a SIGUSR1 (log reopen) once they are ready
         self.notifier = systemd.Notifier()  # takes NOTIFY_SOCKET out of the environment the workers inherit
@@ -121,6 +122,7 @@ class Master(AcceptPath, MasterCommands):
             self._close_listeners()
             self.reaper.stop()
             self.notifier.close()
+            privileges.stop_janitor(self.janitor)
 
     @staticmethod
     async def _keep_signals_off_other_threads(loop) -> None:
@@ -217,15 +219,20 @@ class Master(AcceptPath, MasterCommands):
 
     async def _drop_privileges(self) -> None:
         """Bound and set up as root: become --user for good; workers, all started after this, are that user too."""
-        paths = [listener.unlink for listener in self.listeners if listener.unlink]
-        paths += [path for service in self.services for path in getattr(service, "files", ())]
+        made = [(listener.unlink, listener.identity) for listener in self.listeners if listener.unlink]
+        made += [item for service in self.services for item in getattr(service, "files", ())]
+        stuck = set(privileges.unremovable(self.run_as, [path for path, _ in made]))
+        if stuck:  # the user may not remove these (a pid file in /run): a janitor that stays root will
+            self.janitor = privileges.start_janitor([(path, identity) for path, identity in made if path in stuck])
+            log.info("%s: in a directory user %s may not write; removed at exit by a janitor process (pid %d) "
+                     "that keeps root for that alone", ", ".join(sorted(stuck)), self.run_as.name, self.janitor[0])
         for path in log_file_paths(self.config):
             try:  # the workers open them as that user, and so does the master itself on SIGUSR1 (as gunicorn)
                 os.chown(path, *self.run_as.owner)
             except OSError as exc:
                 log.warning("cannot give log file %s to user %s: %s", path, self.run_as.name, exc.strerror)
         try:
-            privileges.become(self.run_as, paths)
+            privileges.become(self.run_as, self.config)
         except ConfigError:
             await self._close_services()
             raise

@@ -6,6 +6,7 @@ import grp
 import logging
 import os
 import pwd
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -125,18 +126,36 @@ def prepare(config: Config) -> RunAs | None:
     return run_as
 
 
-def become(run_as: RunAs, paths: list[str]) -> None:
-    """Drop to run_as (ConfigError if that fails) and warn about paths it will not be able to remove at exit.
+def become(run_as: RunAs, config: Config) -> None:
+    """Drop to run_as (ConfigError if that fails, or if the user cannot read a file its workers must load).
 
     Nothing the master does later needs root: it signals and reads /proc of its own workers, starts new ones
-    on reload, and removes the files it created, which were given to this user.
+    on reload, and removes the files it created, which were given to this user (a janitor removes those in
+    directories the user may not write).
     """
     try:
         drop(run_as)
     except OSError as exc:
         raise ConfigError(f"cannot switch to user {run_as.name}: {exc.strerror}") from None
-    warn_unremovable(run_as, paths)
+    check_readable(run_as, config)
     log.info("running as user %s (uid %d, gid %d)", run_as.name, run_as.uid, run_as.gid)
+
+
+def check_readable(run_as: RunAs, config: Config) -> None:
+    """As the user now: the TLS files its workers load must be readable, or start-up stops here (exit 2).
+
+    Root read them when the options were checked; a worker failing on one would make it look like a broken
+    backend (exit 3).
+    """
+    for name in ("certfile", "keyfile", "ca_certs"):
+        path = getattr(config, name)
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"--{name.replace('_', '-')} {path}: user {run_as.name} cannot read it: "
+                                  f"{exc.strerror}") from None
 
 
 def drop(run_as: RunAs) -> None:
@@ -146,11 +165,66 @@ def drop(run_as: RunAs) -> None:
     os.setuid(run_as.uid)
 
 
-def warn_unremovable(run_as: RunAs, paths: list[str]) -> None:
-    """Say which files the dropped master will not be able to remove at exit (their directory is root's)."""
+def unremovable(run_as: RunAs, paths: list[str]) -> list[str]:
+    """The paths in a directory run_as may not write: once root is dropped, the master cannot remove them."""
+    out = []
     for path in paths:
         directory = os.path.dirname(os.path.abspath(path))
-        if not os.access(directory, os.W_OK | os.X_OK):
-            log.warning("%s: user %s may not remove it from %s, so it stays after exit (the next start replaces a "
-                        "stale socket); give %s a directory it can write", path, run_as.name, directory,
-                        run_as.name)
+        st = os.stat(directory)
+        if st.st_uid == run_as.uid:
+            writable = st.st_mode & 0o300 == 0o300
+        elif st.st_gid in (run_as.gid, *run_as.groups):
+            writable = st.st_mode & 0o030 == 0o030
+        else:
+            writable = st.st_mode & 0o003 == 0o003
+        if not writable:
+            out.append(path)
+    return out
+
+
+def start_janitor(paths: list[tuple[str, tuple[int, int] | None]]) -> tuple[int, int]:
+    """Fork a process that keeps root only to remove paths once the master is gone; (its pid, the master's end).
+
+    It owns nothing else (every other fd closed, every signal but SIGKILL blocked) and waits for end-of-file on
+    a pipe whose write end only the master holds, so the master's exit, clean or kill -9, is what starts it;
+    it removes each path only if it is still the file the master created (same device and inode).
+    """
+    from balancer.listeners import unlink_if_ours  # imported before the fork: the child imports nothing
+
+    read_end, write_end = os.pipe()  # close-on-exec: no worker inherits the master's end
+    titled = sys.modules.get("setproctitle")  # already loaded if the master set its own title
+    # Blocked across the fork: the master's Python handlers must never run in the janitor.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    else:  # the janitor
+        try:
+            if titled is not None:
+                titled.setproctitle("balancer: janitor")
+            os.closerange(0, read_end)
+            os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX"))
+            while True:
+                try:
+                    if not os.read(read_end, 1):
+                        break
+                except InterruptedError:
+                    continue
+            for path, identity in paths:
+                unlink_if_ours(path, identity)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    return pid, write_end
+
+
+def stop_janitor(janitor: tuple[int, int] | None) -> None:
+    """The master is ending: let the janitor remove its files, and wait for it (it has nothing else to do)."""
+    if janitor is None:
+        return
+    pid, write_end = janitor
+    os.close(write_end)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

@@ -241,3 +241,58 @@ def _ancestors(path: str) -> list[str]:
     while (path := os.path.dirname(path)) not in ("/", ""):
         out.append(path)
     return out
+
+
+def test_files_the_user_may_not_remove_are_removed_by_the_janitor(accounts, python_for_others, shared_dir):
+    """A pid file, control socket and unix socket in a root directory: gone after a stop, a failed start and
+    a kill -9 of the master, though the master runs as a user who may not write there."""
+    user = accounts["member"]
+    files = {"--pid-file": os.path.join(shared_dir, "master.pid"),
+             "--control-socket": os.path.join(shared_dir, "ctl.sock")}
+    args = ("--workers", "1", "--user", user, "--bind", f"unix:{shared_dir}/app.sock",
+            *(item for pair in files.items() for item in pair))
+    for ending in ("stop", "kill -9"):
+        with Balancer(*args, *BACKEND) as b:
+            janitor = int(b.wait_for(r"removed at exit by a janitor process \(pid (\d+)\)").group(1))
+            assert sorted(os.listdir(shared_dir)) == ["app.sock", "ctl.sock", "master.pid"]
+            assert ids_of(janitor)[0][0] == 0 and ids_of(b.pid)[0][0] == accounts["member_uid"]
+            workers = b.worker_pids()
+            if ending == "stop":
+                b.signal(signal.SIGTERM)
+                assert b.wait(30) == 0, b.log()
+                assert os.listdir(shared_dir) == [] and not pid_alive(janitor)  # it was waited for
+            else:
+                os.kill(b.pid, signal.SIGKILL)
+                b.wait(10)
+                deadline = time.monotonic() + 10
+                while os.listdir(shared_dir) or pid_alive(janitor):
+                    assert time.monotonic() < deadline, os.listdir(shared_dir)
+                    time.sleep(0.02)
+                for pid in workers:  # its workers end with their master (and are not ours to wait for here)
+                    deadline = time.monotonic() + 10
+                    while pid_alive(pid):
+                        assert time.monotonic() < deadline, f"worker {pid} outlived its master"
+                        time.sleep(0.02)
+    # A backend that cannot load: one line, exit 3, and nothing left behind.
+    done = run(sys.executable, "-m", "balancer", *args, "--metrics-bind", "none", "--backend", "nosuchmod:app",
+               check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 3 and len(lines) == 1 and "nosuchmod" in lines[0], done.stderr
+    assert os.listdir(shared_dir) == []
+
+
+def test_a_tls_key_the_user_cannot_read_is_one_line_exit_2(accounts, python_for_others, shared_dir, tmp_path):
+    from tests.tlscerts import make_ca, make_signed
+
+    cert, key = make_signed(tmp_path, "server", "localhost", make_ca(tmp_path))
+    for path in (cert, key):
+        shutil.copy(path, shared_dir)
+    key = os.path.join(shared_dir, os.path.basename(key))
+    os.chmod(key, 0o600)  # root's alone: root reads it when the options are checked, the user cannot
+    done = run(sys.executable, "-m", "balancer", "--bind", "127.0.0.1:0", "--metrics-bind", "none", "--user",
+               accounts["member"], "--certfile", os.path.join(shared_dir, os.path.basename(cert)), "--keyfile", key,
+               *BACKEND, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"--keyfile {key}: user {accounts['member']} cannot read it: Permission denied" in lines[0]
+    assert sorted(os.listdir(shared_dir)) == sorted(os.path.basename(p) for p in (cert, key))
