@@ -436,6 +436,32 @@ def test_accept_paused_counts_backpressure_not_a_boot_or_an_empty_pool():
         waiting.close()
 
 
+def test_a_client_gone_while_its_body_is_read_is_one_499_not_also_a_500():
+    """The handler's body read fails when the client leaves; aiohttp answers that 500 to nobody."""
+    with Balancer("--workers", "1", "--backend", "testapp:create_app") as b:
+        base = f"http://{b.metrics_address}/metrics"
+        host, port = b.address.rsplit(":", 1)
+        for n in range(1, 4):
+            with socket.create_connection((host, int(port)), timeout=10) as c:
+                c.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n" + b"a" * 100)
+                wait_until(lambda: value(samples(http_get(base)[2]), "balancer_worker_requests_in_flight",
+                                         worker="0") == 1, 10, "the upload in flight")
+            wait_until(lambda: value(samples(http_get(base)[2]), "balancer_worker_requests_total", worker="0",
+                                     method="POST", code="499") == n, 10, f"{n} uploads cut off")
+        assert fetch_status(b.url + "/") == 200  # and the next request is counted as usual
+        found = samples(http_get(base)[2])
+        assert value(found, "balancer_worker_requests_total", worker="0", method="POST", code="500") is None
+        assert value(found, "balancer_worker_requests_total", worker="0", method="GET", code="200") == 1
+        wait_until(lambda: value(samples(http_get(base)[2]), "balancer_worker_requests_in_flight", worker="0") == 0,
+                   10, "the in-flight gauge back to 0 (it comes with the heartbeat)")
+        assert "Error handling request" not in b.log()  # a client leaving is not a server error
+
+
+def fetch_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status
+
+
 def test_requests_cut_off_count_499_and_leave_the_in_flight_gauge():
     """A client gone mid-request, and a request cut at the graceful deadline, are each counted once as 499."""
     with Balancer("--workers", "2", "--backend", "testapp:create_app", "--graceful-timeout", "1") as b:

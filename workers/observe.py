@@ -69,6 +69,13 @@ class Observer:
             __slots__ = ()
             log_access = staticmethod(self.finish)  # no frame of its own between aiohttp and finish()
 
+            def log_exception(self, *args, **kwargs) -> None:
+                """A handler failing because its client left (a body read cut off) is no server error."""
+                if self.transport is None and isinstance(kwargs.get("exc_info"), ConnectionError):
+                    self.logger.debug(*args, **kwargs)
+                    return
+                super().log_exception(*args, **kwargs)
+
         # As aiohttp's Server.__call__ does, with the Server's own handler options (its _kwargs: there is no
         # public way to give Server a RequestHandler class); the Server stays the manager of each connection.
         kwargs = server._kwargs
@@ -81,11 +88,16 @@ class Observer:
     def finish(self, request, response, start_time=None) -> None:
         """A response was written (or failed to be): count it with its duration; release its body; log it."""
         end = perf_counter()
-        # None: not through our handler (aiohttp's own 400 for a request it could not parse).
-        started = self.started.pop(request._protocol, None)
-        seconds = end - started[0] if started is not None else 0.0
+        protocol = request._protocol
+        # None: not through our handler (aiohttp's own 400 for a request it could not parse), or already
+        # counted as cut off by lost(): its client left while the handler ran, and the handler went on to fail
+        # (a body read raising ConnectionResetError, answered 500 to nobody) or to answer.
+        started = self.started.pop(protocol, None)
         if request._payload is not EMPTY_PAYLOAD:
             self.limits.release_body(request._payload)
+        if started is None and protocol.transport is None:
+            return
+        seconds = end - started[0] if started is not None else 0.0
         stats = self.stats
         stats.observe(request._method, response._status, seconds)
         if self.draining:  # prepared before the drain began, so it went out keep-alive: end the connection now
