@@ -216,3 +216,41 @@ def test_signals_during_the_end_of_a_stop_neither_kill_nor_freeze_the_master(lat
             t.join(5)
         # the master forwards SIGUSR1 to its workers: none may die of it on its way out either
         assert "exited (shutdown)" in b.log() and ", signal SIG" not in b.log(), b.log()
+
+
+@pytest.mark.parametrize("how", ["reload", "stop"])
+def test_requests_pipelined_behind_a_running_one_are_answered_through_a_drain(how):
+    """Three requests sent at once, the first slow; the drain begins while it runs: all three are answered."""
+    with Balancer("--workers", "1", *APP) as b:
+        host, port = b.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=15) as c:
+            c.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                      b"GET /?n=2 HTTP/1.1\r\nHost: t\r\n\r\n"
+                      b"GET /?n=3 HTTP/1.1\r\nHost: t\r\n\r\n")
+            b.wait_for(r"slow request started in pid \d+", 10)
+            mark = b.mark()
+            b.signal(signal.SIGHUP if how == "reload" else signal.SIGTERM)
+            b.wait_for("rolling reload of 1 workers" if how == "reload" else "graceful shutdown", 10, start=mark)
+            replies = read_responses(c, 3)
+        assert [status for status, _ in replies] == [200, 200, 200], replies
+        # the connection ends after the last of them, not after the first
+        assert [headers.get("connection") for _, headers in replies] == [None, None, "close"], replies
+        if how == "stop":
+            assert b.wait(30) == 0
+
+
+def read_responses(sock: socket.socket, n: int) -> list[tuple[int, dict]]:
+    """n HTTP/1.1 responses with Content-Length bodies from sock: (status, lower-cased headers) each."""
+    stream = sock.makefile("rb")
+    out = []
+    for _ in range(n):
+        status_line = stream.readline()
+        if not status_line:
+            break
+        headers = {}
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        stream.read(int(headers.get("content-length", 0)))
+        out.append((int(status_line.split()[1]), headers))
+    return out

@@ -45,7 +45,7 @@ class Observer:
         def handle(request):
             protocol = request._protocol
             deadlines.pop(protocol, None)  # its headers are in: the header deadline is lifted
-            if self.draining:
+            if self.draining and not protocol._messages:
                 close_after(request)
             started[protocol] = (perf_counter(), request._method)
             if request._payload is not EMPTY_PAYLOAD:
@@ -55,11 +55,16 @@ class Observer:
         return handle
 
     def drain(self) -> None:
-        """From now on every response says Connection: close, including those of requests running now."""
+        """From now on each connection ends after the response to the last request it has sent in full.
+
+        Requests a client pipelined behind the one running are already received: each is answered before
+        its connection closes, or it would be lost though the client did nothing wrong. So a response says
+        Connection: close only when no parsed request waits behind it on its connection.
+        """
         self.draining = True
         for protocol in self.started:
             request = protocol._current_request
-            if request is not None:
+            if request is not None and not protocol._messages:
                 close_after(request)
 
     def protocol_factory(self, server, loop):
@@ -100,7 +105,7 @@ class Observer:
         seconds = end - started[0] if started is not None else 0.0
         stats = self.stats
         stats.observe(request._method, response._status, seconds)
-        if self.draining:  # prepared before the drain began, so it went out keep-alive: end the connection now
+        if self.draining and not protocol._messages:  # prepared before the drain began: it went out keep-alive
             response.force_close()
         if self.access is not None:
             self.access.log(request, response, seconds)
