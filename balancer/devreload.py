@@ -15,6 +15,10 @@ log = logging.getLogger("balancer")
 # for no longer than DEBOUNCE_MS in all.
 QUIET_MS = 200
 DEBOUNCE_MS = 1600
+# How often watchfiles hands over what it saw. Its own grouping ends a batch when the batch stops growing, and
+# writes to a path already in it do not grow it: a file written every 100 ms made a batch every 200 ms. So
+# batches are taken often and grouped here, by time.
+STEP_MS = 50
 
 
 def require_watchfiles() -> None:
@@ -54,18 +58,46 @@ class DevReloader:
         log.info("watching %s for changes to Python files (--reload)", self.directory)
 
     async def _watch(self) -> None:
+        batches: asyncio.Queue = asyncio.Queue()  # sets of changed paths; None once watching ends
+        reader = asyncio.ensure_future(self._read(batches))
+        try:
+            while (paths := await batches.get()) is not None:
+                paths = await self._group(batches, paths)
+                try:
+                    self.on_change(sorted({os.path.relpath(path, self.directory) for path in paths}))
+                except Exception:
+                    log.exception("--reload: acting on a change failed; still watching")
+        finally:
+            await reader
+
+    async def _read(self, batches: asyncio.Queue) -> None:
+        """Put each batch watchfiles reports on the queue, then None."""
         from watchfiles import awatch
 
         try:
             async for changes in awatch(self.directory, watch_filter=source_filter(self.directory),
-                                        debounce=DEBOUNCE_MS, step=QUIET_MS, stop_event=self._stop):
-                try:
-                    self.on_change(sorted({os.path.relpath(path, self.directory) for _, path in changes}))
-                except Exception:
-                    log.exception("--reload: acting on a change failed; still watching")
+                                        debounce=DEBOUNCE_MS, step=STEP_MS, stop_event=self._stop):
+                batches.put_nowait({path for _, path in changes})
         except Exception:
             # Watching is a convenience: losing it (say, the directory is removed) must not stop serving.
             log.exception("--reload: watching %s failed; changes are no longer picked up", self.directory)
+        finally:
+            batches.put_nowait(None)
+
+    async def _group(self, batches: asyncio.Queue, paths: set) -> set:
+        """Add the batches that follow within QUIET_MS of each other, for DEBOUNCE_MS at most."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + DEBOUNCE_MS / 1000
+        while (wait := min(QUIET_MS / 1000, until - loop.time())) > 0:
+            try:
+                more = await asyncio.wait_for(batches.get(), wait)
+            except asyncio.TimeoutError:
+                break
+            if more is None:  # watching ended: hand over what came, then stop
+                batches.put_nowait(None)
+                break
+            paths |= more
+        return paths
 
     async def close(self) -> None:
         """Stop watching (the watcher thread notices within QUIET_MS)."""

@@ -68,3 +68,39 @@ def test_reload_without_watchfiles_is_one_line_and_exit_2(tmp_path):
                            "--metrics-bind", "none"], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == ["balancer: error: --reload needs watchfiles: pip install 'balancer[reload]'"]
+
+
+def test_a_file_written_again_and_again_is_one_change_once_quiet(tmp_path):
+    """An editor autosaving, or a build writing one file in bursts: one batch, after the writes stop."""
+    pytest.importorskip("watchfiles")
+    import asyncio
+
+    from balancer.devreload import DEBOUNCE_MS, QUIET_MS, DevReloader
+
+    async def scenario() -> tuple[list, float, float]:
+        loop = asyncio.get_running_loop()
+        calls: list = []
+        got = asyncio.Event()
+
+        def on_change(paths):
+            calls.append((loop.time(), paths))
+            got.set()
+
+        watcher = DevReloader(str(tmp_path), on_change)
+        await watcher.start()
+        await asyncio.sleep(0.3)  # the watcher thread is up (watchfiles gives no ready signal)
+        target = tmp_path / "mod0.py"
+        began = loop.time()
+        for i in range(10):  # every 0.1 s for 1 s: never quiet for QUIET_MS
+            with open(target, "a") as f:
+                f.write(f"x{i} = {i}\n")
+            await asyncio.sleep(0.1)
+        last_write = loop.time()
+        await asyncio.wait_for(got.wait(), 5)
+        await asyncio.sleep(2 * QUIET_MS / 1000 + 0.3)  # room for a second batch, had the writes made two
+        await watcher.close()
+        return calls, began, last_write
+
+    calls, began, last_write = asyncio.run(scenario())
+    assert [paths for _, paths in calls] == [["mod0.py"]], calls
+    assert calls[0][0] >= min(last_write, began + DEBOUNCE_MS / 1000) - 0.15, "handed over while still written"
