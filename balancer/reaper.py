@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -76,7 +77,14 @@ class OrphanReaper:
 
     def reap(self) -> int:
         """Reap every exited child that is not a worker; the number reaped."""
-        n = self._reap_listed() if self.listed else self._reap_peeked()
+        try:
+            n = self._reap_listed() if self.listed else self._reap_peeked()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise
+            # Out of fds (the accept path backs off and says so): /proc cannot be read now. An orphan waits
+            # as a zombie until the next SIGCHLD or tick; a traceback every tick would only fill the log.
+            return 0
         self.reaped += n
         return n
 
