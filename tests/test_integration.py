@@ -87,11 +87,18 @@ def test_keep_alive_reuses_one_connection():
 
 @pytest.mark.parametrize("backend", ["testapp:create_app", "testapp:app", "testapp:async_factory",
                                      "testapp:whoami", "balancer_workers.examples.template:handler",
-                                     "balancer_workers.examples.template:create_app"])
+                                     "balancer_workers.examples.template:create_app",
+                                     "testapp:init_func", "testapp:ainit_func",  # aiohttp's (argv) factories
+                                     "testapp:create_app()", "testapp:async_factory()"])  # gunicorn's spelling
 def test_backend_kinds(backend):
     with Balancer("--workers", "1", "--backend", backend) as b:
         resp = fetch(b)
         assert resp.status == 200 and resp.getheader("X-Worker-Slot") == "0"
+
+
+def test_a_factory_called_with_literal_arguments():
+    with Balancer("--workers", "1", "--backend", "testapp:configured('shop', shout=True)") as b:
+        assert fetch(b, "/name").body == b"SHOP"
 
 
 def test_bare_handler_gets_a_full_request_for_every_method_and_path_and_100_continue():
@@ -258,6 +265,9 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     (("--backend", "testapp:nosuchattr"), 3, "module 'testapp' has no attribute 'nosuchattr'"),
     (("--backend", "testapp:not_callable"), 3, "'testapp:not_callable' is an int; expected an async handler"),
     (("--backend", "testapp:two_args"), 3, "takes 2 arguments"),
+    (("--backend", "testapp:configured(os.getcwd())"), 3, "a factory call takes literal arguments only"),
+    (("--backend", "testapp:not_callable()"), 3, "'not_callable' is an int, which cannot be called"),
+    (("--backend", "testapp:configured()"), 3, "factory 'testapp:configured()' raised: TypeError"),
     (("--backend", "broken_import:app"), 3, "raised at import: RuntimeError: database URL not configured"),
     (("--backend", "no_colon"), 2, "expected MODULE:ATTR"),
     (("--bind", "nonsense"), 2, "bad bind 'nonsense'"),

@@ -254,3 +254,44 @@ def read_responses(sock: socket.socket, n: int) -> list[tuple[int, dict]]:
         stream.read(int(headers.get("content-length", 0)))
         out.append((int(status_line.split()[1]), headers))
     return out
+
+
+@pytest.mark.parametrize("how", ["stop", "reload"])
+def test_websockets_are_closed_by_the_apps_on_shutdown_as_a_drain_begins(tmp_path, how):
+    """aiohttp's pattern: on_shutdown closes open websockets with 1001. It must run when the drain begins (as
+    run_app and gunicorn run it), not after the graceful timeout has cut every socket (1006, no close frame)."""
+    import asyncio
+
+    import aiohttp
+
+    events = tmp_path / "events"
+    env = {"WSAPP_EVENTS": str(events), "WSAPP_CLEANUP": "1"}
+    with Balancer("--workers", "1", "--graceful-timeout", "20", "--backend", "wsapp:create_app", env=env) as b:
+        (old,) = b.worker_pids()
+
+        async def client() -> tuple[int, float]:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://{b.address}/ws") as sock:
+                    await sock.send_str("ping")
+                    assert (await sock.receive(10)).data == "ping"
+                    began = time.monotonic()
+                    b.signal(signal.SIGTERM if how == "stop" else signal.SIGHUP)
+                    msg = await sock.receive(15)
+                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+                    return sock.close_code, time.monotonic() - began
+
+        code, took = asyncio.run(client())
+        assert code == 1001 and took < 5, (code, took, b.log())  # not 1006 after the 20 s graceful timeout
+        if how == "stop":
+            assert b.wait(30) == 0
+        else:
+            b.wait_for("rolling reload done", 30)
+            wait_until_gone = time.monotonic() + 20
+            while old in b.worker_pids():
+                assert time.monotonic() < wait_until_gone, b.log()
+                time.sleep(0.05)
+    lines = [line.split() for line in events.read_text().splitlines()]
+    mine = [line[0] for line in lines if int(line[-2]) == old]
+    # the old worker: the socket opened, on_shutdown saw it, and the slow cleanup ran to its end
+    assert mine == ["ws_open", "on_shutdown", "on_cleanup_done"], lines
+    assert ["on_shutdown", "open=1"] in [line[:2] for line in lines if int(line[-2]) == old]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import os
@@ -16,11 +17,35 @@ class BackendError(Exception):
     """The backend cannot be loaded; str() is a one-line reason for the user."""
 
 
+def split_call(spec: str, attr_path: str) -> tuple[str, tuple, dict] | None:
+    """gunicorn's `module:factory(args)`: (attribute path, positional and keyword literals); None if no call."""
+    if not attr_path.endswith(")"):
+        return None
+    try:
+        call = ast.parse(attr_path, mode="eval").body
+        if not isinstance(call, ast.Call):
+            raise ValueError("not a call")
+        name = ast.unparse(call.func)
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError("not a dotted name")
+        args = tuple(ast.literal_eval(arg) for arg in call.args)
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+        if len(kwargs) != len(call.keywords):
+            raise ValueError("**kwargs")
+    except (SyntaxError, ValueError) as exc:
+        raise BackendError(f"bad backend {spec!r}: a factory call takes literal arguments only "
+                           f"(e.g. myapp:create_app() or myapp:create_app('prod', debug=False)): {exc}") from None
+    return name, args, kwargs
+
+
 def import_target(spec: str, app_dir: str = ""):
     """Import module:attr (dotted attr allowed) with app_dir (or cwd) first on sys.path."""
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise BackendError(f"bad backend {spec!r}: expected MODULE:ATTR")
+    call = split_call(spec, attr_path)
+    if call is not None:
+        attr_path = call[0]
     path = os.path.abspath(app_dir or os.getcwd())
     if path not in sys.path:
         sys.path.insert(0, path)
@@ -115,12 +140,19 @@ def limit_body(app: web.Application, client_max_size: int) -> web.Application:
 async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 2) -> Backend:
     """Resolve spec to a Backend: an Application given directly, built by a (sync or async) factory, or a handler."""
     obj = import_target(spec, app_dir)
+    call = split_call(spec, spec.partition(":")[2])
+    if call is not None:  # module:factory(...): called as written, whatever its signature says
+        if not callable(obj) or isinstance(obj, web.Application):
+            raise BackendError(f"{spec!r}: {call[0]!r} is {_kind(obj)}, which cannot be called")
+        return await build(spec, obj, *call[1:], client_max_size)
     if isinstance(obj, web.Application):
         return Backend(limit_body(obj, client_max_size))
     if not callable(obj) or isinstance(obj, type):
         raise BackendError(f"{spec!r} is {_kind(obj)}; expected an async handler (request) -> Response, "
                            "an aiohttp.web.Application, or a factory returning one")
     required = _required_positional(obj)
+    if required == 1 and _first_parameter(obj) == "argv":  # aiohttp's `python -m aiohttp.web mod:init_func`
+        return await build(spec, obj, ([],), {}, client_max_size)
     if required == 1:
         if not _is_async(obj):
             raise BackendError(f"{spec!r} is a plain function taking a request; handlers must be async "
@@ -129,8 +161,13 @@ async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 
     if required not in (0, None):
         raise BackendError(f"{spec!r} takes {required} arguments; expected a handler taking the request "
                            "or a factory taking none")
+    return await build(spec, obj, (), {}, client_max_size)
+
+
+async def build(spec: str, factory, args: tuple, kwargs: dict, client_max_size: int = 1024 ** 2) -> Backend:
+    """Call a (sync or async) factory; its Application, or a BackendError naming what went wrong."""
     try:
-        result = obj()
+        result = factory(*args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
     except Exception as exc:
@@ -138,6 +175,14 @@ async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 
     if not isinstance(result, web.Application):
         raise BackendError(f"factory {spec!r} returned {_kind(result)}; expected an aiohttp.web.Application")
     return Backend(limit_body(result, client_max_size))
+
+
+def _first_parameter(fn) -> str | None:
+    """The name of fn's first parameter, None when it has no inspectable signature."""
+    try:
+        return next(iter(inspect.signature(fn).parameters), None)
+    except (TypeError, ValueError):
+        return None
 
 
 def _kind(obj) -> str:

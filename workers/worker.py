@@ -35,6 +35,22 @@ def c_parser_in_use() -> bool:
     return http_parser.HttpRequestParser is not getattr(http_parser, "HttpRequestParserPy", None)
 
 
+class WorkerRunner(web.AppRunner):
+    """aiohttp's AppRunner whose on_shutdown hooks run once: the drain runs them first, cleanup() finds them done."""
+
+    __slots__ = ("_shut_down",)
+
+    def __init__(self, app: web.Application, **kwargs) -> None:
+        super().__init__(app, **kwargs)
+        self._shut_down = False
+
+    async def shutdown(self) -> None:
+        """The app's on_shutdown hooks, the first time only."""
+        if not self._shut_down:
+            self._shut_down = True
+            await super().shutdown()
+
+
 class Worker:
     """One worker process's runtime: the aiohttp runner and its hooks, wired to the channel, drain and stats."""
 
@@ -69,7 +85,7 @@ class Worker:
         try:
             backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
                                      client_max_size=self.settings["client_max_size"])
-            self.runner = web.AppRunner(
+            self.runner = WorkerRunner(
                 backend.app,
                 handle_signals=False,
                 # No aiohttp access logger: every response goes through the observer's log_access() instead
@@ -159,8 +175,19 @@ class Worker:
             self.stopped.set_result(why)
 
     async def _drain(self) -> None:
-        """No new connections; each open one closes after its next response or keep-alive expiry; report last."""
-        await self.connections.wait_idle(self.settings["graceful_timeout"])
+        """on_shutdown; no new connections, each open one closes after its next response or keep-alive expiry."""
+        grace = self.settings["graceful_timeout"]
+        deadline = self.loop.time() + grace
+        # The app's on_shutdown hooks first, where aiohttp's own runner (run_app, gunicorn's worker) runs them
+        # as a stop begins: apps close their websockets and event streams there (GOING_AWAY), which then end
+        # with a close frame instead of being cut at the graceful deadline.
+        try:
+            await asyncio.wait_for(self.runner.shutdown(), grace)
+        except asyncio.TimeoutError:
+            log.warning("on_shutdown hooks still running at --graceful-timeout %gs; cancelled", grace)
+        except Exception:
+            log.exception("an on_shutdown hook failed; draining on")
+        await self.connections.wait_idle(max(0.0, deadline - self.loop.time()))
         # Past the graceful deadline: cut what is still open now. aiohttp's cleanup would wait for each running
         # handler again (shutdown_timeout, twice), racing the master's SIGKILL, which loses the final report.
         for protocol in self.runner.server.connections:

@@ -100,6 +100,28 @@ async def slow_boot() -> web.Application:
 not_callable = 42
 
 
+def init_func(argv):
+    """aiohttp's CLI factory style (`python -m aiohttp.web testapp:init_func`): called with the extra args."""
+    assert argv == [], argv
+    return create_app()
+
+
+async def ainit_func(argv):
+    assert argv == [], argv
+    return create_app()
+
+
+def configured(name: str, *, shout: bool = False) -> web.Application:
+    """gunicorn's `module:factory(args)` spelling passes literals."""
+    app = create_app()
+
+    async def named(request: web.Request) -> web.Response:
+        return web.Response(text=name.upper() if shout else name, headers=_ident())
+
+    app.router.add_get("/name", named)
+    return app
+
+
 def two_args(a, b):
     return None
 
