@@ -354,6 +354,8 @@ def mebibytes(n: int | None) -> float | None:
 def generations(reply: dict) -> str:
     """The generation served, and where a reload stands when the served one is not the wanted one."""
     wanted, serving = reply["generation"], reply.get("serving_generation", reply["generation"])
+    if not reply.get("booted", True):
+        return f"starting (generation {wanted})"
     if serving == wanted:
         return f"generation {wanted}"
     served = "no full generation" if serving is None else f"generation {serving}"

@@ -88,7 +88,7 @@ def test_keep_alive_reuses_one_connection():
 @pytest.mark.parametrize("backend", ["testapp:create_app", "testapp:app", "testapp:async_factory",
                                      "testapp:whoami", "balancer_workers.examples.template:handler",
                                      "balancer_workers.examples.template:create_app",
-                                     "testapp:init_func", "testapp:ainit_func",  # aiohttp's (argv) factories
+                                     "testapp:init_func", "testapp:ainit_func", "testapp:init_any",  # (argv)
                                      "testapp:create_app()", "testapp:async_factory()"])  # gunicorn's spelling
 def test_backend_kinds(backend):
     with Balancer("--workers", "1", "--backend", backend) as b:
@@ -265,7 +265,11 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     (("--backend", "testapp:nosuchattr"), 3, "module 'testapp' has no attribute 'nosuchattr'"),
     (("--backend", "testapp:not_callable"), 3, "'testapp:not_callable' is an int; expected an async handler"),
     (("--backend", "testapp:two_args"), 3, "takes 2 arguments"),
-    (("--backend", "testapp:configured(os.getcwd())"), 3, "a factory call takes literal arguments only"),
+    (("--backend", "testapp:configured(os.getcwd())"), 3, "literal arguments only (e.g. myapp:create_app() or "
+                                                          "myapp:create_app('prod', debug=False)): os.getcwd() is "
+                                                          "not a literal"),
+    (("--backend", "testapp:sync_handler"), 3, "returned a Response; expected an aiohttp.web.Application; if it is "
+                                               "a handler, it must be async"),
     (("--backend", "testapp:not_callable()"), 3, "'not_callable' is an int, which cannot be called"),
     (("--backend", "testapp:configured()"), 3, "factory 'testapp:configured()' raised: TypeError"),
     (("--backend", "broken_import:app"), 3, "raised at import: RuntimeError: database URL not configured"),

@@ -63,17 +63,20 @@ def test_reload_to_broken_code_keeps_old_workers(tmp_path):
                   "--control-socket", sock) as b:
         pids = slots_pids(b)
         app.write_text("raise ImportError('half-deployed release')\n")
-        mark = b.mark()
-        b.signal(signal.SIGHUP)
-        b.wait_for("reload stopped at slot=0; old workers keep serving", 30, start=mark)
+        for _ in range(3):  # three failed reloads in a row: the slot that serves on is not crash-looping
+            mark = b.mark()
+            b.signal(signal.SIGHUP)
+            b.wait_for("reload stopped at slot=0; old workers keep serving", 30, start=mark)
         assert "half-deployed release" in b.log()
         assert fetch(b).body == b"v1" and b.proc.poll() is None
         wait_until(lambda: slots_pids(b) == pids, 10, "the failed replacement to be reaped")
         # status tells what serves (the old code) and that the reload failed, not the generation it wanted
         status = ctl("status", "--control-socket", sock, "--interval", "0")
-        assert "2/2 workers ready, generation 0 (reload to generation 1 failed" in status.stdout, status
+        assert "2/2 workers ready, generation 0 (reload to generation 3 failed" in status.stdout, status
+        assert "CRASH-LOOPING" not in status.stdout, status.stdout
         brief = json.loads(ctl("status", "--control-socket", sock, "--json", "--interval", "0").stdout)
-        assert (brief["generation"], brief["serving_generation"], brief["reload_failed"]) == (1, 0, True)
+        assert (brief["generation"], brief["serving_generation"], brief["reload_failed"]) == (3, 0, True)
+        assert not any(s["crash_looping"] for s in brief["slots"]), brief["slots"]
         # fixed code on disk: the next reload picks it up
         app.write_text("from aiohttp import web\nasync def handler(request):\n    return web.Response(text='v2')\n")
         mark = b.mark()
@@ -81,7 +84,7 @@ def test_reload_to_broken_code_keeps_old_workers(tmp_path):
         b.wait_for("rolling reload done", 30, start=mark)
         assert {fetch(b).body for _ in range(4)} == {b"v2"}
         status = ctl("status", "--control-socket", sock, "--interval", "0").stdout
-        assert "2/2 workers ready, generation 2, listening" in status, status
+        assert "2/2 workers ready, generation 4, listening" in status, status
 
 
 def test_blocked_loop_is_replaced_within_timeout_and_others_keep_serving():
@@ -295,3 +298,20 @@ def test_websockets_are_closed_by_the_apps_on_shutdown_as_a_drain_begins(tmp_pat
     # the old worker: the socket opened, on_shutdown saw it, and the slow cleanup ran to its end
     assert mine == ["ws_open", "on_shutdown", "on_cleanup_done"], lines
     assert ["on_shutdown", "open=1"] in [line[:2] for line in lines if int(line[-2]) == old]
+
+
+def test_a_request_pipelined_after_the_drain_began_is_answered_too():
+    """The close is decided as the running handler returns, not when the drain began."""
+    with Balancer("--workers", "1", "--log-level", "debug", *APP) as b:
+        host, port = b.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=15) as c:
+            c.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+            b.wait_for(r"slow request started in pid \d+", 10)
+            mark = b.mark()
+            b.signal(signal.SIGTERM)
+            b.wait_for(r"draining \(master\)", 10, start=mark)  # the worker has begun its drain
+            c.sendall(b"GET /?n=2 HTTP/1.1\r\nHost: t\r\n\r\n")  # while the slow one still runs
+            replies = read_responses(c, 2)
+        assert [status for status, _ in replies] == [200, 200], replies
+        assert [headers.get("connection") for _, headers in replies] == [None, "close"], replies
+        assert b.wait(30) == 0

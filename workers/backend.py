@@ -28,14 +28,22 @@ def split_call(spec: str, attr_path: str) -> tuple[str, tuple, dict] | None:
         name = ast.unparse(call.func)
         if not all(part.isidentifier() for part in name.split(".")):
             raise ValueError("not a dotted name")
-        args = tuple(ast.literal_eval(arg) for arg in call.args)
-        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+        args = tuple(literal(arg) for arg in call.args)
+        kwargs = {kw.arg: literal(kw.value) for kw in call.keywords if kw.arg is not None}
         if len(kwargs) != len(call.keywords):
-            raise ValueError("**kwargs")
+            raise ValueError("**kwargs is not a literal")
     except (SyntaxError, ValueError) as exc:
         raise BackendError(f"bad backend {spec!r}: a factory call takes literal arguments only "
                            f"(e.g. myapp:create_app() or myapp:create_app('prod', debug=False)): {exc}") from None
     return name, args, kwargs
+
+
+def literal(node: ast.expr):
+    """The value of a literal argument; ValueError naming the argument as written otherwise."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise ValueError(f"{ast.unparse(node)} is not a literal") from None
 
 
 def import_target(spec: str, app_dir: str = ""):
@@ -151,12 +159,12 @@ async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 
         raise BackendError(f"{spec!r} is {_kind(obj)}; expected an async handler (request) -> Response, "
                            "an aiohttp.web.Application, or a factory returning one")
     required = _required_positional(obj)
-    if required == 1 and _first_parameter(obj) == "argv":  # aiohttp's `python -m aiohttp.web mod:init_func`
-        return await build(spec, obj, ([],), {}, client_max_size)
+    if required == 1 and (not _is_async(obj) or _first_parameter(obj) == "argv"):
+        # aiohttp's `python -m aiohttp.web mod:init_func` style, called with the extra arguments (none here).
+        # A plain function cannot be a handler; an async one is a factory when its argument is named argv.
+        hint = "" if _is_async(obj) else "; if it is a handler, it must be async (async def handler(request))"
+        return await build(spec, obj, ([],), {}, client_max_size, hint)
     if required == 1:
-        if not _is_async(obj):
-            raise BackendError(f"{spec!r} is a plain function taking a request; handlers must be async "
-                               "(async def handler(request))")
         return handler_app(obj, client_max_size)
     if required not in (0, None):
         raise BackendError(f"{spec!r} takes {required} arguments; expected a handler taking the request "
@@ -164,16 +172,18 @@ async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 
     return await build(spec, obj, (), {}, client_max_size)
 
 
-async def build(spec: str, factory, args: tuple, kwargs: dict, client_max_size: int = 1024 ** 2) -> Backend:
+async def build(spec: str, factory, args: tuple, kwargs: dict, client_max_size: int = 1024 ** 2,
+                hint: str = "") -> Backend:
     """Call a (sync or async) factory; its Application, or a BackendError naming what went wrong."""
     try:
         result = factory(*args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
     except Exception as exc:
-        raise BackendError(f"factory {spec!r} raised: {type(exc).__name__}: {exc}") from exc
+        raise BackendError(f"factory {spec!r} raised: {type(exc).__name__}: {exc}{hint}") from exc
     if not isinstance(result, web.Application):
-        raise BackendError(f"factory {spec!r} returned {_kind(result)}; expected an aiohttp.web.Application")
+        raise BackendError(f"factory {spec!r} returned {_kind(result)}; expected an aiohttp.web.Application"
+                           f"{hint}")
     return Backend(limit_body(result, client_max_size))
 
 

@@ -6,6 +6,7 @@ import asyncio
 from time import perf_counter
 
 from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
 
 # Counted for a request whose handler never finished: its client went away, or the graceful deadline cut it.
@@ -45,27 +46,26 @@ class Observer:
         def handle(request):
             protocol = request._protocol
             deadlines.pop(protocol, None)  # its headers are in: the header deadline is lifted
-            if self.draining and not protocol._messages:
-                close_after(request)
             started[protocol] = (perf_counter(), request._method)
             if request._payload is not EMPTY_PAYLOAD:
                 limits.watch_body(request)  # may raise 413: aiohttp answers it, and logs it through log()
-            return guarded(inner(request))
+            return guarded(inner(request), self, protocol)
 
         return handle
 
     def drain(self) -> None:
         """From now on each connection ends after the response to the last request it has sent in full.
 
-        Requests a client pipelined behind the one running are already received: each is answered before
-        its connection closes, or it would be lost though the client did nothing wrong. So a response says
-        Connection: close only when no parsed request waits behind it on its connection.
+        Requests a client pipelined are received whole before they are answered: each is answered before its
+        connection closes, or it would be lost though the client did nothing wrong. So a response says
+        Connection: close only when, as its handler returns, no parsed request waits behind it (guarded()):
+        decided then, not when the drain began, a request pipelined while the handler ran is answered too.
         """
         self.draining = True
-        for protocol in self.started:
-            request = protocol._current_request
-            if request is not None and not protocol._messages:
-                close_after(request)
+
+    def closing(self, protocol) -> bool:
+        """True when a response now ready is to end its connection: draining, and nothing queued behind it."""
+        return self.draining and not protocol._messages
 
     def protocol_factory(self, server, loop):
         """What makes each connection's protocol: aiohttp's RequestHandler, with finish() as its log_access()."""
@@ -105,7 +105,7 @@ class Observer:
         seconds = end - started[0] if started is not None else 0.0
         stats = self.stats
         stats.observe(request._method, response._status, seconds)
-        if self.draining and not protocol._messages:  # prepared before the drain began: it went out keep-alive
+        if self.closing(protocol):  # prepared before the drain began, so it went out keep-alive: end it now
             response.force_close()
         if self.access is not None:
             self.access.log(request, response, seconds)
@@ -128,22 +128,27 @@ class HandlerExit(Exception):
     """A handler raised SystemExit, KeyboardInterrupt or another BaseException; aiohttp answers it with a 500."""
 
 
-async def guarded(handler):
+async def guarded(handler, observer: Observer, protocol):
     """Await the handler; a BaseException it raises (not a cancellation) becomes a HandlerExit.
 
     aiohttp answers an Exception with a 500 and serves on, but a SystemExit or KeyboardInterrupt (a sys.exit()
     in a handler) goes up through the event loop and ends the worker with every request it is serving, and
     another BaseException drops the connection unanswered. A cancellation stays one: it is how aiohttp
-    stops a handler whose client left.
+    stops a handler whose client left. While the worker drains, the response (or the HTTP error raised)
+    is made to end its connection when nothing is queued behind it (Observer.drain).
     """
     try:
-        return await handler
+        response = await handler
+    except HTTPException as exc:
+        if observer.closing(protocol):
+            exc.force_close()
+        raise
     except (Exception, asyncio.CancelledError):
         raise
     except BaseException as exc:
         raise HandlerExit(f"the handler raised {type(exc).__name__}: {exc}") from exc
-
-
-def close_after(request) -> None:
-    """Make request's response (unless already sent) say Connection: close, and its connection end after it."""
-    request._message = request._message._replace(should_close=True)
+    if observer.draining and not protocol._messages:
+        close = getattr(response, "force_close", None)  # not a response: aiohttp reports that as it would
+        if close is not None:
+            close()
+    return response

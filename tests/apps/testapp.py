@@ -106,6 +106,16 @@ def init_func(argv):
     return create_app()
 
 
+def init_any(args):
+    """aiohttp's CLI calls any one-argument factory with the extra args, whatever the parameter's name."""
+    return create_app()
+
+
+def sync_handler(request):
+    """A handler that forgot `async`: taken for aiohttp's init_func(argv), which it is not."""
+    return web.Response(text="never served")
+
+
 async def ainit_func(argv):
     assert argv == [], argv
     return create_app()
