@@ -31,7 +31,7 @@ def summary(master) -> dict:
             "listening": [listener.label for listener in master.listeners],
             "target": sup.target if sup else 0, "generation": sup.generation if sup else 0,
             "serving_generation": serving_generation(sup),
-            "reload_failed": bool(sup and sup.failed_generation >= sup.generation),
+            "reload_failed": bool(sup and sup.reload_failed),
             "booted": master.booted,
             "ready": sum(1 for w in sup.processes() if w.phase is Phase.READY) if sup else 0}
 
@@ -74,7 +74,6 @@ async def measure(master, interval: float) -> tuple[dict, dict, dict, float]:
 def slot_health(sup, now: float) -> list[dict]:
     """Each wanted slot (and any other with a live worker or a restart): restarts by reason, empty, crash-looping."""
     slots = set(range(sup.target)) | {w.slot for w in sup.processes()} | {slot for slot, _ in sup.restarts}
-    reload_failed = sup.failed_generation >= sup.generation
     out = []
     for slot in sorted(slots):
         serving = sup.serving(slot)
@@ -82,7 +81,7 @@ def slot_health(sup, now: float) -> list[dict]:
         failures = backoff.failures if backoff is not None else 0
         stable = serving is not None and backoff is not None and now - serving.started >= backoff.stable_after
         # Replacements of a failed reload died, not the worker that serves on: the header says the reload failed.
-        stable = stable or (reload_failed and serving is not None and serving.generation < sup.generation)
+        stable = stable or (sup.reload_failed and serving is not None and serving.generation < sup.generation)
         restarts = {reason: n for (s, reason), n in sorted(sup.restarts.items()) if s == slot and n}
         wanted = slot < sup.target
         out.append({"slot": slot, "wanted": wanted, "serving": serving.pid if serving else None,

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from balancer.config import Config, ConfigError, parse_octal
+from balancer.sources import flag_of
 
 log = logging.getLogger("balancer")
 
@@ -154,7 +155,7 @@ def check_readable(run_as: RunAs, config: Config) -> None:
                 with open(path, "rb"):
                     pass
             except OSError as exc:
-                raise ConfigError(f"--{name.replace('_', '-')} {path}: user {run_as.name} cannot read it: "
+                raise ConfigError(f"{flag_of(name)} {path}: user {run_as.name} cannot read it: "
                                   f"{exc.strerror}") from None
 
 

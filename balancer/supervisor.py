@@ -82,6 +82,11 @@ class Supervisor:
         return best
 
     @property
+    def reload_failed(self) -> bool:
+        """True while the newest generation asked for is one whose replacement could not boot."""
+        return self.failed_generation >= self.generation
+
+    @property
     def slots(self) -> list[WorkerProcess | None]:
         """The worker serving each wanted slot (None: none ready)."""
         return [self.serving(slot) for slot in range(self.target)]

@@ -47,7 +47,10 @@ def literal(node: ast.expr):
 
 
 def import_target(spec: str, app_dir: str = ""):
-    """Import module:attr (dotted attr allowed) with app_dir (or cwd) first on sys.path."""
+    """Import module:attr (dotted attr allowed) with app_dir (or cwd) first on sys.path; (it, its call or None).
+
+    The call is gunicorn's `module:factory(args)` spelling, as split_call() parses it.
+    """
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise BackendError(f"bad backend {spec!r}: expected MODULE:ATTR")
@@ -73,7 +76,7 @@ def import_target(spec: str, app_dir: str = ""):
             obj = getattr(obj, part)
         except AttributeError:
             raise BackendError(f"module {module_name!r} has no attribute {attr_path!r}") from None
-    return obj
+    return obj, call
 
 
 def _required_positional(fn) -> int | None:
@@ -147,8 +150,7 @@ def limit_body(app: web.Application, client_max_size: int) -> web.Application:
 
 async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 2) -> Backend:
     """Resolve spec to a Backend: an Application given directly, built by a (sync or async) factory, or a handler."""
-    obj = import_target(spec, app_dir)
-    call = split_call(spec, spec.partition(":")[2])
+    obj, call = import_target(spec, app_dir)
     if call is not None:  # module:factory(...): called as written, whatever its signature says
         if not callable(obj) or isinstance(obj, web.Application):
             raise BackendError(f"{spec!r}: {call[0]!r} is {_kind(obj)}, which cannot be called")

@@ -147,7 +147,7 @@ async def guarded(handler, observer: Observer, protocol):
         raise
     except BaseException as exc:
         raise HandlerExit(f"the handler raised {type(exc).__name__}: {exc}") from exc
-    if observer.draining and not protocol._messages:
+    if observer.draining and observer.closing(protocol):  # draining first: every request passes here
         close = getattr(response, "force_close", None)  # not a response: aiohttp reports that as it would
         if close is not None:
             close()
