@@ -157,8 +157,12 @@ class Config:
     pid_file: str = opt("", "write the master's pid here", metavar="PATH")
     name: str = opt("", "a name for this instance, shown by `balancer status` and in process titles, and used by "
                     "`balancer status --name` to pick it (default: its first bind)", metavar="NAME")
-    proxy_headers: bool = opt(True, "take the client's address, scheme and host from X-Forwarded-For/-Proto/-Host "
-                              "or Forwarded, only when the peer is in --forwarded-allow-ips")
+    proxy_headers: bool = opt(True, "take the client's address and scheme from X-Forwarded-For and -Proto, or "
+                              "Forwarded's for= and proto=, only when the peer is in --forwarded-allow-ips")
+    forwarded_host: bool = opt(False, "with --proxy-headers, take request.host from X-Forwarded-Host or "
+                               "Forwarded's host= too; only when the proxy sets that header itself (nginx: "
+                               "proxy_set_header X-Forwarded-Host $host), since a client's own would pass "
+                               "same-origin checks such as a WebSocket's")
     forwarded_allow_ips: str = opt("127.0.0.1", "peers trusted with proxy headers: comma-separated IPs and CIDR "
                                    "networks, or * for every peer; unix-socket peers always are", metavar="IPS")
     socket_mode: str = opt("", "permission bits of unix-socket binds, octal, e.g. 0660 (default: 0777 less the "
@@ -209,6 +213,8 @@ class Config:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         self._validate_logging()
+        if self.forwarded_host and not self.proxy_headers:
+            raise ConfigError("--forwarded-host needs --proxy-headers")
         try:
             parse_allow_ips(self.forwarded_allow_ips)
         except ValueError as exc:
@@ -261,8 +267,8 @@ class Config:
         """The subset of options a worker needs, as plain JSON-able values."""
         keys = ("backend", "app_dir", "keepalive_timeout", "header_timeout", "client_max_size", "graceful_timeout",
                 "loop", "log_level", "access_log", "tcp_keepalive", "max_requests", "max_requests_jitter",
-                "body_timeout", "body_min_rate", "proxy_headers", "forwarded_allow_ips", "proxy_protocol",
-                "cert_reqs", "ciphers", "access_log_format", "log_format")
+                "body_timeout", "body_min_rate", "proxy_headers", "forwarded_host", "forwarded_allow_ips",
+                "proxy_protocol", "cert_reqs", "ciphers", "access_log_format", "log_format")
         out = {k: getattr(self, k) for k in keys}
         from os.path import abspath
 

@@ -137,7 +137,8 @@ class Worker:
         if self.settings.get("proxy_headers"):
             # In the request factory, so the access log and error lines see the client as the handler does.
             # Off (--no-proxy-headers), nothing is added to the request path.
-            server.request_factory = ProxyHeaders(self.settings["forwarded_allow_ips"]).wrap(server.request_factory)
+            proxy = ProxyHeaders(self.settings["forwarded_allow_ips"], self.settings.get("forwarded_host", False))
+            server.request_factory = proxy.wrap(server.request_factory)
         made, lost = server.connection_made, server.connection_lost
         watch_headers, deadlines = self.limits.watch_headers, self._deadlines
         socks = self.connections.socks
