@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 
 from balancer.cpus import available_cpus
+from balancer.habits import backend_hint
 from balancer.logs import DEFAULT_ACCESS_LOG_FORMAT, LOG_FORMATS, LogSetupError, load_log_config
 from balancer.trusted import parse_allow_ips
 
@@ -37,9 +39,10 @@ def parse_octal(text: str, option: str) -> int | None:
     return int(digits, 8)
 
 
-def opt(default, help: str, *, metavar: str | None = None, repeat: bool = False, choices=None, flag=None):
-    """Declare a Config field together with what its CLI flag needs."""
-    meta = {"help": help, "metavar": metavar, "repeat": repeat, "choices": choices, "flag": flag}
+def opt(default, help: str, *, metavar: str | None = None, repeat: bool = False, choices=None, flag=None,
+        aliases: tuple[str, ...] = ()):
+    """Declare a Config field together with what its CLI flag needs (choices are case-insensitive)."""
+    meta = {"help": help, "metavar": metavar, "repeat": repeat, "choices": choices, "flag": flag, "aliases": aliases}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -154,7 +157,7 @@ class Config:
     control_socket: str = opt("", "path of the 0600 control socket (default: <--name, else the first bind>.sock in "
                                   "$XDG_RUNTIME_DIR/balancer, else $TMPDIR/balancer-<uid>)",
                               metavar="PATH")
-    pid_file: str = opt("", "write the master's pid here", metavar="PATH")
+    pid_file: str = opt("", "write the master's pid here", metavar="PATH", aliases=("--pid",))
     name: str = opt("", "a name for this instance, shown by `balancer status` and in process titles, and used by "
                     "`balancer status --name` to pick it (default: its first bind)", metavar="NAME")
     proxy_headers: bool = opt(True, "take the client's address and scheme from X-Forwarded-For and -Proto, or "
@@ -180,7 +183,10 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError naming the first option that cannot work."""
         if ":" not in self.backend or not all(self.backend.split(":", 1)):
-            raise ConfigError(f"bad --backend {self.backend!r}: expected MODULE:ATTR, e.g. myapp:handler")
+            raise ConfigError(f"bad --backend {self.backend!r}: {backend_hint(self.backend)}")
+        if self.app_dir and not os.path.isdir(self.app_dir):
+            raise ConfigError(f"--app-dir {self.app_dir}: " + ("not a directory" if os.path.exists(self.app_dir)
+                                                                else "no such directory"))
         if not self.bind:
             raise ConfigError("at least one --bind is required")
         for text in self.bind:
@@ -270,8 +276,7 @@ class Config:
                 "body_timeout", "body_min_rate", "proxy_headers", "forwarded_host", "forwarded_allow_ips",
                 "proxy_protocol", "cert_reqs", "ciphers", "access_log_format", "log_format")
         out = {k: getattr(self, k) for k in keys}
-        from os.path import abspath
-
+        abspath = os.path.abspath
         # Absolute: a worker's directory need not be ours.
         for name in ("certfile", "keyfile", "ca_certs", "log_config"):
             out[name] = abspath(getattr(self, name)) if getattr(self, name) else ""

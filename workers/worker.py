@@ -13,6 +13,7 @@ import sys
 from aiohttp import http_parser, web
 
 from balancer import wire
+from balancer.habits import refusing_run_app
 from balancer_workers.accesslog import AccessLog
 from balancer_workers.backend import BackendError, load_app, skip_router
 from balancer_workers.channel import Channel
@@ -83,8 +84,9 @@ class Worker:
         except EdgeError as exc:
             return self._boot_failed(str(exc))
         try:
-            backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
-                                     client_max_size=self.settings["client_max_size"])
+            with refusing_run_app():  # a module that ends in web.run_app(app) gets told to guard that call
+                backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
+                                         client_max_size=self.settings["client_max_size"])
             self.runner = WorkerRunner(
                 backend.app,
                 handle_signals=False,
