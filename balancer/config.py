@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from balancer.accessformat import AccessFormatError, check_format
 from balancer.cpus import available_cpus
 from balancer.habits import backend_hint
 from balancer.logs import DEFAULT_ACCESS_LOG_FORMAT, LOG_FORMATS, LogSetupError, load_log_config
@@ -237,10 +238,8 @@ class Config:
         """A bad --log-format, --access-log-format or --log-config file stops start-up with one line."""
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
-        from balancer_workers.accesslog import AccessFormatError, compile_format
-
         try:
-            compile_format(self.access_log_format)
+            check_format(self.access_log_format)
             if self.log_config:
                 load_log_config(self.log_config)
         except (AccessFormatError, LogSetupError) as exc:
@@ -248,7 +247,7 @@ class Config:
 
     def _validate_tls(self) -> None:
         """Load the TLS files once, so that a bad one stops start-up here rather than in every worker."""
-        if self.cert_reqs not in (0, 1, 2):  # as workers/tls.py CERT_REQS
+        if self.cert_reqs not in (0, 1, 2):  # as balancer/tls.py CERT_REQS
             raise ConfigError(f"--cert-reqs must be 0 (none), 1 (optional) or 2 (required), got {self.cert_reqs}")
         if not self.certfile:
             for name in ("keyfile", "ca_certs", "cert_reqs", "ciphers"):
@@ -257,7 +256,7 @@ class Config:
             return
         if self.cert_reqs and not self.ca_certs:
             raise ConfigError(f"--cert-reqs {self.cert_reqs} needs --ca-certs to verify client certificates with")
-        from balancer_workers.tls import TLSError, server_context
+        from balancer.tls import TLSError, server_context
 
         try:
             server_context(self.certfile, self.keyfile, self.ca_certs, self.cert_reqs, self.ciphers)
