@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from balancer.accessformat import AccessFormatError, check_format
 from balancer.cpus import available_cpus
+from balancer.eventloop import LOOPS, LoopUnavailable, loop_factory
 from balancer.habits import backend_hint
 from balancer.logs import DEFAULT_ACCESS_LOG_FORMAT, LOG_FORMATS, LogSetupError, load_log_config
 from balancer.trusted import parse_allow_ips
@@ -15,7 +16,6 @@ from balancer.trusted import parse_allow_ips
 DEFAULT_BACKEND = "balancer_workers.examples.hello:handler"
 # 9100 is node_exporter and 9090 Prometheus; 9359 is free in the exporter port registry.
 DEFAULT_METRICS_BIND = "127.0.0.1:9359"
-LOOPS = ("auto", "asyncio", "uvloop")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Accept coalescing: a worker with this many connections open has work queued for longer than the wait,
 # so holding new connections in the backlog for --accept-coalesce does not leave it idle.
@@ -138,7 +138,8 @@ class Config:
     proxy_protocol: bool = opt(False, "peers in --forwarded-allow-ips must begin each connection with a PROXY "
                                "protocol v1 or v2 header naming the client (else it is closed); others are served "
                                "as the clients they are")
-    loop: str = opt("auto", "event loop in the workers: auto = uvloop when installed", choices=LOOPS)
+    loop: str = opt("auto", "event loop of the master and the workers: auto = uvloop when installed",
+                    choices=LOOPS)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     access_log: bool = opt(False, "log every request from the workers, to stdout (as --access-logfile -)")
     access_logfile: str = opt("", "log every request from the workers to FILE, '-' for stdout; reopened on SIGUSR1 "
@@ -217,6 +218,10 @@ class Config:
                               f"got {self.accept_coalesce}")
         if self.loop not in LOOPS:
             raise ConfigError(f"--loop must be one of {', '.join(LOOPS)}")
+        try:
+            loop_factory(self.loop)
+        except LoopUnavailable as exc:
+            raise ConfigError(str(exc)) from None
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         self._validate_logging()

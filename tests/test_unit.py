@@ -445,6 +445,24 @@ def test_the_master_and_the_workers_import_nothing_of_each_others_world():
         assert r.returncode == 0 and r.stdout.strip() == "[]", (code, r.stdout, r.stderr)
 
 
+def test_one_loop_chooser_for_master_and_workers(monkeypatch):
+    import asyncio
+
+    import balancer.master
+    import balancer_workers.__main__
+    from balancer import eventloop
+
+    assert balancer.master.loop_factory is balancer_workers.__main__.loop_factory is eventloop.loop_factory
+    assert eventloop.loop_factory("asyncio") is asyncio.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import uvloop raises ImportError
+    assert eventloop.loop_factory("auto") is asyncio.new_event_loop
+    with pytest.raises(eventloop.LoopUnavailable):
+        eventloop.loop_factory("uvloop")
+    # The master refuses it at start-up (exit 2), as the workers would, instead of running asyncio itself.
+    with pytest.raises(ConfigError, match="--loop uvloop, but uvloop is not installed"):
+        Config(loop="uvloop")
+
+
 def test_wire_codecs_roundtrip_and_reject_garbage():
     ids, fams = [1, 2, 4_000_000_000], [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX]
     assert wire.decode_handoff(wire.encode_handoff(ids, fams)) == (ids, fams)
