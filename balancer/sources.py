@@ -118,6 +118,9 @@ def file_values(path: str) -> dict[str, tuple[object, Origin]]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
+        if path.endswith(".py"):  # gunicorn -c gunicorn.conf.py
+            raise ConfigError(f"bad config file {path}: balancer reads TOML (keys: the long option names, e.g. "
+                              "workers = 4), not a Python file as gunicorn does") from None
         raise ConfigError(f"bad config file {path}: {exc}") from None
     by_name = {f.name: f for f in option_fields()}
     out: dict[str, tuple[object, Origin]] = {}

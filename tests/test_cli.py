@@ -143,6 +143,13 @@ def test_habit_flags_through_the_real_cli():
     assert_one_error(balancer("app:app", "-D"), "-D is gunicorn's; balancer stays in the foreground")
 
 
+def test_a_gunicorn_python_config_file_is_told_balancer_reads_toml(tmp_path):
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text('bind = "127.0.0.1:8000"\nworkers = 2\nimport multiprocessing\n')
+    assert_one_error(balancer("config", "-c", str(conf)), f"bad config file {conf}: balancer reads TOML (keys: the "
+                                                          "long option names, e.g. workers = 4), not a Python file")
+
+
 def test_log_level_and_other_choices_take_any_case(tmp_path):
     conf = tmp_path / "b.toml"
     conf.write_text('log_format = "JSON"\n')
