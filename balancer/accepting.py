@@ -11,6 +11,7 @@ import time
 from balancer import handoff
 from balancer.config import COALESCE_BUSY
 from balancer.dispatch import Link
+from balancer.errnos import RESOURCE_ERRNOS  # accept() errors: back off, keep serving
 from balancer.listeners import Listener
 
 log = logging.getLogger("balancer")
@@ -21,8 +22,6 @@ CAPACITY_POLL = 0.002
 # accept() errors that concern one connection only: skip it and keep accepting (see trio's list).
 SKIP_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH))
-# accept() errors that mean the process or system is out of resources: back off, keep serving.
-RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 class AcceptPath:

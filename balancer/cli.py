@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 
 from balancer import __version__
 from balancer.config import Config, ConfigError, option_fields
+from balancer.habits import HABITS, looks_like_module
 from balancer.logs import LogSetupError, StartupHold, setup_master_logging
 from balancer.signals import HANDLED_SIGNALS
 from balancer.sources import Resolved, config_file_of, default_of, describe, flag_of, resolve
@@ -30,6 +32,12 @@ HELP = {
 
 class CliParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2, like every other start-up failure."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # No prefix matching: --pid meaning --pid-file by accident would change meaning once another --pid...
+        # option came, and a flag of another server must not be taken for a prefix of one of ours.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"balancer: error: {message} (see {self.prog} --help)\n")
@@ -61,8 +69,22 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs.update(type=type(default), metavar=meta.get("metavar"))
             if meta.get("choices"):
-                kwargs["choices"] = meta["choices"]
-        parser.add_argument(*flags, **kwargs)
+                kwargs.update(choices=meta["choices"], type=str.lower)  # --log-level INFO, as gunicorn takes
+        parser.add_argument(*flags, *meta.get("aliases", ()), **kwargs)
+    for habit in HABITS:
+        parser.add_argument(*habit.flags, action=HabitAction, habit=habit)
+
+
+class HabitAction(argparse.Action):
+    """Another server's flag (balancer/habits.py): one line naming balancer's equivalent, exit 2."""
+
+    def __init__(self, option_strings, dest, habit, **kwargs) -> None:
+        # nargs="?": --keep-alive=5 and --keep-alive 5 alike reach the one line, not a complaint about the value.
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.habit = habit
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(self.habit.message(option_string))
 
 
 def build_parser(prog: str = "balancer run") -> argparse.ArgumentParser:
@@ -99,13 +121,19 @@ def build_cli(command: str = "") -> argparse.ArgumentParser:
 
 
 def _implicit_run(argv: list[str]) -> list[str]:
-    """`balancer --backend x` and `balancer myapp:app` mean `balancer run ...`; a bare word stays a subcommand."""
+    """`balancer --backend x` and `balancer myapp:app` mean `balancer run ...`; so does `balancer app.py`.
+
+    A bare word that is close to a subcommand stays one, so that a typo gets argparse's list of them; another
+    module-like word (app, app.py, src/app.py) goes to run as a backend, which says it needs MODULE:ATTR.
+    """
     if not argv:
         return ["run"]
     first = argv[0]
-    if first in ("-h", "--help", "--version"):
+    if first in ("-h", "--help", "--version") or first in COMMANDS:
         return argv
-    if first.startswith("-") or (":" in first and first not in COMMANDS):
+    if first.startswith("-") or ":" in first:
+        return ["run", *argv]
+    if looks_like_module(first) and not difflib.get_close_matches(first, COMMANDS, n=1):
         return ["run", *argv]
     return argv
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 
+from balancer.accessformat import AccessFormatError, check_format
 from balancer.cpus import available_cpus
+from balancer.eventloop import LOOPS, LoopUnavailable, loop_factory
+from balancer.habits import backend_hint
 from balancer.logs import DEFAULT_ACCESS_LOG_FORMAT, LOG_FORMATS, LogSetupError, load_log_config
 from balancer.trusted import parse_allow_ips
 
 DEFAULT_BACKEND = "balancer_workers.examples.hello:handler"
 # 9100 is node_exporter and 9090 Prometheus; 9359 is free in the exporter port registry.
 DEFAULT_METRICS_BIND = "127.0.0.1:9359"
-LOOPS = ("auto", "asyncio", "uvloop")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Accept coalescing: a worker with this many connections open has work queued for longer than the wait,
 # so holding new connections in the backlog for --accept-coalesce does not leave it idle.
@@ -37,9 +40,10 @@ def parse_octal(text: str, option: str) -> int | None:
     return int(digits, 8)
 
 
-def opt(default, help: str, *, metavar: str | None = None, repeat: bool = False, choices=None, flag=None):
-    """Declare a Config field together with what its CLI flag needs."""
-    meta = {"help": help, "metavar": metavar, "repeat": repeat, "choices": choices, "flag": flag}
+def opt(default, help: str, *, metavar: str | None = None, repeat: bool = False, choices=None, flag=None,
+        aliases: tuple[str, ...] = ()):
+    """Declare a Config field together with what its CLI flag needs (choices are case-insensitive)."""
+    meta = {"help": help, "metavar": metavar, "repeat": repeat, "choices": choices, "flag": flag, "aliases": aliases}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -134,7 +138,8 @@ class Config:
     proxy_protocol: bool = opt(False, "peers in --forwarded-allow-ips must begin each connection with a PROXY "
                                "protocol v1 or v2 header naming the client (else it is closed); others are served "
                                "as the clients they are")
-    loop: str = opt("auto", "event loop in the workers: auto = uvloop when installed", choices=LOOPS)
+    loop: str = opt("auto", "event loop of the master and the workers: auto = uvloop when installed",
+                    choices=LOOPS)
     log_level: str = opt("info", "log level", choices=LOG_LEVELS)
     access_log: bool = opt(False, "log every request from the workers, to stdout (as --access-logfile -)")
     access_logfile: str = opt("", "log every request from the workers to FILE, '-' for stdout; reopened on SIGUSR1 "
@@ -154,11 +159,15 @@ class Config:
     control_socket: str = opt("", "path of the 0600 control socket (default: <--name, else the first bind>.sock in "
                                   "$XDG_RUNTIME_DIR/balancer, else $TMPDIR/balancer-<uid>)",
                               metavar="PATH")
-    pid_file: str = opt("", "write the master's pid here", metavar="PATH")
+    pid_file: str = opt("", "write the master's pid here", metavar="PATH", aliases=("--pid",))
     name: str = opt("", "a name for this instance, shown by `balancer status` and in process titles, and used by "
                     "`balancer status --name` to pick it (default: its first bind)", metavar="NAME")
-    proxy_headers: bool = opt(True, "take the client's address, scheme and host from X-Forwarded-For/-Proto/-Host "
-                              "or Forwarded, only when the peer is in --forwarded-allow-ips")
+    proxy_headers: bool = opt(True, "take the client's address and scheme from X-Forwarded-For and -Proto, or "
+                              "Forwarded's for= and proto=, only when the peer is in --forwarded-allow-ips")
+    forwarded_host: bool = opt(False, "with --proxy-headers, take request.host from X-Forwarded-Host or "
+                               "Forwarded's host= too; only when the proxy sets that header itself (nginx: "
+                               "proxy_set_header X-Forwarded-Host $host), since a client's own would pass "
+                               "same-origin checks such as a WebSocket's")
     forwarded_allow_ips: str = opt("127.0.0.1", "peers trusted with proxy headers: comma-separated IPs and CIDR "
                                    "networks, or * for every peer; unix-socket peers always are", metavar="IPS")
     socket_mode: str = opt("", "permission bits of unix-socket binds, octal, e.g. 0660 (default: 0777 less the "
@@ -176,7 +185,10 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError naming the first option that cannot work."""
         if ":" not in self.backend or not all(self.backend.split(":", 1)):
-            raise ConfigError(f"bad --backend {self.backend!r}: expected MODULE:ATTR, e.g. myapp:handler")
+            raise ConfigError(f"bad --backend {self.backend!r}: {backend_hint(self.backend)}")
+        if self.app_dir and not os.path.isdir(self.app_dir):
+            raise ConfigError(f"--app-dir {self.app_dir}: " + ("not a directory" if os.path.exists(self.app_dir)
+                                                                else "no such directory"))
         if not self.bind:
             raise ConfigError("at least one --bind is required")
         for text in self.bind:
@@ -206,9 +218,15 @@ class Config:
                               f"got {self.accept_coalesce}")
         if self.loop not in LOOPS:
             raise ConfigError(f"--loop must be one of {', '.join(LOOPS)}")
+        try:
+            loop_factory(self.loop)
+        except LoopUnavailable as exc:
+            raise ConfigError(str(exc)) from None
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         self._validate_logging()
+        if self.forwarded_host and not self.proxy_headers:
+            raise ConfigError("--forwarded-host needs --proxy-headers")
         try:
             parse_allow_ips(self.forwarded_allow_ips)
         except ValueError as exc:
@@ -225,10 +243,8 @@ class Config:
         """A bad --log-format, --access-log-format or --log-config file stops start-up with one line."""
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
-        from balancer_workers.accesslog import AccessFormatError, compile_format
-
         try:
-            compile_format(self.access_log_format)
+            check_format(self.access_log_format)
             if self.log_config:
                 load_log_config(self.log_config)
         except (AccessFormatError, LogSetupError) as exc:
@@ -236,7 +252,7 @@ class Config:
 
     def _validate_tls(self) -> None:
         """Load the TLS files once, so that a bad one stops start-up here rather than in every worker."""
-        if self.cert_reqs not in (0, 1, 2):  # as workers/tls.py CERT_REQS
+        if self.cert_reqs not in (0, 1, 2):  # as balancer/tls.py CERT_REQS
             raise ConfigError(f"--cert-reqs must be 0 (none), 1 (optional) or 2 (required), got {self.cert_reqs}")
         if not self.certfile:
             for name in ("keyfile", "ca_certs", "cert_reqs", "ciphers"):
@@ -245,7 +261,7 @@ class Config:
             return
         if self.cert_reqs and not self.ca_certs:
             raise ConfigError(f"--cert-reqs {self.cert_reqs} needs --ca-certs to verify client certificates with")
-        from balancer_workers.tls import TLSError, server_context
+        from balancer.tls import TLSError, server_context
 
         try:
             server_context(self.certfile, self.keyfile, self.ca_certs, self.cert_reqs, self.ciphers)
@@ -261,11 +277,10 @@ class Config:
         """The subset of options a worker needs, as plain JSON-able values."""
         keys = ("backend", "app_dir", "keepalive_timeout", "header_timeout", "client_max_size", "graceful_timeout",
                 "loop", "log_level", "access_log", "tcp_keepalive", "max_requests", "max_requests_jitter",
-                "body_timeout", "body_min_rate", "proxy_headers", "forwarded_allow_ips", "proxy_protocol",
-                "cert_reqs", "ciphers", "access_log_format", "log_format")
+                "body_timeout", "body_min_rate", "proxy_headers", "forwarded_host", "forwarded_allow_ips",
+                "proxy_protocol", "cert_reqs", "ciphers", "access_log_format", "log_format")
         out = {k: getattr(self, k) for k in keys}
-        from os.path import abspath
-
+        abspath = os.path.abspath
         # Absolute: a worker's directory need not be ours.
         for name in ("certfile", "keyfile", "ca_certs", "log_config"):
             out[name] = abspath(getattr(self, name)) if getattr(self, name) else ""

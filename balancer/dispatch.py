@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-import errno
 import socket
 import time
 from collections import deque
 from typing import Callable
 
 from balancer import board, handoff, speedups, wire
+from balancer.errnos import PEER_GONE_ERRNOS
 
 
 class Phase(enum.Enum):
@@ -19,11 +19,6 @@ class Phase(enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     EXITED = "exited"
-
-
-# Send errors that say the worker's end is gone; any other error (ENOBUFS, ENOMEM) is the kernel being short of
-# memory for a moment: the worker rests until the next tick and its fds go elsewhere, it is not given up.
-PEER_GONE_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ECONNREFUSED))
 
 
 def fill_py(loads: list[int], rooms: list[int], start: int, count: int) -> tuple[list[int], int, int]:

@@ -17,6 +17,7 @@ from balancer.accepting import AcceptPath
 from balancer.commands import MasterCommands
 from balancer.config import Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher
+from balancer.eventloop import loop_factory
 from balancer.listeners import Listener, open_listeners
 from balancer.logs import log_file_paths
 from balancer.process import BootError, spawn_process, worker_env
@@ -361,15 +362,7 @@ def run_master(config: Config, loop_choice: str = "auto", reread: Callable[[], C
     """Run a master to completion; returns its exit code. startup: a logs.StartupHold to release once serving."""
     raise_fd_limit(config.worker_connections)
     master = Master(config, reread, startup)
-    factory = asyncio.new_event_loop
-    if loop_choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-
-            factory = uvloop.new_event_loop
-        except ImportError:
-            pass
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(loop_choice)) as runner:
         return runner.run(master.run())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.metadata
 import logging
 import os
@@ -18,13 +19,12 @@ from balancer import __version__, handoff
 from balancer.board import BUCKETS
 from balancer.config import parse_bind
 from balancer.dispatch import Phase
+from balancer.errnos import RESOURCE_ERRNOS
 from balancer.scrape import Reply, ScrapeServer
 
 log = logging.getLogger("balancer")
 
 RESTART_REASONS = ("crash", "timeout", "reload", "recycle", "scale")
-# Created at zero so that rate() and increase() see the very first one.
-RESOURCE_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 # Samples of the backend's own metrics that only grow: folded into the slot's base when a worker exits.
 FOLDED = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
 TEXT = "text/plain; charset=utf-8"
@@ -241,7 +241,8 @@ class MetricsServer:
         figs = sorted(self.figures().items())
         yield counter("balancer_connections_accepted", "Connections accepted by the master.", master.accepted)
         errors = CounterMetricFamily("balancer_accept_errors", "accept() failures by errno.", labels=["errno"])
-        for name in sorted(set(RESOURCE_ERRNOS) | set(master.accept_errors)):
+        # The resource errors are there at zero from the start, so that rate() and increase() see the first one.
+        for name in sorted({errno.errorcode[e] for e in RESOURCE_ERRNOS} | set(master.accept_errors)):
             errors.add_metric([name], master.accept_errors.get(name, 0))
         yield errors
         yield counter("balancer_accept_paused_seconds",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import errno
 import logging
 import os
 import signal
 from typing import Callable
+
+from balancer.errnos import RESOURCE_ERRNOS
 
 log = logging.getLogger("balancer")
 
@@ -80,7 +81,7 @@ class OrphanReaper:
         try:
             n = self._reap_listed() if self.listed else self._reap_peeked()
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            if exc.errno not in RESOURCE_ERRNOS:
                 raise
             # Out of fds (the accept path backs off and says so): /proc cannot be read now. An orphan waits
             # as a zombie until the next SIGCHLD or tick; a traceback every tick would only fill the log.

@@ -16,7 +16,6 @@ CONFIG_ENV = "BALANCER_CONFIG"  # the file, when -c/--config is not given
 CONCURRENCY_ENV = "WEB_CONCURRENCY"  # the worker count gunicorn, uvicorn and Heroku-style platforms set
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
-SOURCES = ("default", "file", "env", "cli")  # lowest precedence first
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,12 @@ def from_text(f, text: str, where: str):
         except ValueError:
             raise ConfigError(f"bad {where} {text!r}: expected {'an integer' if kind is int else 'a number'}") \
                 from None
-    return text
+    return chosen(f, text)
+
+
+def chosen(f, text: str) -> str:
+    """A value of a field with choices in lower case (INFO is info, as the command line takes it); others as is."""
+    return text.lower() if f.metadata.get("choices") else text
 
 
 def from_toml(f, value, where: str):
@@ -87,7 +91,7 @@ def from_toml(f, value, where: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
-        return value
+        return chosen(f, value) if kind is str else value
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     raise ConfigError(f"bad {where} {value!r}: expected {names[kind]}")
 
@@ -114,6 +118,9 @@ def file_values(path: str) -> dict[str, tuple[object, Origin]]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
+        if path.endswith(".py"):  # gunicorn -c gunicorn.conf.py
+            raise ConfigError(f"bad config file {path}: balancer reads TOML (keys: the long option names, e.g. "
+                              "workers = 4), not a Python file as gunicorn does") from None
         raise ConfigError(f"bad config file {path}: {exc}") from None
     by_name = {f.name: f for f in option_fields()}
     out: dict[str, tuple[object, Origin]] = {}

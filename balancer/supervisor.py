@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -15,6 +14,7 @@ from balancer import wire
 from balancer.backoff import Backoff
 from balancer.config import Config
 from balancer.dispatch import Dispatcher, Phase
+from balancer.errnos import PEER_GONE_ERRNOS
 from balancer.pool import Wanted, plan
 from balancer.process import BootError, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
 
@@ -158,7 +158,7 @@ class Supervisor:
                 log.info("worker slot=%d pid=%d ready", w.slot, w.pid)
                 self.changed()
         elif kind == wire.REFUSE:
-            self.dispatcher.on_refuse(w.link, wire.decode_ids(msg))
+            self.dispatcher.on_refuse(w.link, wire.decode_refuse(msg))
             self.on_capacity()
         elif kind == wire.BOOT_ERROR:
             text = str(wire.decode_json(msg))
@@ -387,7 +387,7 @@ class Supervisor:
         try:
             wire.send_fds(w.channel, bytes((wire.DRAIN,)), [])
         except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            if exc.errno not in PEER_GONE_ERRNOS:
                 w.signal(signal.SIGTERM)  # channel full or short of memory: the signal does the same
 
     def _dismiss(self, w: WorkerProcess, reason: str, signum: int) -> None:

@@ -65,18 +65,18 @@ def decode_handoff(msg: bytes) -> tuple[list[int], list[int]]:
     return ids.tolist(), list(msg[end:])
 
 
-def encode_ids(kind: int, ids: list[int]) -> bytes:
+def encode_refuse(ids: list[int]) -> bytes:
     """Pack a REFUSE message: the ids of a handoff the worker did not take."""
-    return _COUNT.pack(kind, len(ids)) + array.array("I", ids).tobytes()
+    return _COUNT.pack(REFUSE, len(ids)) + array.array("I", ids).tobytes()
 
 
-def decode_ids(msg: bytes) -> list[int]:
+def decode_refuse(msg: bytes) -> list[int]:
     """Unpack a REFUSE message into its ids."""
     if len(msg) < _COUNT.size:
-        raise ProtocolError("short id list")
+        raise ProtocolError("short refuse")
     _, n = _COUNT.unpack_from(msg)
     if len(msg) != _COUNT.size + 4 * n:
-        raise ProtocolError(f"id list of {n} has {len(msg)} bytes")
+        raise ProtocolError(f"refuse of {n} ids has {len(msg)} bytes")
     ids = array.array("I")
     ids.frombytes(msg[_COUNT.size:])
     return ids.tolist()

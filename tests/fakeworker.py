@@ -10,7 +10,6 @@ ECONNRESET first) and its held fds, then the pidfd (here a pipe) becomes readabl
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import signal
 import socket
@@ -18,10 +17,10 @@ from collections import deque
 from typing import Callable
 
 from balancer import board, wire
+from balancer.errnos import PEER_GONE_ERRNOS
 from balancer.dispatch import Link
 from balancer.process import WorkerProcess
 
-PEER_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED, errno.EBADF))
 
 
 class FakeClock:
@@ -130,7 +129,7 @@ class FakeWorker:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in PEER_GONE:
+                if exc.errno in PEER_GONE_ERRNOS:
                     self.outbox.clear()
                     self._master_gone()
                     return
@@ -190,7 +189,7 @@ class FakeWorker:
         assert len(fds) == len(ids) and not truncated, f"handoff of {len(ids)} ids carried {len(fds)} fds"
         if verdict == "refuse" or self.state == "draining":
             wire.close_all(fds)
-            self.send(wire.encode_ids(wire.REFUSE, ids))  # the ids first, then the count that says so
+            self.send(wire.encode_refuse(ids))  # the ids first, then the count that says so
             self.refused += 1
             self.publish()
             self.events.append(f"refused {len(ids)}")

@@ -78,7 +78,8 @@ def test_forwarded_elements_quoted_ipv6_and_the_client_element():
 
 @pytest.mark.parametrize("backend", [BARE, APPLICATION], ids=["bare-handler", "application"])
 def test_trusted_peer_sets_remote_scheme_host_for_every_backend_kind(backend):
-    with Balancer("--workers", "1", *backend) as b:  # default --forwarded-allow-ips 127.0.0.1: we are trusted
+    # default --forwarded-allow-ips 127.0.0.1: we are trusted; the host is believed with --forwarded-host only
+    with Balancer("--workers", "1", "--forwarded-host", *backend) as b:
         resp, seen = get(b, {"X-Forwarded-For": "203.0.113.7, 127.0.0.1", "X-Forwarded-Proto": "https",
                              "X-Forwarded-Host": "shop.example:8443"})
         assert seen["remote"] == "203.0.113.7"
@@ -123,3 +124,31 @@ def test_no_proxy_headers_ignores_them_even_from_trusted_peers():
         _, seen = get(b, {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https",
                           "Forwarded": "for=203.0.113.8"})
         assert (seen["remote"], seen["scheme"]) == ("127.0.0.1", "http")
+
+
+def test_forwarded_host_is_believed_only_when_asked_for():
+    # uvicorn's default: a trusted proxy's X-Forwarded-For and -Proto count, but a Host the client chose (an
+    # X-Forwarded-Host nginx passed through) must not pass a same-origin check that compares with request.host.
+    forged = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"}
+    with Balancer("--workers", "1", *BARE) as b:
+        real = f"127.0.0.1:{b.port}"
+        _, seen = get(b, forged)
+        assert (seen["remote"], seen["scheme"], seen["host"]) == ("203.0.113.7", "https", real)
+        assert seen["url"] == f"https://{real}/x?q=1"
+        _, seen = get(b, {"Forwarded": 'for=203.0.113.8;proto=https;host="evil.example"'})
+        assert (seen["remote"], seen["scheme"], seen["host"]) == ("203.0.113.8", "https", real)
+        # X-Forwarded-Host alone is no X-Forwarded-* header that counts: Forwarded is still read.
+        _, seen = get(b, {"X-Forwarded-Host": "evil.example", "Forwarded": "for=203.0.113.9"})
+        assert (seen["remote"], seen["host"]) == ("203.0.113.9", real)
+        _, seen = get(b, {"X-Forwarded-Host": "evil.example"})
+        assert (seen["remote"], seen["host"]) == ("127.0.0.1", real)
+    with Balancer("--workers", "1", *BARE, env={"BALANCER_FORWARDED_HOST": "1"}) as b:  # opted in
+        _, seen = get(b, forged)
+        assert (seen["remote"], seen["scheme"], seen["host"]) == ("203.0.113.7", "https", "evil.example")
+
+
+def test_forwarded_host_needs_proxy_headers():
+    from tests.test_config_sources import assert_one_error, balancer
+
+    assert_one_error(balancer("config", "--no-proxy-headers", "--forwarded-host"),
+                     "--forwarded-host needs --proxy-headers")

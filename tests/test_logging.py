@@ -19,8 +19,9 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from balancer.accessformat import AccessFormatError
 from balancer.logs import DEFAULT_ACCESS_LOG_FORMAT
-from balancer_workers.accesslog import AccessFormatError, AccessLog, compile_format
+from balancer_workers.accesslog import AccessLog, compile_format
 from tests.harness import HERE, SERVING, Balancer, unix_request
 from tests.test_sockets_privileges import accounts, python_for_others, shared_dir  # noqa: F401 (fixtures)
 

@@ -145,7 +145,7 @@ def test_refuses_while_draining_and_master_keeps_the_fd(master):
     client, server = master.connection()
     ids = master.handoff([server])
     msg = master.recv((wire.REFUSE,))
-    assert wire.decode_ids(msg) == ids
+    assert wire.decode_refuse(msg) == ids
     master.wait_board(refused=1)
     client.sendall(b"ping")  # our copy is intact: another worker could serve it
     assert server.recv(4) == b"ping"
@@ -162,7 +162,7 @@ def test_truncated_fds_are_all_closed_and_refused(master):
     pairs = [master.connection() for _ in range(wire.MAX_FDS_PER_MSG + 6)]
     ids = master.handoff([s for _, s in pairs])  # more fds than the worker has room for: MSG_CTRUNC
     msg = master.recv()
-    assert msg[0] == wire.REFUSE and wire.decode_ids(msg) == ids
+    assert msg[0] == wire.REFUSE and wire.decode_refuse(msg) == ids
     master.wait_board(refused=1)
     assert fd_count(master.proc.pid) == baseline
     for client, server in pairs:  # still ours: the worker never touched them

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -432,15 +434,44 @@ def test_cli_bad_value_raises_config_error():
         parse_config(["--workers", "0"])
 
 
+def test_the_master_and_the_workers_import_nothing_of_each_others_world():
+    # Shared pieces (wire, board, tls, the access-log syntax...) live in balancer/ and import neither side.
+    master = ("import sys, balancer.cli, balancer.master, balancer.config as c; c.Config(access_log=True); "
+              "print(sorted(m for m in sys.modules if m.startswith('balancer_workers')))")
+    worker = ("import sys, balancer_workers.__main__, balancer_workers.worker; print(sorted(m for m in sys.modules if "
+              "m in ('balancer.config', 'balancer.master', 'balancer.cli', 'balancer.supervisor', 'balancer.dispatch')))")
+    for code in (master, worker):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == "[]", (code, r.stdout, r.stderr)
+
+
+def test_one_loop_chooser_for_master_and_workers(monkeypatch):
+    import asyncio
+
+    import balancer.master
+    import balancer_workers.__main__
+    from balancer import eventloop
+
+    assert balancer.master.loop_factory is balancer_workers.__main__.loop_factory is eventloop.loop_factory
+    assert eventloop.loop_factory("asyncio") is asyncio.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import uvloop raises ImportError
+    assert eventloop.loop_factory("auto") is asyncio.new_event_loop
+    with pytest.raises(eventloop.LoopUnavailable):
+        eventloop.loop_factory("uvloop")
+    # The master refuses it at start-up (exit 2), as the workers would, instead of running asyncio itself.
+    with pytest.raises(ConfigError, match="--loop uvloop, but uvloop is not installed"):
+        Config(loop="uvloop")
+
+
 def test_wire_codecs_roundtrip_and_reject_garbage():
     ids, fams = [1, 2, 4_000_000_000], [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX]
     assert wire.decode_handoff(wire.encode_handoff(ids, fams)) == (ids, fams)
-    assert wire.decode_ids(wire.encode_ids(wire.REFUSE, ids)) == ids
+    assert wire.decode_refuse(wire.encode_refuse(ids)) == ids
     assert wire.decode_json(wire.encode_json(wire.BEAT, {"a": 1})) == {"a": 1}
     for bad in (b"H", wire.encode_handoff(ids, fams)[:-1], b"H\x05\x00"):
         with pytest.raises(wire.ProtocolError):
             wire.decode_handoff(bad)
     with pytest.raises(wire.ProtocolError):
-        wire.decode_ids(b"R\x02\x00\x01")
+        wire.decode_refuse(b"R\x02\x00\x01")
     with pytest.raises(wire.ProtocolError):
         wire.decode_json(b"B{nope")

@@ -114,7 +114,8 @@ def test_transient_send_errors_are_retried_in_order_and_nothing_is_dropped(error
         rig.channel.send_beat(beat(2))  # replaces the beat still waiting: each carries the totals so far
         got = await rig.recv(3)
         assert [m[0] for m in got] == [wire.REFUSE, wire.REFUSE, wire.BEAT]
-        assert [wire.decode_ids(got[0]), wire.decode_ids(got[1]), wire.decode_json(got[2])] == [[7], [8], {"count": 2}]
+        assert [wire.decode_refuse(got[0]), wire.decode_refuse(got[1]), wire.decode_json(got[2])] == \
+            [[7], [8], {"count": 2}]
         assert board.unpack(rig.board[board.HANDLED]) == (2, 2)  # published once the refusals were out
         assert not rig.channel.gone and not rig.gone.done()
         rig.channel.send(b"Yafter")  # and the channel still works as normal
@@ -141,7 +142,7 @@ def test_a_full_channel_holds_reports_in_order_and_the_count_waits_for_its_refus
         assert rig.board[board.HANDLED] == 0  # the REFUSE is not out yet, so neither is the count covering it
         got = await rig.recv(filler + 2)  # the master reads again; the writer wakes the channel
         assert [wire.decode_json(m)["count"] for m in got[:filler + 1]] == list(range(filler)) + [-1]
-        assert wire.decode_ids(got[-1]) == [7]
+        assert wire.decode_refuse(got[-1]) == [7]
         deadline = loop.time() + 5
         while rig.board[board.HANDLED] == 0:  # published once the outbox emptied
             assert loop.time() < deadline, "the ack count was never published"

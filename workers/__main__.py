@@ -13,6 +13,7 @@ import socket
 import sys
 
 from balancer import board, proctitle
+from balancer.eventloop import LoopUnavailable, loop_factory
 from balancer.logs import LogSetupError
 from balancer_workers.accesslog import reopen_on_sigusr1, setup_worker_logging
 
@@ -27,19 +28,6 @@ def die_with_master(master_pid: int) -> None:
         pass
     if os.getppid() != master_pid:  # it died before prctl took effect
         sys.exit(0)
-
-
-def loop_factory(choice: str):
-    """The event loop constructor for --loop (auto = uvloop when installed)."""
-    if choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise SystemExit("balancer worker: --loop uvloop but uvloop is not installed")
-            return asyncio.new_event_loop
-        return uvloop.new_event_loop
-    return asyncio.new_event_loop
 
 
 def main() -> int:
@@ -81,7 +69,11 @@ def main() -> int:
             # must not kill a worker on its way out, nor a late SIGTERM turn its exit into a crash.
             signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGTERM))
 
-    with asyncio.Runner(loop_factory=loop_factory(settings.get("loop", "auto"))) as runner:
+    try:  # the master checked it too: this fails only if uvloop went away since
+        factory = loop_factory(settings.get("loop", "auto"))
+    except LoopUnavailable as exc:
+        raise SystemExit(f"balancer worker: {exc}") from None
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(run())
 
 

@@ -6,20 +6,14 @@ import base64
 import binascii
 import logging
 import os
-import re
 import signal
 import sys
 import time
 
 from balancer import logs
+from balancer.accessformat import tokens
 
-# %(name)s with a gunicorn atom, %({Header}i)s, %({Header}o)s, %({VAR}e)s; %% is a percent sign.
-_TOKEN = re.compile(r"%\((\{[^}]*\}[ioe]|[A-Za-z]+)\)s|%%|%")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-class AccessFormatError(ValueError):
-    """An --access-log-format that is not gunicorn's %(atom)s syntax."""
 
 
 def clean(value: str) -> str:
@@ -119,14 +113,11 @@ def compile_format(fmt: str) -> tuple[str, tuple]:
     renders them) go into the template as text, so a line costs one call per dynamic atom and one %.
     """
     template, getters, pos = [], [], 0
-    for m in _TOKEN.finditer(fmt):
+    for m in tokens(fmt):  # balancer.accessformat.AccessFormatError at a lone '%'
         template.append(fmt[pos:m.start()])
         pos = m.end()
         atom = m.group(1)
-        if atom is None:
-            if m.group() == "%":
-                raise AccessFormatError(f"bad --access-log-format {fmt!r}: a '%' at {m.start()} starts no "
-                                        "%(atom)s; write %% for a percent sign")
+        if atom is None:  # %%
             template.append("%%")
             continue
         static = None

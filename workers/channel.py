@@ -10,13 +10,12 @@ import time
 from collections import deque
 
 from balancer import board, wire
+from balancer.errnos import PEER_GONE_ERRNOS
 
 log = logging.getLogger("balancer.worker")
 
-# send() errors that mean the master's end is closed. Every other error (ENOBUFS, ENOMEM: the kernel is short
-# of memory for a moment) is retried later, in order, because a dropped ack or REFUSE would lose connections.
-PEER_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED, errno.EBADF,
-                       errno.ENOTSOCK))
+# Send errors other than PEER_GONE_ERRNOS are retried later, in order: a dropped ack or REFUSE would lose
+# connections.
 RETRY_FIRST = 0.01  # seconds before the first retry after a transient send error, doubling up to RETRY_MAX
 RETRY_MAX = 1.0
 FLUSH_TIMEOUT = 5.0  # seconds the last reports may wait for room before the worker exits anyway
@@ -26,7 +25,7 @@ def classify(exc: OSError) -> str:
     """What a failed send means: 'full' (wait until writable), 'gone', 'too_big' or 'retry' (transient)."""
     if isinstance(exc, BlockingIOError):
         return "full"
-    if exc.errno in PEER_GONE:
+    if exc.errno in PEER_GONE_ERRNOS:
         return "gone"
     if exc.errno == errno.EMSGSIZE:
         return "too_big"
@@ -105,7 +104,7 @@ class Channel:
                 # Some fds were lost in transit (MSG_CTRUNC) or we are leaving: the master still holds
                 # its copies and gives every one of them to another worker.
                 wire.close_all(fds)
-                self.send(wire.encode_ids(wire.REFUSE, ids))  # the ids first, then the count that says so
+                self.send(wire.encode_refuse(ids))  # the ids first, then the count that says so
                 self.refused += 1
                 self.publish()
                 return

@@ -13,11 +13,11 @@ import logging
 import socket
 import ssl
 
+from balancer.tls import TLSError, context_from_settings
 from balancer.trusted import TrustedPeers
 from balancer_workers.connections import shutdown_quietly
 from balancer_workers.limits import LogBudget, one_line
 from balancer_workers.proxyproto import MORE, ClientGone, HeaderReader, ProxyHeaderError
-from balancer_workers.tls import TLSError, context_from_settings
 
 log = logging.getLogger("balancer.worker")
 

@@ -1,4 +1,4 @@
-"""The client's address, scheme and host from proxy headers, believed only from --forwarded-allow-ips peers."""
+"""The client's address and scheme (and, opted in, host) from proxy headers, believed only from trusted peers."""
 
 from __future__ import annotations
 
@@ -86,25 +86,31 @@ def client_address(hop: str) -> str | None:
 
 
 class ProxyHeaders:
-    """Rewrites request.remote, .scheme (and .secure) and .host from proxy headers sent by trusted peers."""
+    """Rewrites request.remote, .scheme (and .secure), and .host when asked to, from trusted peers' proxy headers.
 
-    def __init__(self, allow_ips: str) -> None:
+    The host is opt-in (--forwarded-host), as in uvicorn, which believes only X-Forwarded-For and -Proto: a
+    proxy that passes a client's X-Forwarded-Host through untouched (nginx does unless told otherwise) would
+    let the client choose request.host, and with it pass a same-origin check such as a WebSocket's.
+    """
+
+    def __init__(self, allow_ips: str, host: bool = False) -> None:
         self.trusted = TrustedPeers(allow_ips)
+        self.host = host
 
     def wrap(self, make_request):
         """aiohttp's request factory, returning a clone that carries the forwarded values when there are any.
 
         The request factory is where aiohttp makes the one request object everything sees: the handler,
-        every middleware, the access log and the error log. A request without proxy headers costs four
-        header lookups here.
+        every middleware, the access log and the error log. A request without proxy headers costs three
+        header lookups here (four with --forwarded-host).
         """
-        trusted, rewrite = self.trusted, self.rewrite
+        trusted, rewrite, host = self.trusted, self.rewrite, self.host
 
         def make_forwarded_request(message, payload, protocol, writer, task):
             request = make_request(message, payload, protocol, writer, task)
             headers = message.headers
-            if (X_FOR in headers or hdrs.FORWARDED in headers or X_PROTO in headers or X_HOST in headers) and \
-                    trusted.peer_trusted(protocol.peername):
+            if (X_FOR in headers or hdrs.FORWARDED in headers or X_PROTO in headers or host and X_HOST in headers) \
+                    and trusted.peer_trusted(protocol.peername):
                 return rewrite(request)
             return request
 
@@ -115,7 +121,7 @@ class ProxyHeaders:
         headers = request.headers
         # X-Forwarded-* first: the proxies most used append or set X-Forwarded-For and pass a client's own
         # Forwarded header through untouched, so that one is believed only when no X-Forwarded-* is there.
-        if X_FOR in headers or X_PROTO in headers or X_HOST in headers:
+        if X_FOR in headers or X_PROTO in headers or self.host and X_HOST in headers:
             remote, scheme, host = from_x_forwarded(headers, self.trusted)
         else:
             remote, scheme, host = from_forwarded(request.forwarded, self.trusted)
@@ -124,6 +130,6 @@ class ProxyHeaders:
             changes["remote"] = remote
         if scheme is not None and scheme.lower() in SCHEMES:
             changes["scheme"] = scheme.lower()
-        if host is not None and HOST_RE.fullmatch(host):
+        if host is not None and self.host and HOST_RE.fullmatch(host):
             changes["host"] = host
         return request.clone(**changes) if changes else request

@@ -13,6 +13,7 @@ import sys
 from aiohttp import http_parser, web
 
 from balancer import wire
+from balancer.habits import refusing_run_app
 from balancer_workers.accesslog import AccessLog
 from balancer_workers.backend import BackendError, load_app, skip_router
 from balancer_workers.channel import Channel
@@ -83,8 +84,9 @@ class Worker:
         except EdgeError as exc:
             return self._boot_failed(str(exc))
         try:
-            backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
-                                     client_max_size=self.settings["client_max_size"])
+            with refusing_run_app():  # a module that ends in web.run_app(app) gets told to guard that call
+                backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
+                                         client_max_size=self.settings["client_max_size"])
             self.runner = WorkerRunner(
                 backend.app,
                 handle_signals=False,
@@ -137,7 +139,8 @@ class Worker:
         if self.settings.get("proxy_headers"):
             # In the request factory, so the access log and error lines see the client as the handler does.
             # Off (--no-proxy-headers), nothing is added to the request path.
-            server.request_factory = ProxyHeaders(self.settings["forwarded_allow_ips"]).wrap(server.request_factory)
+            proxy = ProxyHeaders(self.settings["forwarded_allow_ips"], self.settings.get("forwarded_host", False))
+            server.request_factory = proxy.wrap(server.request_factory)
         made, lost = server.connection_made, server.connection_lost
         watch_headers, deadlines = self.limits.watch_headers, self._deadlines
         socks = self.connections.socks

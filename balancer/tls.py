@@ -1,7 +1,8 @@
 """The TLS server context from --certfile, --keyfile, --ca-certs, --cert-reqs and --ciphers.
 
 The master builds one at start-up only to refuse bad files with one line (exit 2); each worker builds its own
-when it boots, so a rolling reload (SIGHUP) serves certificates rotated on disk since the last one.
+when it boots, so a rolling reload (SIGHUP) serves certificates rotated on disk since the last one. Shared by
+both, so it imports nothing of either's world.
 """
 
 from __future__ import annotations
