@@ -54,7 +54,10 @@ class Supervisor:
         self.started_up = False  # the first workers are all ready: from now on reconcile keeps the pool
         self.stopping = False
         self._reload_waiters: list[tuple[int, asyncio.Future]] = []
-        self._wakeup: asyncio.TimerHandle | None = None
+        # The wake-up asked for and when it is due, on self.clock: the due time is kept here because uvloop's
+        # call_later(0) returns a plain Handle, which has no when().
+        self._wakeup: asyncio.Handle | None = None
+        self._wake_due = 0.0
         self._reconciling = False
         self._again = False
         self._all_gone = asyncio.Event()
@@ -252,7 +255,11 @@ class Supervisor:
     # ---- reconcile ----------------------------------------------------------------------------
 
     def changed(self) -> None:
-        """Something in the table changed: reconcile now (once, however deeply this is re-entered)."""
+        """Something in the table changed: reconcile now (once, however deeply this is re-entered).
+
+        A pass that raises is logged and left to the next tick, which reconciles again: an event callback or a
+        wake-up must not die of it, and the dispatcher must still see the table as it is.
+        """
         if self._reconciling:
             self._again = True
             return
@@ -262,9 +269,11 @@ class Supervisor:
             while self._again:
                 self._again = False
                 self.reconcile()
+        except Exception:
+            log.exception("reconcile failed; it runs again at the next tick")
         finally:
             self._reconciling = False
-        self.dispatcher.set_links([w.link for w in self.records()])
+            self.dispatcher.set_links([w.link for w in self.records()])
         self.on_capacity()
 
     def reconcile(self) -> None:
@@ -296,13 +305,13 @@ class Supervisor:
             self._wake_at(self.not_before[slot])
 
     def _wake_at(self, when: float) -> None:
-        """Reconcile again at `when` (the tick would too, later)."""
-        delay = max(0.0, when - self.clock())
+        """Reconcile again at `when`, a time on self.clock (the tick would too, later)."""
         if self._wakeup is not None:
-            if self._wakeup.when() <= self.loop.time() + delay:
+            if self._wake_due <= when:
                 return
             self._wakeup.cancel()
-        self._wakeup = self.loop.call_later(delay, self._woken)
+        self._wake_due = when
+        self._wakeup = self.loop.call_later(max(0.0, when - self.clock()), self._woken)
 
     def _woken(self) -> None:
         self._wakeup = None

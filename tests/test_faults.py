@@ -285,3 +285,56 @@ def test_sigstopped_worker_is_passed_over_then_aborted_and_its_connections_redis
         assert all(r[2] < timeout + 2 + 3 for r in late.values()), late
         assert not pid_alive(victim)
         wait_until(lambda: len(b.worker_pids()) == 2, 20, "the slot to be refilled")
+
+
+# ---- under uvloop: a wake-up due now, and every worker killed again and again ---------------------------
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_wake_ups_due_within_a_millisecond_neither_raise_nor_are_lost(loop):
+    """Two slots backing off to just after now: uvloop's call_later(0) is a Handle without when()."""
+    from balancer.supervisor import Supervisor
+
+    factory = pytest.importorskip("uvloop").new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    now = [100.0]
+    spawned = []
+
+    def spawn(slot, generation):
+        spawned.append(slot)
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")  # out of processes: back off again
+
+    async def scenario():
+        sup = Supervisor(Config(workers=2), Dispatcher(8), lambda: None, spawn=spawn, clock=lambda: now[0])
+        sup.started_up = True
+        sup.not_before = {0: 100.0001, 1: 100.0002}  # due within uvloop's 1 ms timer resolution: call_later(0)
+        sup.changed()
+        assert spawned == []
+        now[0] = 100.001
+        for _ in range(100):
+            if len(spawned) == 2:
+                break
+            await asyncio.sleep(0.001)
+        assert sorted(spawned) == [0, 1]  # the one wake-up kept for both slots came, and each was tried
+        await sup.shutdown()  # no worker ever started: it only cancels the next wake-up
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
+
+
+def test_every_worker_killed_again_and_again_under_uvloop_is_no_traceback():
+    """kill -9 of all four workers, five times over, on the master's uvloop: each is respawned, nothing raises."""
+    from tests.test_integration import APP
+
+    with Balancer("--workers", "4", "--loop", "uvloop", *APP) as b:
+        for _ in range(5):
+            pids = b.worker_pids()
+            assert len(pids) == 4
+            mark = b.mark()
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            for slot in range(4):
+                b.wait_for(rf"worker slot={slot} pid=\d+ ready", 30, start=mark)
+            wait_until(lambda: len(b.worker_pids()) == 4 and not set(pids) & set(b.worker_pids()), 10,
+                       "the dead workers to be reaped")
+        assert fetch(b).status == 200
+        assert "Traceback" not in b.log() and "Error" not in b.log(), b.log()
