@@ -59,9 +59,7 @@ class MasterCommands:
         if self.reread is not None:
             self.reread_config()  # first: the reload's workers start with the file's new settings
         self.notifier.reloading(f"reloading {self.supervisor.target} workers")
-        done = self.supervisor.request_reload()  # a future, not a task: nothing to hold; it ends True or False
-        done.add_done_callback(self._reload_over)
-        return done
+        return self.supervisor.request_reload()  # a future, not a task: nothing to hold; it ends True or False
 
     def reread_config(self) -> None:
         """Apply the file's reloadable changes; name those that need a restart; a bad file keeps the old config."""
@@ -88,10 +86,9 @@ class MasterCommands:
         if config.workers != old.workers:
             self.supervisor.scale(config.workers)
 
-    def _reload_over(self, done: asyncio.Future) -> None:
-        """READY=1 after a reload, with what serves now."""
-        ok = not done.cancelled() and done.result()
-        self.notifier.ready(self.serving_status() if ok else "reload stopped: the previous workers serve on")
+    def reload_over(self, done: bool) -> None:
+        """READY=1 once a reload is over (a hook of the supervisor's: once, however many SIGHUPs it answers)."""
+        self.notifier.ready(self.serving_status() if done else "reload stopped: the previous workers serve on")
 
     def serving_status(self) -> str:
         """The STATUS= line systemctl status shows."""

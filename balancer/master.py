@@ -88,6 +88,7 @@ class Master(AcceptPath, MasterCommands):
         self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity,
                                      spawn=lambda slot, generation: spawn_process(
                                          slot, generation, self.config.worker_settings(), env))
+        self.supervisor.on_reload_hooks.append(self.reload_over)  # READY=1 for systemd
         try:
             await self._start_services()
             if self.run_as is not None:

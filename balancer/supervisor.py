@@ -53,7 +53,8 @@ class Supervisor:
         self.on_exit_hooks: list[Callable[[WorkerProcess], None]] = []
         self.started_up = False  # the first workers are all ready: from now on reconcile keeps the pool
         self.stopping = False
-        self._reload_waiters: list[tuple[int, asyncio.Future]] = []
+        self.on_reload_hooks: list[Callable[[bool], None]] = []  # once per answered reload: done, or stopped
+        self._reload_waiters: list[asyncio.Future] = []  # every request of the reload under way
         # The wake-up asked for and when it is due, on self.clock: the due time is kept here because uvloop's
         # call_later(0) returns a plain Handle, which has no when().
         self._wakeup: asyncio.Handle | None = None
@@ -318,27 +319,34 @@ class Supervisor:
         self.changed()
 
     def _settle_reloads(self) -> None:
-        """Answer the reload requests that have finished or failed."""
+        """Answer the reload requests once every slot serves the newest generation asked for, or the reload stopped.
+
+        A reload asked during another is the same reload, to a newer generation: every request is answered
+        together, so neither `reload --wait` nor systemd's READY=1 says done while a slot still runs code older
+        than the last ask, nor "stopped" for an older generation's failed replacement the newer one went past.
+        """
         if not self._reload_waiters:
             return
         serving = self.slots
         done_to = min((w.generation for w in serving if w is not None), default=-1)
         full = all(w is not None and not w.recycle for w in serving)
-        keep = []
-        done = False
-        for generation, future in self._reload_waiters:
-            if future.done():
-                continue
-            if self.stopping or self.failed_generation >= generation:
-                future.set_result(False)
-            elif full and done_to >= generation:
-                done = True
-                future.set_result(True)
-            else:
-                keep.append((generation, future))
-        self._reload_waiters = keep
-        if done:  # once, however many reload requests this answered; the generation every slot now runs
+        if self.stopping or self.reload_failed:
+            done = False
+        elif full and done_to >= self.generation:
+            done = True
+        else:
+            return
+        waiters, self._reload_waiters = self._reload_waiters, []
+        for future in waiters:
+            if not future.done():  # a caller may have cancelled its own wait
+                future.set_result(done)
+        if done:
             log.info("rolling reload done (generation %d)", done_to)
+        for hook in self.on_reload_hooks:
+            try:
+                hook(done)
+            except Exception:
+                log.exception("reload hook failed")
 
     # ---- start, reload, scale -------------------------------------------------------------------
 
@@ -365,14 +373,15 @@ class Supervisor:
         """Ask for every slot to run fresh code; the future says True when all do, False if the reload stopped.
 
         Asked during a reload, it raises the wanted generation: the running pass continues to it, and slots it
-        already replaced are replaced once more, so every worker ends up on code read after the last ask.
+        already replaced are replaced once more, so every worker ends up on code read after the last ask. The
+        earlier requests are answered with this one.
         """
         future = self.loop.create_future()
         if self.stopping:
             future.set_result(False)
             return future
         self.generation += 1
-        self._reload_waiters.append((self.generation, future))
+        self._reload_waiters.append(future)
         log.info("rolling reload of %d workers (generation %d)", self.target, self.generation)
         self.changed()
         return future
