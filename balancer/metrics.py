@@ -176,7 +176,7 @@ class MetricsServer:
     async def handle_metrics(self, headers: dict[str, str]) -> Reply:
         """Read the workers' /proc figures in a thread, then collect and answer in the format asked for."""
         # A worker's fd table grows with its connections: reading it on the loop would stall every accept.
-        pids = [w.pid for w in self.master.supervisor.processes() if not w.exited]
+        pids = [w.pid for w in self.master.supervisor.records() if not w.exited]
         self._proc = await asyncio.get_running_loop().run_in_executor(None, read_procs, pids)
         self.master.dispatcher.collect_all()  # open connections as of now, not as of the last tick
         encoder, content_type = choose_encoder(headers.get("accept", ""))
@@ -191,7 +191,7 @@ class MetricsServer:
         if self.master.shutting_down or self.master.stopping:  # also during --shutdown-delay, while it serves on
             return 503, TEXT, b"not ready: shutting down\n"
         sup = self.master.supervisor
-        ready = sum(1 for w in sup.processes() if w.phase is Phase.READY)
+        ready = sum(1 for w in sup.records() if w.phase is Phase.READY)
         if ready:
             return 200, TEXT, f"ready: {ready} workers\n".encode()
         return 503, TEXT, b"not ready: no worker ready\n"
@@ -211,7 +211,7 @@ class MetricsServer:
         for slot in range(len(sup.slots)):
             out.setdefault(slot, SlotFigures()).wanted = True
         seen = {}
-        for w in sup.processes():
+        for w in sup.records():
             fig = out.get(w.slot) or out.setdefault(w.slot, SlotFigures())
             fig.wanted = True
             proc = None if w.exited else self._proc.get(w.pid)  # None too for a worker newer than the reading

@@ -75,8 +75,6 @@ class Supervisor:
         """Every worker process not yet reaped, in slot order, oldest first within a slot."""
         return sorted(self.table.values(), key=lambda w: (w.slot, w.started, w.pid))
 
-    processes = records
-
     def serving(self, slot: int) -> WorkerProcess | None:
         """The newest ready worker of slot."""
         best = None

@@ -238,7 +238,7 @@ class FakeMaster:
         self.dispatcher = type("Dispatcher", (), {"redispatched": 0})()
         sup = self.supervisor = type("Supervisor", (), {})()
         sup.slots, sup.live, sup.restarts, sup.on_exit_hooks = [None, None], [], collections.Counter(), []
-        sup.processes = lambda: list(sup.live)
+        sup.records = lambda: list(sup.live)
 
     def paused_total(self) -> float:
         return 0.0
