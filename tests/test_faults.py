@@ -338,3 +338,27 @@ def test_every_worker_killed_again_and_again_under_uvloop_is_no_traceback():
                        "the dead workers to be reaped")
         assert fetch(b).status == 200
         assert "Traceback" not in b.log() and "Error" not in b.log(), b.log()
+
+
+def test_a_worker_that_crashes_after_ready_again_and_again_waits_longer_each_time_and_is_flagged(tmp_path):
+    """Each young death after READY doubles the respawn delay, and status calls the slot crash-looping."""
+    from tests.test_integration import APP
+
+    with Balancer("--workers", "1", "--control-socket", str(tmp_path / "ctl.sock"), *APP) as b:
+        delays = []
+        for _ in range(4):
+            mark = b.mark()
+            with pytest.raises(OSError):  # http.client's RemoteDisconnected is one: the worker is gone
+                fetch(b, "/exit")  # os._exit(1) in the handler: a crash of a worker that served
+            delays.append(float(b.wait_for(r"worker slot=0 pid=\d+ died \(crash, exit code 1\); "
+                                           r"respawning in ([\d.]+)s", 20, start=mark).group(1)))
+            b.wait_for(r"worker slot=0 pid=\d+ ready", 30, start=mark)
+        assert delays == [0.1, 0.2, 0.4, 0.8], delays
+        slot = status(tmp_path)["slots"][0]
+        assert slot["crash_looping"] and slot["failures_in_a_row"] == 4 and slot["restarts"] == {"crash": 4}, slot
+        assert slot["serving"] is not None and not slot["empty"]  # it serves now, but has not yet stayed up
+        text = subprocess.run([sys.executable, "-m", "balancer", "status", "--control-socket",
+                               str(tmp_path / "ctl.sock"), "--interval", "0"], capture_output=True, text=True,
+                              timeout=30).stdout
+        assert "slot 0: CRASH-LOOPING: died 4 times in a row, each soon after starting" in text, text
+        assert fetch(b).status == 200
