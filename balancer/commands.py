@@ -7,7 +7,7 @@ import logging
 import signal
 
 from balancer.config import ConfigError
-from balancer.dispatch import Phase
+from balancer.process import Phase
 from balancer.logs import LogSetupError, reopen_log_files, setup_master_logging
 
 log = logging.getLogger("balancer")

@@ -7,7 +7,7 @@ import os
 import time
 
 from balancer import __version__
-from balancer.dispatch import Phase
+from balancer.process import Phase
 from balancer.metrics import read_procs
 
 # A slot whose workers died this many times in a row, each young (see Backoff), and that has no worker up

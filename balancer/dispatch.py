@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import socket
 import time
 from collections import deque
@@ -10,15 +9,6 @@ from typing import Callable
 
 from balancer import board, handoff, speedups, wire
 from balancer.errnos import PEER_GONE_ERRNOS
-
-
-class Phase(enum.Enum):
-    """Where a worker process is in its life: the supervisor's one state per record."""
-
-    BOOTING = "booting"
-    READY = "ready"
-    DRAINING = "draining"
-    EXITED = "exited"
 
 
 def fill_py(loads: list[int], rooms: list[int], start: int, count: int) -> tuple[list[int], int, int]:
@@ -62,7 +52,7 @@ class Link:
         self.slot = slot
         self.channel = channel
         self.board = ack_board if ack_board is not None else board.private()  # the worker's acks and closes
-        self.phase = Phase.BOOTING  # written only by the supervisor's record (balancer/process.py)
+        self.ready = False  # its worker is READY, not draining: kept by its record's phase (balancer/process.py)
         self.open_conns = 0  # acked and not yet reported closed
         self.unacked: dict[int, tuple[int, int]] = {}  # conn id -> (master's fd copy, family)
         self.sent: deque[tuple[int, list[int]]] = deque()  # (message number, its conn ids), not yet handled
@@ -76,11 +66,6 @@ class Link:
         self.channel_lost = False  # a send found its end closed: it is dying, the reap follows
         self.ack_progress = 0.0  # monotonic time of the last ack, or of the first fd sent since
         self.dispatched = 0  # connections handed to this worker, for metrics
-
-    @property
-    def load(self) -> int:
-        """Connections this worker holds or is about to."""
-        return self.open_conns + len(self.unacked)
 
 
 class Dispatcher:
@@ -105,11 +90,6 @@ class Dispatcher:
         self._surveyed = None
         if self._next >= len(links):
             self._next = 0
-
-    def eligible(self, link: Link | None) -> bool:
-        """True when link may be given one more connection now (what snapshot() says of it)."""
-        links = self.links
-        return link is not None and link in links and self.snapshot()[1][links.index(link)] > 0
 
     def pick(self) -> Link | None:
         """The least-loaded eligible link, ties going round-robin from the last one picked; None when all are full.
@@ -146,7 +126,7 @@ class Dispatcher:
 
         With closing given, each link's board is read first (what it acked is added to closing).
         """
-        cap, max_unacked, ready = self.cap, self.max_unacked, Phase.READY
+        cap, max_unacked = self.cap, self.max_unacked
         handled_word, closed_word, collect = board.HANDLED, board.CLOSED, self.collect
         loads, rooms = [], []
         total = 0
@@ -162,7 +142,7 @@ class Dispatcher:
             unacked = len(link.unacked)
             load = link.open_conns + unacked
             loads.append(load)
-            if link.phase is ready:
+            if link.ready:
                 if min_open is None or link.open_conns < min_open:
                     min_open = link.open_conns
                 if not (link.send_blocked or link.ack_overdue or link.resting or link.channel_lost):
@@ -176,7 +156,7 @@ class Dispatcher:
 
     def any_ready(self) -> bool:
         """True when some worker is READY (full or not)."""
-        return any(link.phase is Phase.READY for link in self.links)
+        return any(link.ready for link in self.links)
 
     def free_capacity(self) -> int:
         """How many more connections the ready workers can take right now."""

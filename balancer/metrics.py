@@ -18,8 +18,8 @@ from prometheus_client.utils import floatToGoString
 from balancer import __version__, handoff
 from balancer.board import BUCKETS
 from balancer.config import parse_bind
-from balancer.dispatch import Phase
 from balancer.errnos import RESOURCE_ERRNOS
+from balancer.process import Phase
 from balancer.scrape import Reply, ScrapeServer
 
 log = logging.getLogger("balancer")

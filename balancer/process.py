@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import importlib.util
 import json
 import os
@@ -12,11 +13,20 @@ import sys
 import time
 
 from balancer import board, wire
-from balancer.dispatch import Link, Phase
+from balancer.dispatch import Link
 
 
 class BootError(RuntimeError):
     """A worker could not load the backend; its message is the one-line reason."""
+
+
+class Phase(enum.Enum):
+    """Where a worker process is in its life: the supervisor's one state per record."""
+
+    BOOTING = "booting"
+    READY = "ready"
+    DRAINING = "draining"
+    EXITED = "exited"
 
 
 class WorkerProcess:
@@ -40,6 +50,7 @@ class WorkerProcess:
         self.kill_at = 0.0  # monotonic deadline for SIGKILL once it has been told to go
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.exited = False
+        self._phase = Phase.BOOTING
 
     @property
     def stats(self) -> dict:
@@ -52,12 +63,13 @@ class WorkerProcess:
 
     @property
     def phase(self) -> Phase:
-        """booting, ready, draining or exited; kept on the link, where the dispatcher reads it per connection."""
-        return self.link.phase
+        """booting, ready, draining or exited."""
+        return self._phase
 
     @phase.setter
     def phase(self, phase: Phase) -> None:
-        self.link.phase = phase
+        self._phase = phase
+        self.link.ready = phase is Phase.READY  # what the dispatcher reads per connection
 
     def signal(self, signum: int) -> None:
         """Send a signal unless the process is already reaped (its pid may be reused)."""

@@ -13,10 +13,10 @@ from typing import Callable
 from balancer import wire
 from balancer.backoff import Backoff
 from balancer.config import Config
-from balancer.dispatch import Dispatcher, Phase
+from balancer.dispatch import Dispatcher
 from balancer.errnos import PEER_GONE_ERRNOS
 from balancer.pool import Wanted, plan
-from balancer.process import BootError, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
+from balancer.process import BootError, Phase, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
 
 log = logging.getLogger("balancer")
 

@@ -22,8 +22,9 @@ from collections import Counter
 
 from balancer import dispatch, wire
 from balancer.config import Config
-from balancer.dispatch import Dispatcher, Phase
+from balancer.dispatch import Dispatcher
 from balancer.master import STALL_AFTER, TICK
+from balancer.process import Phase
 from balancer.supervisor import KILL_GRACE, Supervisor
 from tests.fakeworker import FakeClock, FakeTimeLoop, FakeWorker, make_worker, step
 

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer import wire
-from balancer.dispatch import Phase
+from balancer.process import Phase
 from balancer.metrics import MetricsServer
 from tests.harness import Balancer
 from balancer_workers.stats import BUCKETS, RequestStats
