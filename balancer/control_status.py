@@ -10,9 +10,6 @@ from balancer import __version__
 from balancer.process import Phase
 from balancer.metrics import read_procs
 
-# A slot whose workers died this many times in a row, each young (see Backoff), and that has no worker up
-# for longer than Backoff.stable_after since, is crash-looping.
-CRASH_LOOP_FAILURES = 3
 MAX_INTERVAL = 10.0  # seconds: a client cannot make the master hold a status connection longer
 
 
@@ -79,15 +76,12 @@ def slot_health(sup, now: float) -> list[dict]:
         serving = sup.serving(slot)
         backoff = sup.backoffs.get(slot)
         failures = backoff.failures if backoff is not None else 0
-        stable = serving is not None and backoff is not None and now - serving.started >= backoff.stable_after
-        # Replacements of a failed reload died, not the worker that serves on: the header says the reload failed.
-        stable = stable or (sup.reload_failed and serving is not None and serving.generation < sup.generation)
         restarts = {reason: n for (s, reason), n in sorted(sup.restarts.items()) if s == slot and n}
         wanted = slot < sup.target
         out.append({"slot": slot, "wanted": wanted, "serving": serving.pid if serving else None,
                     "restarts": restarts, "restarts_total": sum(restarts.values()),
                     "empty": wanted and serving is None,
-                    "crash_looping": wanted and failures >= CRASH_LOOP_FAILURES and not stable,
+                    "crash_looping": sup.crash_looping(slot, now),
                     "failures_in_a_row": failures,
                     "respawn_in": max(0.0, round(sup.not_before.get(slot, 0.0) - now, 3)) if serving is None else 0.0})
     return out

@@ -245,6 +245,15 @@ class Supervisor:
             log.warning("worker slot=%d pid=%d exited before it was ready (%s); respawning in %.2fs",
                         w.slot, w.pid, describe_exit(code), delay)
 
+    def crash_looping(self, slot: int, now: float) -> bool:
+        """True when slot is wanted and its workers keep dying soon after they start (Backoff.crash_looping)."""
+        backoff, serving = self.backoffs.get(slot), self.serving(slot)
+        if backoff is None or slot >= self.target:
+            return False
+        if self.reload_failed and serving is not None and serving.generation < self.generation:
+            return False  # a failed reload's replacements died, not the worker that serves on
+        return backoff.crash_looping(None if serving is None else now - serving.started)
+
     def _back_off(self, slot: int, uptime: float) -> float:
         """Record a failure of slot; its next worker waits the returned delay."""
         delay = self.backoffs.setdefault(slot, Backoff()).failure(uptime)

@@ -377,10 +377,13 @@ def test_full_channel_reroutes_without_blocking():
 
 def test_backoff_grows_caps_and_forgives():
     b = Backoff(base=0.1, factor=2, cap=1.0, stable_after=10)
-    assert [b.failure(0.5) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
-    assert b.looping
+    assert [b.failure(0.5) for _ in range(2)] == [0.1, 0.2]
+    assert not b.crash_looping(None)
+    assert [b.failure(0.5) for _ in range(4)] == [0.4, 0.8, 1.0, 1.0]
+    assert b.crash_looping(None) and b.crash_looping(9.9)  # none serves, or the one serving is young
+    assert not b.crash_looping(10)  # one has stayed up: the header no longer says so
     assert b.failure(60) == 0.1  # stayed up long enough: start over
-    assert not b.looping
+    assert not b.crash_looping(None)
 
 
 @pytest.mark.parametrize("text,expect", [
