@@ -97,7 +97,7 @@ class MasterCommands:
 
     def _on_source_change(self, paths: list[str]) -> None:
         """--reload: a changed source file takes the SIGHUP path (held back while booting, ignored once stopping)."""
-        if self.shutting_down:
+        if self.stopping:
             return
         log.info("--reload: %s changed", ", ".join(paths[:3])
                  + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""))

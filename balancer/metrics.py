@@ -188,7 +188,7 @@ class MetricsServer:
 
     async def handle_readyz(self, headers: dict[str, str]) -> Reply:
         """200 while at least one worker is ready and the master is not shutting down, else 503 saying why."""
-        if self.master.shutting_down or self.master.stopping:  # also during --shutdown-delay, while it serves on
+        if self.master.stopping:  # also during --shutdown-delay, while it serves on
             return 503, TEXT, b"not ready: shutting down\n"
         sup = self.master.supervisor
         ready = sum(1 for w in sup.records() if w.phase is Phase.READY)
@@ -208,7 +208,7 @@ class MetricsServer:
         """Every slot's figures now: its base plus its live workers (two of them during a reload)."""
         sup = self.master.supervisor
         out = {slot: base.copy() for slot, base in self.bases.items()}
-        for slot in range(len(sup.slots)):
+        for slot in range(sup.target):
             out.setdefault(slot, SlotFigures()).wanted = True
         seen = {}
         for w in sup.records():
@@ -258,7 +258,7 @@ class MetricsServer:
                                  labels=["version", "python", "aiohttp", "handoff"])
         info.add_metric([__version__, platform.python_version(), AIOHTTP_VERSION, handoff.IMPLEMENTATION], 1)
         yield info
-        yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", len(sup.slots))
+        yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", sup.target)
         yield gauge("balancer_start_time_seconds", "Unix time the master started.", master.started)
 
         def per_slot(kind, name, doc, value, wanted_only=False):
