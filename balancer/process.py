@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 
-from balancer import board, wire
+from balancer import wire
+from balancer.board import create as create_board
+from balancer.board import read_counts
 from balancer.dispatch import Link
 
 
@@ -59,7 +61,7 @@ class WorkerProcess:
         The board is read even after the worker is gone: a worker killed outright sent no final heartbeat,
         but every request it finished is counted there.
         """
-        return {**self.beat, **board.read_counts(self.link.board)}
+        return {**self.beat, **read_counts(self.link.board)}
 
     @property
     def phase(self) -> Phase:
@@ -84,7 +86,7 @@ def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> Work
     """Start a fresh interpreter for slot with its ends of a new channel and ack board inherited."""
     master_end, worker_end = wire.channel_pair()
     try:
-        board_fd, ack_board = board.create(f"balancer-board-slot-{slot}")
+        board_fd, board = create_board(f"balancer-board-slot-{slot}")
     except BaseException:
         master_end.close()
         worker_end.close()
@@ -108,7 +110,7 @@ def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> Work
         proc.wait()
         master_end.close()
         raise
-    return WorkerProcess(slot, generation, proc, master_end, Link(slot, master_end, ack_board), pidfd)
+    return WorkerProcess(slot, generation, proc, master_end, Link(slot, master_end, board), pidfd)
 
 
 def worker_env() -> dict:
