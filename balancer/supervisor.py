@@ -384,11 +384,11 @@ class Supervisor:
         earlier requests are answered with this one.
         """
         future = self.loop.create_future()
+        self._reload_waiters.append(future)
         if self.stopping:
-            future.set_result(False)
+            self._settle_reloads()  # answered False now, and the hooks told (READY=1 after RELOADING=1)
             return future
         self.generation += 1
-        self._reload_waiters.append(future)
         log.info("rolling reload of %d workers (generation %d)", self.target, self.generation)
         self.changed()
         return future

@@ -321,6 +321,21 @@ def test_wake_ups_due_within_a_millisecond_neither_raise_nor_are_lost(loop):
         runner.run(scenario())
 
 
+def test_a_reload_asked_while_stopping_is_answered_and_told_to_the_hooks_once():
+    """systemd heard RELOADING=1 for it: READY=1 (the hook) must follow, as for any reload that is answered."""
+    from balancer.supervisor import Supervisor
+
+    async def scenario():
+        sup = Supervisor(Config(workers=1), Dispatcher(8), lambda: None, spawn=lambda slot, generation: None)
+        told = []
+        sup.on_reload_hooks.append(told.append)
+        await sup.shutdown()  # no worker ever started
+        future = sup.request_reload()
+        return future.result(), told, sup.generation
+
+    assert asyncio.run(scenario()) == (False, [False], 0)
+
+
 def test_every_worker_killed_again_and_again_under_uvloop_is_no_traceback():
     """kill -9 of all four workers, five times over, on the master's uvloop: each is respawned, nothing raises."""
     from tests.test_integration import APP
