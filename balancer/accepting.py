@@ -146,7 +146,7 @@ class AcceptPath:
 
     def paused_total(self) -> float:
         """Seconds spent with accepting paused while some worker was ready, including the current pause."""
-        if self.paused and not self.stopping:
+        if self.paused and not self.draining:
             self._recount_pause()
             if self._pause_for_room:
                 return self.paused_seconds + time.monotonic() - self._paused_since
@@ -155,19 +155,19 @@ class AcceptPath:
     def _on_capacity(self) -> None:
         """A worker got ready, acked, closed or refused: place waiting fds, maybe resume accepting."""
         dispatcher = self.dispatcher
-        if self.paused and not self.stopping:
+        if self.paused and not self.draining:
             self._recount_pause()
         if dispatcher.homeless:
             dispatcher.retry_homeless()
             if dispatcher.homeless:
                 self._watch_capacity()
-        if (self.paused and not self.stopping and self._accept_retry is None and not dispatcher.homeless
+        if (self.paused and not self.draining and self._accept_retry is None and not dispatcher.homeless
                 and dispatcher.free_capacity() > 0):
             self._resume()
 
     def _watch_capacity(self) -> None:
         """Workers are full: look at their boards every CAPACITY_POLL until a close makes room."""
-        if self._capacity_poll is None and not self.stopping:
+        if self._capacity_poll is None and not self.draining:
             self._capacity_poll = asyncio.get_running_loop().call_later(CAPACITY_POLL, self._poll_capacity)
 
     def _poll_capacity(self) -> None:

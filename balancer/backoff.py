@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# A slot whose workers died this many times in a row, each young, and none of whose workers has stayed up for
+# stable_after since, is crash-looping.
+CRASH_LOOP_FAILURES = 3
+
 
 class Backoff:
     """Delay before respawning a slot whose worker died: base * factor**(n-1), capped."""
@@ -20,7 +24,6 @@ class Backoff:
         self.failures += 1
         return min(self.cap, self.base * self.factor ** (self.failures - 1))
 
-    @property
-    def looping(self) -> bool:
-        """True when this slot has been dying young often enough to be at the cap."""
-        return self.base * self.factor ** max(self.failures - 1, 0) >= self.cap
+    def crash_looping(self, up_for: float | None) -> bool:
+        """Dying young again and again; up_for: the serving worker's uptime (None: none serves)."""
+        return self.failures >= CRASH_LOOP_FAILURES and (up_for is None or up_for < self.stable_after)

@@ -88,16 +88,16 @@ def pair_key(method: int, status: int) -> int:
     return (method << 16) | (status & 0xFFFF) | (1 << 40)
 
 
-def read_counts(words: memoryview) -> dict:
+def read_counts(board: memoryview) -> dict:
     """The request counts on a board, in the shape of a heartbeat's: requests, buckets, sum, count, events.
 
     Read while the worker may be writing: each word is whole, a pair is complete before it is counted, and the
     figures may disagree by the requests finished during the read, as two scrapes a moment apart would.
     """
-    used = min(words[PAIRS_USED], MAX_PAIRS + 1)
+    used = min(board[PAIRS_USED], MAX_PAIRS + 1)
     requests = []
     for at in range(PAIR0, PAIR0 + 2 * used, 2):
-        key, n = words[at], words[at + 1]
+        key, n = board[at], board[at + 1]
         if not n:
             continue
         if key == OVERFLOW_KEY:
@@ -105,8 +105,8 @@ def read_counts(words: memoryview) -> dict:
             continue
         method = (key >> 16) & 0xFFFFFF
         requests.append([METHODS[method] if method < len(METHODS) else "other", key & 0xFFFF, n])
-    out = {"requests": requests, "buckets": list(words[BUCKET0:BUCKET0 + len(BUCKETS) + 1]),
-           "sum": words[SUM_NS] / 1e9, "count": words[COUNT]}
+    out = {"requests": requests, "buckets": list(board[BUCKET0:BUCKET0 + len(BUCKETS) + 1]),
+           "sum": board[SUM_NS] / 1e9, "count": board[COUNT]}
     for i, name in enumerate(EVENTS):
-        out[name] = words[EVENT0 + i]
+        out[name] = board[EVENT0 + i]
     return out

@@ -7,7 +7,7 @@ import logging
 import signal
 
 from balancer.config import ConfigError
-from balancer.dispatch import Phase
+from balancer.process import Phase
 from balancer.logs import LogSetupError, reopen_log_files, setup_master_logging
 
 log = logging.getLogger("balancer")
@@ -59,9 +59,7 @@ class MasterCommands:
         if self.reread is not None:
             self.reread_config()  # first: the reload's workers start with the file's new settings
         self.notifier.reloading(f"reloading {self.supervisor.target} workers")
-        done = self.supervisor.request_reload()  # a future, not a task: nothing to hold; it ends True or False
-        done.add_done_callback(self._reload_over)
-        return done
+        return self.supervisor.request_reload()  # a future, not a task: nothing to hold; it ends True or False
 
     def reread_config(self) -> None:
         """Apply the file's reloadable changes; name those that need a restart; a bad file keeps the old config."""
@@ -88,10 +86,9 @@ class MasterCommands:
         if config.workers != old.workers:
             self.supervisor.scale(config.workers)
 
-    def _reload_over(self, done: asyncio.Future) -> None:
-        """READY=1 after a reload, with what serves now."""
-        ok = not done.cancelled() and done.result()
-        self.notifier.ready(self.serving_status() if ok else "reload stopped: the previous workers serve on")
+    def reload_over(self, done: bool) -> None:
+        """READY=1 once a reload is over (a hook of the supervisor's: once, however many SIGHUPs it answers)."""
+        self.notifier.ready(self.serving_status() if done else "reload stopped: the previous workers serve on")
 
     def serving_status(self) -> str:
         """The STATUS= line systemctl status shows."""
@@ -100,7 +97,7 @@ class MasterCommands:
 
     def _on_source_change(self, paths: list[str]) -> None:
         """--reload: a changed source file takes the SIGHUP path (held back while booting, ignored once stopping)."""
-        if self.shutting_down:
+        if self.stopping:
             return
         log.info("--reload: %s changed", ", ".join(paths[:3])
                  + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""))

@@ -225,10 +225,10 @@ class ControlServer:
                 return {"ok": False, "error": f"status needs an interval of 0 or more seconds, got {interval!r}"}
             return {"ok": True, **await full_status(master, interval)}
         if cmd == "stop":  # acts at once, as SIGTERM does, also while the first workers boot
-            if not (master.stopping or master.shutting_down):  # already stopping: --wait waits for that stop
+            if not master.stopping:  # already stopping: --wait waits for that stop
                 master.signals.put_nowait(signal.SIGTERM)  # the same path as a real SIGTERM
             return {"ok": True, "pid": os.getpid()}
-        if sup is None or not master.booted or master.stopping or master.shutting_down:
+        if sup is None or not master.booted or master.stopping:
             return {"ok": False, "error": "the master is starting or stopping"}
         if cmd == "reload":
             done = master.request_reload()  # as SIGHUP does: re-reads -c and tells systemd too

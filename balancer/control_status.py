@@ -7,12 +7,9 @@ import os
 import time
 
 from balancer import __version__
-from balancer.dispatch import Phase
+from balancer.process import Phase
 from balancer.metrics import read_procs
 
-# A slot whose workers died this many times in a row, each young (see Backoff), and that has no worker up
-# for longer than Backoff.stable_after since, is crash-looping.
-CRASH_LOOP_FAILURES = 3
 MAX_INTERVAL = 10.0  # seconds: a client cannot make the master hold a status connection longer
 
 
@@ -33,7 +30,7 @@ def summary(master) -> dict:
             "serving_generation": serving_generation(sup),
             "reload_failed": bool(sup and sup.reload_failed),
             "booted": master.booted,
-            "ready": sum(1 for w in sup.processes() if w.phase is Phase.READY) if sup else 0}
+            "ready": sum(1 for w in sup.records() if w.phase is Phase.READY) if sup else 0}
 
 
 def serving_generation(sup) -> int | None:
@@ -54,7 +51,7 @@ def requests_done(stats: dict) -> int:
 def sample(master) -> dict:
     """Per pid, the requests it has finished by now; and the time of this sample."""
     sup = master.supervisor
-    done = {w.pid: requests_done(w.stats) for w in sup.processes()} if sup else {}
+    done = {w.pid: requests_done(w.stats) for w in sup.records()} if sup else {}
     return {"at": time.monotonic(), "done": done}
 
 
@@ -62,7 +59,7 @@ async def measure(master, interval: float) -> tuple[dict, dict, dict, float]:
     """Two readings `interval` apart: heartbeats and /proc (read in a thread, as for /metrics) at each end."""
     loop = asyncio.get_running_loop()
     sup = master.supervisor
-    pids = [os.getpid()] + ([w.pid for w in sup.processes() if not w.exited] if sup else [])
+    pids = [os.getpid()] + ([w.pid for w in sup.records() if not w.exited] if sup else [])
     first, procs_a = sample(master), await loop.run_in_executor(None, read_procs, pids)
     if interval > 0:
         await asyncio.sleep(min(interval, MAX_INTERVAL))
@@ -73,21 +70,18 @@ async def measure(master, interval: float) -> tuple[dict, dict, dict, float]:
 
 def slot_health(sup, now: float) -> list[dict]:
     """Each wanted slot (and any other with a live worker or a restart): restarts by reason, empty, crash-looping."""
-    slots = set(range(sup.target)) | {w.slot for w in sup.processes()} | {slot for slot, _ in sup.restarts}
+    slots = set(range(sup.target)) | {w.slot for w in sup.records()} | {slot for slot, _ in sup.restarts}
     out = []
     for slot in sorted(slots):
         serving = sup.serving(slot)
         backoff = sup.backoffs.get(slot)
         failures = backoff.failures if backoff is not None else 0
-        stable = serving is not None and backoff is not None and now - serving.started >= backoff.stable_after
-        # Replacements of a failed reload died, not the worker that serves on: the header says the reload failed.
-        stable = stable or (sup.reload_failed and serving is not None and serving.generation < sup.generation)
         restarts = {reason: n for (s, reason), n in sorted(sup.restarts.items()) if s == slot and n}
         wanted = slot < sup.target
         out.append({"slot": slot, "wanted": wanted, "serving": serving.pid if serving else None,
                     "restarts": restarts, "restarts_total": sum(restarts.values()),
                     "empty": wanted and serving is None,
-                    "crash_looping": wanted and failures >= CRASH_LOOP_FAILURES and not stable,
+                    "crash_looping": sup.crash_looping(slot, now),
                     "failures_in_a_row": failures,
                     "respawn_in": max(0.0, round(sup.not_before.get(slot, 0.0) - now, 3)) if serving is None else 0.0})
     return out
@@ -112,7 +106,7 @@ async def full_status(master, interval: float) -> dict:
     me = os.getpid()
     now = time.monotonic()
     workers = []
-    for w in (sup.processes() if sup else ()):
+    for w in (sup.records() if sup else ()):
         proc = procs_b.get(w.pid)
         workers.append({"slot": w.slot, "pid": w.pid, "state": w.phase.value, "generation": w.generation,
                         "uptime": round(now - w.started, 3), "open": w.link.open_conns,

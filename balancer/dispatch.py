@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 import socket
 import time
 from collections import deque
 from typing import Callable
 
-from balancer import board, handoff, speedups, wire
+from balancer import handoff, speedups, wire
+from balancer.board import CLOSED, HANDLED, HANDLED_MASK, REFUSED_MASK, handled_by, unpack
+from balancer.board import private as private_board
 from balancer.errnos import PEER_GONE_ERRNOS
-
-
-class Phase(enum.Enum):
-    """Where a worker process is in its life: the supervisor's one state per record."""
-
-    BOOTING = "booting"
-    READY = "ready"
-    DRAINING = "draining"
-    EXITED = "exited"
 
 
 def fill_py(loads: list[int], rooms: list[int], start: int, count: int) -> tuple[list[int], int, int]:
@@ -58,11 +50,11 @@ fill = speedups.MODULE.fill if speedups.MODULE is not None else fill_py
 class Link:
     """The dispatcher's view of one worker process: its channel, its load, and the fds it has not acked."""
 
-    def __init__(self, slot: int, channel: socket.socket | None, ack_board: memoryview | None = None) -> None:
+    def __init__(self, slot: int, channel: socket.socket | None, board: memoryview | None = None) -> None:
         self.slot = slot
         self.channel = channel
-        self.board = ack_board if ack_board is not None else board.private()  # the worker's acks and closes
-        self.phase = Phase.BOOTING  # written only by the supervisor's record (balancer/process.py)
+        self.board = board if board is not None else private_board()  # the worker's acks and closes
+        self.ready = False  # its worker is READY, not draining: kept by its record's phase (balancer/process.py)
         self.open_conns = 0  # acked and not yet reported closed
         self.unacked: dict[int, tuple[int, int]] = {}  # conn id -> (master's fd copy, family)
         self.sent: deque[tuple[int, list[int]]] = deque()  # (message number, its conn ids), not yet handled
@@ -76,11 +68,6 @@ class Link:
         self.channel_lost = False  # a send found its end closed: it is dying, the reap follows
         self.ack_progress = 0.0  # monotonic time of the last ack, or of the first fd sent since
         self.dispatched = 0  # connections handed to this worker, for metrics
-
-    @property
-    def load(self) -> int:
-        """Connections this worker holds or is about to."""
-        return self.open_conns + len(self.unacked)
 
 
 class Dispatcher:
@@ -105,11 +92,6 @@ class Dispatcher:
         self._surveyed = None
         if self._next >= len(links):
             self._next = 0
-
-    def eligible(self, link: Link | None) -> bool:
-        """True when link may be given one more connection now (what snapshot() says of it)."""
-        links = self.links
-        return link is not None and link in links and self.snapshot()[1][links.index(link)] > 0
 
     def pick(self) -> Link | None:
         """The least-loaded eligible link, ties going round-robin from the last one picked; None when all are full.
@@ -146,23 +128,23 @@ class Dispatcher:
 
         With closing given, each link's board is read first (what it acked is added to closing).
         """
-        cap, max_unacked, ready = self.cap, self.max_unacked, Phase.READY
-        handled_word, closed_word, collect = board.HANDLED, board.CLOSED, self.collect
+        cap, max_unacked = self.cap, self.max_unacked
+        collect = self.collect
         loads, rooms = [], []
         total = 0
         min_open = None
         for link in self.links:
             if closing is not None:
-                words = link.board
-                if words[handled_word] != link.seen_word:
+                board = link.board
+                if board[HANDLED] != link.seen_word:
                     collect(link, closing)
                 else:  # no ack or refusal since the last look: only closes can have changed (as collect does)
-                    open_conns = link.acked_total - words[closed_word]
+                    open_conns = link.acked_total - board[CLOSED]
                     link.open_conns = open_conns if open_conns > 0 else 0
             unacked = len(link.unacked)
             load = link.open_conns + unacked
             loads.append(load)
-            if link.phase is ready:
+            if link.ready:
                 if min_open is None or link.open_conns < min_open:
                     min_open = link.open_conns
                 if not (link.send_blocked or link.ack_overdue or link.resting or link.channel_lost):
@@ -176,7 +158,7 @@ class Dispatcher:
 
     def any_ready(self) -> bool:
         """True when some worker is READY (full or not)."""
-        return any(link.phase is Phase.READY for link in self.links)
+        return any(link.ready for link in self.links)
 
     def free_capacity(self) -> int:
         """How many more connections the ready workers can take right now."""
@@ -250,7 +232,7 @@ class Dispatcher:
                 link.resting = True  # ENOBUFS, ENOMEM: the kernel is short for a moment, the worker is fine
             return False
         link.dispatched += len(ids)
-        link.sent_msgs = seq = (link.sent_msgs + 1) & board.HANDLED_MASK
+        link.sent_msgs = seq = (link.sent_msgs + 1) & HANDLED_MASK
         link.sent.append((seq, ids))
         return True
 
@@ -280,16 +262,16 @@ class Dispatcher:
 
         With closing given, the fds to close are added to it for the caller to close with other workers' fds.
         """
-        words = link.board
-        word = words[board.HANDLED]
+        board = link.board
+        word = board[HANDLED]
         if word != link.seen_word:
-            handled, refused = board.unpack(word)
+            handled, refused = unpack(word)
             if refused != link.refused_seen:
                 # Its REFUSE message went out before this store but is not read yet: until it is, acked and
                 # refused ids cannot be told apart. on_refuse() collects again once it has read it.
                 return
             link.seen_word = word
-            sent, unacked, handled_by = link.sent, link.unacked, board.handled_by
+            sent, unacked = link.sent, link.unacked
             done: list[int] = []
             while sent and handled_by(sent[0][0], handled):
                 for conn_id in sent.popleft()[1]:
@@ -304,7 +286,7 @@ class Dispatcher:
                     closing += done
                 link.acked_total += len(done)
                 link.ack_overdue = False  # not after refusals alone: a refusing worker rests until the tick
-        link.open_conns = max(0, link.acked_total - words[board.CLOSED])
+        link.open_conns = max(0, link.acked_total - board[CLOSED])
 
     def collect_all(self) -> None:
         """Collect every worker's board, closing what they took in one call.
@@ -321,7 +303,7 @@ class Dispatcher:
 
     def on_refuse(self, link: Link, ids: list[int]) -> None:
         """The worker did not take these: give them to another worker."""
-        link.refused_seen = (link.refused_seen + 1) & board.REFUSED_MASK
+        link.refused_seen = (link.refused_seen + 1) & REFUSED_MASK
         reclaimed = [item for item in (link.unacked.pop(i, None) for i in ids) if item is not None]
         # A READY worker refuses when the fds did not fit (MSG_CTRUNC: it is out of fds). Rest it until the
         # next tick, or fds would bounce between workers that are all full, as fast as the loop turns.

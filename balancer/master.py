@@ -43,8 +43,8 @@ class Master(AcceptPath, MasterCommands):
         self.supervisor: Supervisor | None = None
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.paused = True  # not reading the listeners: no worker ready yet, or all at their caps
-        self.stopping = False  # draining: the listeners are closed
-        self.shutting_down = False  # a stop was asked for: /readyz says 503, maybe while serving on (--shutdown-delay)
+        self.stopping = False  # a stop was asked for: /readyz says 503, maybe while serving on (--shutdown-delay)
+        self.draining = False  # the listeners are closed and the workers drain (stopping is True too)
         self.booted = False  # every first worker reported ready: reload and scale may act
         self.accepted = 0
         self.accept_errors: dict[str, int] = {}
@@ -88,6 +88,7 @@ class Master(AcceptPath, MasterCommands):
         self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity,
                                      spawn=lambda slot, generation: spawn_process(
                                          slot, generation, self.config.worker_settings(), env))
+        self.supervisor.on_reload_hooks.append(self.reload_over)  # READY=1 for systemd
         try:
             await self._start_services()
             if self.run_as is not None:
@@ -104,7 +105,7 @@ class Master(AcceptPath, MasterCommands):
             while True:
                 sig = await self.signals.get()
                 if sig in STOP_SIGNALS:
-                    self.shutting_down = True  # /readyz answers 503 from now on
+                    self.stopping = True  # /readyz answers 503 from now on
                     self.notifier.stopping(f"{signal.Signals(sig).name}: stopping")
                     if self.booted and self.config.shutdown_delay > 0:
                         sig = await self._serve_before_drain(sig)
@@ -306,10 +307,10 @@ class Master(AcceptPath, MasterCommands):
 
     async def shutdown(self) -> None:
         """Stop accepting, drain every worker, close what is left."""
-        if self.stopping:
+        if self.draining:
             return
         self._pause()
-        self.stopping = True
+        self.stopping = self.draining = True
         if self._tick is not None:
             self._tick.cancel()
         if self._accept_retry is not None:

@@ -18,8 +18,8 @@ from prometheus_client.utils import floatToGoString
 from balancer import __version__, handoff
 from balancer.board import BUCKETS
 from balancer.config import parse_bind
-from balancer.dispatch import Phase
 from balancer.errnos import RESOURCE_ERRNOS
+from balancer.process import Phase
 from balancer.scrape import Reply, ScrapeServer
 
 log = logging.getLogger("balancer")
@@ -176,7 +176,7 @@ class MetricsServer:
     async def handle_metrics(self, headers: dict[str, str]) -> Reply:
         """Read the workers' /proc figures in a thread, then collect and answer in the format asked for."""
         # A worker's fd table grows with its connections: reading it on the loop would stall every accept.
-        pids = [w.pid for w in self.master.supervisor.processes() if not w.exited]
+        pids = [w.pid for w in self.master.supervisor.records() if not w.exited]
         self._proc = await asyncio.get_running_loop().run_in_executor(None, read_procs, pids)
         self.master.dispatcher.collect_all()  # open connections as of now, not as of the last tick
         encoder, content_type = choose_encoder(headers.get("accept", ""))
@@ -188,10 +188,10 @@ class MetricsServer:
 
     async def handle_readyz(self, headers: dict[str, str]) -> Reply:
         """200 while at least one worker is ready and the master is not shutting down, else 503 saying why."""
-        if self.master.shutting_down or self.master.stopping:  # also during --shutdown-delay, while it serves on
+        if self.master.stopping:  # also during --shutdown-delay, while it serves on
             return 503, TEXT, b"not ready: shutting down\n"
         sup = self.master.supervisor
-        ready = sum(1 for w in sup.processes() if w.phase is Phase.READY)
+        ready = sum(1 for w in sup.records() if w.phase is Phase.READY)
         if ready:
             return 200, TEXT, f"ready: {ready} workers\n".encode()
         return 503, TEXT, b"not ready: no worker ready\n"
@@ -208,10 +208,10 @@ class MetricsServer:
         """Every slot's figures now: its base plus its live workers (two of them during a reload)."""
         sup = self.master.supervisor
         out = {slot: base.copy() for slot, base in self.bases.items()}
-        for slot in range(len(sup.slots)):
+        for slot in range(sup.target):
             out.setdefault(slot, SlotFigures()).wanted = True
         seen = {}
-        for w in sup.processes():
+        for w in sup.records():
             fig = out.get(w.slot) or out.setdefault(w.slot, SlotFigures())
             fig.wanted = True
             proc = None if w.exited else self._proc.get(w.pid)  # None too for a worker newer than the reading
@@ -258,7 +258,7 @@ class MetricsServer:
                                  labels=["version", "python", "aiohttp", "handoff"])
         info.add_metric([__version__, platform.python_version(), AIOHTTP_VERSION, handoff.IMPLEMENTATION], 1)
         yield info
-        yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", len(sup.slots))
+        yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", sup.target)
         yield gauge("balancer_start_time_seconds", "Unix time the master started.", master.started)
 
         def per_slot(kind, name, doc, value, wanted_only=False):

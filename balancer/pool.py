@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from balancer.dispatch import Phase
+from balancer.process import Phase
 
 
 @dataclass(frozen=True)
@@ -40,29 +40,45 @@ def plan(records: list, wanted: Wanted, not_before: dict[int, float], now: float
     """
     out = Plan()
     if wanted.stopping:
-        for w in records:
-            if w.phase is Phase.READY:
-                out.drain.append((w, "shutdown"))
-            elif w.phase is Phase.BOOTING and not w.kill_at:
-                out.dismiss.append((w, "shutdown"))
+        _retire(records, "shutdown", out)
         return out
     by_slot: dict[int, list] = {}
     for w in records:
         by_slot.setdefault(w.slot, []).append(w)
-    replacing = False
+    replacing = _drain_replaced(by_slot, wanted.target, out)
     for slot, recs in by_slot.items():
         if slot >= wanted.target:
-            for w in recs:
-                if w.phase is Phase.READY:
-                    out.drain.append((w, "scale"))
-                elif w.phase is Phase.BOOTING and not w.kill_at:
-                    out.dismiss.append((w, "scale"))
+            _retire(recs, "scale", out)
+    _fill(by_slot, wanted, replacing, not_before, now, out)
+    return out
+
+
+def _retire(records, reason: str, out: Plan) -> None:
+    """Every worker of records goes: the ready ones drain, the booting ones (not yet told) are dismissed."""
+    for w in records:
+        if w.phase is Phase.READY:
+            out.drain.append((w, reason))
+        elif w.phase is Phase.BOOTING and not w.kill_at:
+            out.dismiss.append((w, reason))
+
+
+def _drain_replaced(by_slot: dict[int, list], target: int, out: Plan) -> bool:
+    """Drain each wanted slot's ready workers but its newest; True while some slot's replacement still boots."""
+    replacing = False
+    for slot, recs in by_slot.items():
+        if slot >= target:
             continue
         ready = [w for w in recs if w.phase is Phase.READY]
         for old in ready[:-1]:  # a replacement is ready: only now may its predecessor drain
             out.drain.append((old, "reload" if old.generation < ready[-1].generation else "recycle"))
         if ready and any(w.phase is Phase.BOOTING for w in recs):
             replacing = True
+    return replacing
+
+
+def _fill(by_slot: dict[int, list], wanted: Wanted, replacing: bool, not_before: dict[int, float], now: float,
+          out: Plan) -> None:
+    """Start a worker for every empty wanted slot, and a replacement for the first outdated one unless one boots."""
     candidates = []
     for slot in range(wanted.target):
         recs = by_slot.get(slot, ())
@@ -75,7 +91,6 @@ def plan(records: list, wanted: Wanted, not_before: dict[int, float], now: float
             candidates.append(slot)
     if candidates and not replacing:
         _start(out, candidates[0], not_before, now)
-    return out
 
 
 def _start(out: Plan, slot: int, not_before: dict[int, float], now: float) -> None:

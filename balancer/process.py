@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import importlib.util
 import json
 import os
@@ -11,12 +12,23 @@ import subprocess
 import sys
 import time
 
-from balancer import board, wire
-from balancer.dispatch import Link, Phase
+from balancer import wire
+from balancer.board import create as create_board
+from balancer.board import read_counts
+from balancer.dispatch import Link
 
 
 class BootError(RuntimeError):
     """A worker could not load the backend; its message is the one-line reason."""
+
+
+class Phase(enum.Enum):
+    """Where a worker process is in its life: the supervisor's one state per record."""
+
+    BOOTING = "booting"
+    READY = "ready"
+    DRAINING = "draining"
+    EXITED = "exited"
 
 
 class WorkerProcess:
@@ -40,6 +52,7 @@ class WorkerProcess:
         self.kill_at = 0.0  # monotonic deadline for SIGKILL once it has been told to go
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.exited = False
+        self._phase = Phase.BOOTING
 
     @property
     def stats(self) -> dict:
@@ -48,16 +61,17 @@ class WorkerProcess:
         The board is read even after the worker is gone: a worker killed outright sent no final heartbeat,
         but every request it finished is counted there.
         """
-        return {**self.beat, **board.read_counts(self.link.board)}
+        return {**self.beat, **read_counts(self.link.board)}
 
     @property
     def phase(self) -> Phase:
-        """booting, ready, draining or exited; kept on the link, where the dispatcher reads it per connection."""
-        return self.link.phase
+        """booting, ready, draining or exited."""
+        return self._phase
 
     @phase.setter
     def phase(self, phase: Phase) -> None:
-        self.link.phase = phase
+        self._phase = phase
+        self.link.ready = phase is Phase.READY  # what the dispatcher reads per connection
 
     def signal(self, signum: int) -> None:
         """Send a signal unless the process is already reaped (its pid may be reused)."""
@@ -72,7 +86,7 @@ def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> Work
     """Start a fresh interpreter for slot with its ends of a new channel and ack board inherited."""
     master_end, worker_end = wire.channel_pair()
     try:
-        board_fd, ack_board = board.create(f"balancer-board-slot-{slot}")
+        board_fd, board = create_board(f"balancer-board-slot-{slot}")
     except BaseException:
         master_end.close()
         worker_end.close()
@@ -96,7 +110,7 @@ def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> Work
         proc.wait()
         master_end.close()
         raise
-    return WorkerProcess(slot, generation, proc, master_end, Link(slot, master_end, ack_board), pidfd)
+    return WorkerProcess(slot, generation, proc, master_end, Link(slot, master_end, board), pidfd)
 
 
 def worker_env() -> dict:

@@ -13,10 +13,10 @@ from typing import Callable
 from balancer import wire
 from balancer.backoff import Backoff
 from balancer.config import Config
-from balancer.dispatch import Dispatcher, Phase
+from balancer.dispatch import Dispatcher
 from balancer.errnos import PEER_GONE_ERRNOS
 from balancer.pool import Wanted, plan
-from balancer.process import BootError, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
+from balancer.process import BootError, Phase, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
 
 log = logging.getLogger("balancer")
 
@@ -53,8 +53,12 @@ class Supervisor:
         self.on_exit_hooks: list[Callable[[WorkerProcess], None]] = []
         self.started_up = False  # the first workers are all ready: from now on reconcile keeps the pool
         self.stopping = False
-        self._reload_waiters: list[tuple[int, asyncio.Future]] = []
-        self._wakeup: asyncio.TimerHandle | None = None
+        self.on_reload_hooks: list[Callable[[bool], None]] = []  # once per answered reload: done, or stopped
+        self._reload_waiters: list[asyncio.Future] = []  # every request of the reload under way
+        # The wake-up asked for and when it is due, on self.clock: the due time is kept here because uvloop's
+        # call_later(0) returns a plain Handle, which has no when().
+        self._wakeup: asyncio.Handle | None = None
+        self._wake_due = 0.0
         self._reconciling = False
         self._again = False
         self._all_gone = asyncio.Event()
@@ -70,8 +74,6 @@ class Supervisor:
     def records(self) -> list[WorkerProcess]:
         """Every worker process not yet reaped, in slot order, oldest first within a slot."""
         return sorted(self.table.values(), key=lambda w: (w.slot, w.started, w.pid))
-
-    processes = records
 
     def serving(self, slot: int) -> WorkerProcess | None:
         """The newest ready worker of slot."""
@@ -243,6 +245,15 @@ class Supervisor:
             log.warning("worker slot=%d pid=%d exited before it was ready (%s); respawning in %.2fs",
                         w.slot, w.pid, describe_exit(code), delay)
 
+    def crash_looping(self, slot: int, now: float) -> bool:
+        """True when slot is wanted and its workers keep dying soon after they start (Backoff.crash_looping)."""
+        backoff, serving = self.backoffs.get(slot), self.serving(slot)
+        if backoff is None or slot >= self.target:
+            return False
+        if self.reload_failed and serving is not None and serving.generation < self.generation:
+            return False  # a failed reload's replacements died, not the worker that serves on
+        return backoff.crash_looping(None if serving is None else now - serving.started)
+
     def _back_off(self, slot: int, uptime: float) -> float:
         """Record a failure of slot; its next worker waits the returned delay."""
         delay = self.backoffs.setdefault(slot, Backoff()).failure(uptime)
@@ -252,7 +263,11 @@ class Supervisor:
     # ---- reconcile ----------------------------------------------------------------------------
 
     def changed(self) -> None:
-        """Something in the table changed: reconcile now (once, however deeply this is re-entered)."""
+        """Something in the table changed: reconcile now (once, however deeply this is re-entered).
+
+        A pass that raises is logged and left to the next tick, which reconciles again: an event callback or a
+        wake-up must not die of it, and the dispatcher must still see the table as it is.
+        """
         if self._reconciling:
             self._again = True
             return
@@ -262,9 +277,11 @@ class Supervisor:
             while self._again:
                 self._again = False
                 self.reconcile()
+        except Exception:
+            log.exception("reconcile failed; it runs again at the next tick")
         finally:
             self._reconciling = False
-        self.dispatcher.set_links([w.link for w in self.records()])
+            self.dispatcher.set_links([w.link for w in self.records()])
         self.on_capacity()
 
     def reconcile(self) -> None:
@@ -296,40 +313,47 @@ class Supervisor:
             self._wake_at(self.not_before[slot])
 
     def _wake_at(self, when: float) -> None:
-        """Reconcile again at `when` (the tick would too, later)."""
-        delay = max(0.0, when - self.clock())
+        """Reconcile again at `when`, a time on self.clock (the tick would too, later)."""
         if self._wakeup is not None:
-            if self._wakeup.when() <= self.loop.time() + delay:
+            if self._wake_due <= when:
                 return
             self._wakeup.cancel()
-        self._wakeup = self.loop.call_later(delay, self._woken)
+        self._wake_due = when
+        self._wakeup = self.loop.call_later(max(0.0, when - self.clock()), self._woken)
 
     def _woken(self) -> None:
         self._wakeup = None
         self.changed()
 
     def _settle_reloads(self) -> None:
-        """Answer the reload requests that have finished or failed."""
+        """Answer the reload requests once every slot serves the newest generation asked for, or the reload stopped.
+
+        A reload asked during another is the same reload, to a newer generation: every request is answered
+        together, so neither `reload --wait` nor systemd's READY=1 says done while a slot still runs code older
+        than the last ask, nor "stopped" for an older generation's failed replacement the newer one went past.
+        """
         if not self._reload_waiters:
             return
         serving = self.slots
         done_to = min((w.generation for w in serving if w is not None), default=-1)
         full = all(w is not None and not w.recycle for w in serving)
-        keep = []
-        done = False
-        for generation, future in self._reload_waiters:
-            if future.done():
-                continue
-            if self.stopping or self.failed_generation >= generation:
-                future.set_result(False)
-            elif full and done_to >= generation:
-                done = True
-                future.set_result(True)
-            else:
-                keep.append((generation, future))
-        self._reload_waiters = keep
-        if done:  # once, however many reload requests this answered; the generation every slot now runs
+        if self.stopping or self.reload_failed:
+            done = False
+        elif full and done_to >= self.generation:
+            done = True
+        else:
+            return
+        waiters, self._reload_waiters = self._reload_waiters, []
+        for future in waiters:
+            if not future.done():  # a caller may have cancelled its own wait
+                future.set_result(done)
+        if done:
             log.info("rolling reload done (generation %d)", done_to)
+        for hook in self.on_reload_hooks:
+            try:
+                hook(done)
+            except Exception:
+                log.exception("reload hook failed")
 
     # ---- start, reload, scale -------------------------------------------------------------------
 
@@ -356,14 +380,15 @@ class Supervisor:
         """Ask for every slot to run fresh code; the future says True when all do, False if the reload stopped.
 
         Asked during a reload, it raises the wanted generation: the running pass continues to it, and slots it
-        already replaced are replaced once more, so every worker ends up on code read after the last ask.
+        already replaced are replaced once more, so every worker ends up on code read after the last ask. The
+        earlier requests are answered with this one.
         """
         future = self.loop.create_future()
+        self._reload_waiters.append(future)
         if self.stopping:
-            future.set_result(False)
+            self._settle_reloads()  # answered False now, and the hooks told (READY=1 after RELOADING=1)
             return future
         self.generation += 1
-        self._reload_waiters.append((self.generation, future))
         log.info("rolling reload of %d workers (generation %d)", self.target, self.generation)
         self.changed()
         return future

@@ -17,7 +17,7 @@ import socket
 import time
 
 from balancer import board, dispatch
-from balancer.dispatch import Dispatcher, Link, Phase
+from balancer.dispatch import Dispatcher, Link
 
 WORKERS = (2, 8, 16, 32, 64)
 BATCHES = (4, 16, 64)
@@ -30,7 +30,7 @@ def pool(n: int) -> Dispatcher:
     links = []
     for slot in range(n):
         link = Link(slot, None)
-        link.phase = Phase.READY
+        link.ready = True
         link.acked_total = OPEN
         links.append(link)
     d.set_links(links)

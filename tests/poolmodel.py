@@ -4,8 +4,9 @@ The real Supervisor and Dispatcher, wired as balancer/master.py wires them, on a
 steps by hand with its timers on a fake clock, against fake workers (tests/fakeworker.py) on real socketpairs
 and ack boards. tests/test_supervisor_model.py drives it with hypothesis; the checks here are the product's
 promises: one connection, one worker; no record for a reaped process and no process without a record; a
-rolling reload drains no worker before its replacement is ready; counters never go backwards and match what the
-workers published; once faults stop the pool converges to its target on the newest code; shutdown ends within
+rolling reload drains no worker before its replacement is ready, and reports done only once every slot serves the
+newest generation asked for; counters never go backwards and match what the workers published; no callback or
+reconcile pass raises; once faults stop the pool converges to its target on the newest code; shutdown ends within
 the graceful timeout plus a small bound and leaves nothing open.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 import types
@@ -20,8 +22,9 @@ from collections import Counter
 
 from balancer import dispatch, wire
 from balancer.config import Config
-from balancer.dispatch import Dispatcher, Phase
+from balancer.dispatch import Dispatcher
 from balancer.master import STALL_AFTER, TICK
+from balancer.process import Phase
 from balancer.supervisor import KILL_GRACE, Supervisor
 from tests.fakeworker import FakeClock, FakeTimeLoop, FakeWorker, make_worker, step
 
@@ -41,6 +44,18 @@ class Conn:
     def __init__(self, client: socket.socket) -> None:
         self.client = client
         self.served_by: int | None = None
+
+
+class RaisedErrors(logging.Handler):
+    """An exception the supervisor caught and logged (a failed reconcile pass or hook) is a violation too."""
+
+    def __init__(self, violations: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.violations = violations
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.violations.append(f"logged with a traceback: {record.getMessage()}: {record.exc_info[1]!r}")
 
 
 class PoolModel:
@@ -69,6 +84,9 @@ class PoolModel:
         self.dispatcher = Dispatcher(CAP, on_blocked=self._on_blocked)
         self.sup: Supervisor = self.call(lambda: Supervisor(self.config, self.dispatcher, self._on_capacity,
                                                             spawn=self._spawn, clock=self.clock))
+        self.sup.on_reload_hooks.append(self.check_reload_done)  # as the master's READY=1 for systemd
+        self._log_errors = RaisedErrors(self.violations)
+        logging.getLogger("balancer").addHandler(self._log_errors)
         try:
             self.auto = True
             boot = self.loop.create_task(self.sup.start())
@@ -247,6 +265,27 @@ class PoolModel:
                 assert heirs, f"slot {w.slot} pid={w.pid} drained ({w.reason}) before any replacement was ready: " \
                               f"{[f for f in self.fakes.values() if f.slot == w.slot]}"
 
+    def check_reload_done(self, done: bool) -> None:
+        """Where a reload is answered: "done" only once every slot serves the newest generation asked for."""
+        sup = self.sup
+        if done:
+            behind = {slot: (w.generation if w is not None else "empty") for slot, w in enumerate(sup.slots)
+                      if w is None or w.generation < sup.generation}
+            if behind:
+                self.violations.append(f"reload reported done while generation {sup.generation} is wanted and "
+                                       f"slots {behind} serve older code: {sup.records()}")
+        unanswered = [generation for generation, future in self.reloads if not future.done()]
+        if unanswered:
+            self.violations.append(f"a reload was answered {done} but the requests for generations {unanswered} "
+                                   f"were left waiting")
+
+    def check_reloads(self) -> None:
+        """Every reload that reports done has every serving slot on at least its generation."""
+        for generation, future in self.reloads:
+            if future.done() and future.result():
+                older = [(w.slot, w.generation) for w in self.sup.slots if w is not None and w.generation < generation]
+                assert not older, f"reload to generation {generation} reported done, yet slots serve {older}"
+
     def check_monotonic(self) -> None:
         """Counters never go backwards."""
         for key, value in self.sup.restarts.items():
@@ -365,6 +404,7 @@ class PoolModel:
     def cleanup(self) -> None:
         """Close everything an example opened, whether it passed or not."""
         dispatch.time = self._real_time
+        logging.getLogger("balancer").removeHandler(self._log_errors)
         held = [fd for fd, _ in self.dispatcher.homeless]
         for w in list(self.sup.table.values()):  # records the supervisor never reaped (a failed example)
             held += [fd for fd, _ in w.link.unacked.values()]

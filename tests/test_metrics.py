@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer import wire
-from balancer.dispatch import Phase
+from balancer.process import Phase
 from balancer.metrics import MetricsServer
 from tests.harness import Balancer
 from balancer_workers.stats import BUCKETS, RequestStats
@@ -234,11 +234,12 @@ class FakeMaster:
     def __init__(self) -> None:
         self.config = type("Config", (), {"metrics_bind": "127.0.0.1:0"})()
         self.accepted, self.accept_errors, self.stopping, self.started = 0, {}, False, time.time()
-        self.coalesced, self.shutting_down = 0, False
+        self.coalesced, self.draining = 0, False
         self.dispatcher = type("Dispatcher", (), {"redispatched": 0})()
         sup = self.supervisor = type("Supervisor", (), {})()
-        sup.slots, sup.live, sup.restarts, sup.on_exit_hooks = [None, None], [], collections.Counter(), []
-        sup.processes = lambda: list(sup.live)
+        sup.slots, sup.target, sup.live, sup.restarts = [None, None], 2, [], collections.Counter()
+        sup.on_exit_hooks = []
+        sup.records = lambda: list(sup.live)
 
     def paused_total(self) -> float:
         return 0.0
@@ -316,9 +317,9 @@ def test_readyz_healthz_and_the_log_line(caplog):
                 assert await status("/readyz") == 503
                 w.phase = Phase.READY
                 assert await status("/readyz") == 200
-                master.shutting_down = True  # a stop signal, still serving during --shutdown-delay
+                master.stopping = True  # a stop signal, still serving during --shutdown-delay
                 assert await readyz() == (503, "not ready: shutting down\n")
-                master.shutting_down, master.stopping = False, True
+                master.draining = True
                 assert await readyz() == (503, "not ready: shutting down\n")
         finally:
             await server.close()

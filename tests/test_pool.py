@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from balancer.dispatch import Phase
+from balancer.process import Phase
 from balancer.pool import Wanted, outdated, plan
 
 

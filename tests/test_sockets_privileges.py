@@ -212,6 +212,30 @@ def test_master_and_workers_drop_to_user_after_binding_a_low_port(accounts, pyth
     assert not any(pid_alive(pid) for pid in workers)
 
 
+def test_the_control_server_of_a_master_run_as_user_refuses_a_client_of_another_uid(accounts, python_for_others,
+                                                                                   shared_dir):
+    """The server's own SO_PEERCRED check: root reaches the user's socket (no file mode stops root) and is refused."""
+    user, uid, gid = accounts["member"], accounts["member_uid"], accounts["member_gid"]
+    os.chown(shared_dir, uid, gid)
+    ctl = os.path.join(shared_dir, "ctl.sock")
+    with Balancer("--workers", "1", "--user", user, "--control-socket", ctl, *BACKEND) as b:
+        b.wait_for(r"running as user")
+        mark = b.mark()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # not the client: it refuses such a master
+            sock.settimeout(10)
+            sock.connect(ctl)
+            sock.sendall(b'{"cmd": "scale", "n": 3}\n')
+            reply = json.loads(sock.makefile("rb").readline())
+        assert reply == {"ok": False, "error": "permission denied"}, reply
+        assert os.getuid() != uid
+        # The user itself is answered, and the refused scale never happened.
+        status = run("runuser", "-u", user, "--", sys.executable, "-m", "balancer", "status", "--json",
+                     "--control-socket", ctl, check=False)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["target"] == 1
+        assert "scaling" not in "\n".join(b.lines[mark:]), b.log()
+
+
 def test_bad_user_or_group_is_one_line_exit_2_with_nothing_left(shared_dir):
     pid_file = os.path.join(shared_dir, "master.pid")
     for args, text in ((("--user", f"{TAG}-nobody"), "no such user"),

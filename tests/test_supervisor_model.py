@@ -6,7 +6,8 @@ scaling (also during a reload), time passing and shutdown. The master side is th
 Dispatcher on a real asyncio loop (stepped by hand, its timers on a fake clock); the workers are fakes from
 tests/fakeworker.py on real SEQPACKET socketpairs and memfd ack boards. The invariants are the product's
 promises: one connection, one worker; no record for a reaped process; the pool converges to its target on the
-newest code once faults stop; a rolling reload never drains a worker before its replacement is ready;
+newest code once faults stop; a rolling reload never drains a worker before its replacement is ready, and says
+done only once every slot serves the newest generation asked for;
 shutdown is bounded by the graceful timeout and leaves nothing behind.
 """
 
@@ -194,6 +195,7 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
         self.check_table()
         self.check_connections()
         self.check_no_gap()
+        self.check_reloads()
         self.check_monotonic()
 
     def teardown(self) -> None:
@@ -256,3 +258,22 @@ def test_a_reload_drains_no_worker_before_its_replacement_is_ready():
         m.time_passes(dt=TICK, boots=True, arrivals=[2])
         m.promises()
         assert m.gap_checked, "no worker was drained for the reload"
+
+
+def test_a_reload_asked_while_the_last_replacement_boots_is_done_only_on_the_newest_code():
+    """SIGHUP, slot 0 replaced, SIGHUP while slot 1's replacement boots: "done" waits for generation 2 everywhere."""
+    with model() as m:
+        m.reload()
+        m.boot(outcomes=["ready"])  # slot 0 runs generation 1; slot 1's replacement starts booting
+        m.promises()
+        assert [w.generation for w in m.sup.slots] == [1, 0]
+        m.reload()
+        m.boot(outcomes=["ready"])  # slot 1 runs generation 1: every slot has the first ask, none the second
+        m.promises()
+        assert [w.generation for w in m.sup.slots] == [1, 1]
+        assert not any(future.done() for _, future in m.reloads), "reported done before generation 2 serves"
+        for _ in range(2):
+            m.time_passes(dt=TICK, boots=True, arrivals=[])
+        m.promises()
+        assert [w.generation for w in m.sup.slots] == [2, 2]
+        assert all(future.done() and future.result() for _, future in m.reloads)

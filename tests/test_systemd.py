@@ -113,6 +113,37 @@ def test_a_notify_socket_nobody_reads_is_one_warning_and_serving_goes_on():
         assert len(warned) == 1 and "READY=1 failed" in warned[0], b.log()
 
 
+def test_a_sighup_during_a_reload_delays_ready_until_every_slot_serves_the_newest_code(tmp_path):
+    from tests.test_faults import deploy, status
+
+    notify = NotifySocket()
+    deploy(tmp_path, "v1")
+    try:
+        with Balancer("--workers", "2", "--app-dir", str(tmp_path), "--backend", "editable:handler",
+                      "--control-socket", str(tmp_path / "ctl.sock"), env={"NOTIFY_SOCKET": notify.name}) as b:
+            notify.wait_for("READY")
+            deploy(tmp_path, "v2", "sleep 1")  # each new worker takes a second to import the new code
+            mark = b.mark()
+            b.signal(signal.SIGHUP)
+            notify.wait_for("RELOADING")
+            # Slot 0 runs generation 1 and slot 1's replacement boots: a second SIGHUP now raises the generation.
+            b.wait_for(r"worker slot=0 pid=\d+ exited \(reload\)", 30, start=mark)
+            deploy(tmp_path, "v3", "sleep 1")
+            b.signal(signal.SIGHUP)
+            notify.wait_for("RELOADING")
+            ready = notify.wait_for("READY", 30)
+            now = status(tmp_path)  # right after READY=1: what serves then
+            assert ready["STATUS"].startswith("2 workers serving on"), ready
+            assert (now["generation"], now["serving_generation"]) == (2, 2), now["workers"]
+            assert {fetch(b).body for _ in range(4)} == {b"v3"}
+            done = re.findall(r"rolling reload done \(generation (\d+)\)", b.log())
+            assert done == ["2"], done  # one line, for the generation asked for last
+            with pytest.raises(AssertionError, match="no READY"):  # and one READY=1 for both SIGHUPs
+                notify.wait_for("READY", 1)
+    finally:
+        notify.sock.close()
+
+
 def test_no_watchdog_pings_for_another_pid(tmp_path):
     from balancer.systemd import watchdog_interval
 

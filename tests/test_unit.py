@@ -17,7 +17,7 @@ from balancer import board, wire
 from balancer.backoff import Backoff
 from balancer.cli import build_parser, parse_config
 from balancer.config import Config, ConfigError, parse_bind
-from balancer.dispatch import Dispatcher, Link, Phase, fill_py
+from balancer.dispatch import Dispatcher, Link, fill_py
 
 try:
     from balancer import _speedups
@@ -32,10 +32,20 @@ def ready_routes(d: Dispatcher, n: int) -> list[Link]:
         master_end, worker_end = wire.channel_pair()
         r = Link(slot, master_end)
         r.peer = worker_end
-        r.phase = Phase.READY
+        r.ready = True  # as its record's phase READY makes it
         routes.append(r)
     d.set_links(list(routes))
     return routes
+
+
+def loads(d: Dispatcher) -> list[int]:
+    """Connections each link holds or is about to, as the dispatcher counts them."""
+    return d.snapshot()[0]
+
+
+def may_take(d: Dispatcher, link: Link) -> bool:
+    """True when the dispatcher may give link one more connection now."""
+    return d.snapshot()[1][d.links.index(link)] > 0
 
 
 def close_routes(routes):
@@ -81,7 +91,7 @@ def test_a_batch_fills_the_least_loaded_workers_up_to_the_others():
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(7)]
     d.dispatch([(fd, socket.AF_INET) for fd in fds])
     assert [len(r.unacked) for r in routes] == [0, 4, 3]
-    assert [r.load for r in routes] == [4, 4, 4]
+    assert loads(d) == [4, 4, 4]
     release_all(d, routes)
 
 
@@ -92,12 +102,10 @@ def test_pick_skips_unavailable(skip):
     r = routes[1]
     if skip == "busy":
         r.open_conns = 2
-    elif skip == "draining":
-        r.phase = Phase.DRAINING
+    elif skip in ("draining", "booting"):
+        r.ready = False
     elif skip == "lost":
         r.channel_lost = True
-    elif skip == "booting":
-        r.phase = Phase.BOOTING
     elif skip == "resting":
         r.resting = True
     elif skip == "blocked":
@@ -106,7 +114,7 @@ def test_pick_skips_unavailable(skip):
         r.unacked = {1: (-1, socket.AF_INET)}
         r.ack_progress = 100.0
         d.mark_overdue(now=100.4, after=0.5)
-        assert d.eligible(r)
+        assert may_take(d, r)
         d.mark_overdue(now=100.6, after=0.5)
     else:
         d.set_links([routes[0], routes[2]])
@@ -127,7 +135,7 @@ def test_survey_collects_and_names_the_least_busy_ready_worker():
         routes[0].board[board.CLOSED] = 1
         d.survey()
         assert [r.open_conns for r in routes] == [4, 0, 9] and d.min_open_ready == 0
-        routes[1].phase = Phase.DRAINING  # only ready workers count, for room and for busy
+        routes[1].ready = False  # draining: only ready workers count, for room and for busy
         assert d.survey() == 96 + 91 and d.min_open_ready == 4
     finally:
         close_routes(routes)
@@ -221,17 +229,17 @@ def test_backpressure_all_full_goes_homeless_then_retried():
     routes = ready_routes(d, 2)
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
     d.dispatch([(fd, socket.AF_INET) for fd in fds])
-    assert [r.load for r in routes] == [1, 1]
+    assert loads(d) == [1, 1]
     assert len(d.homeless) == 1 and d.free_capacity() == 0
     # worker 0 acks and then reports its connection closed, on its board: room for the homeless fd
     routes[0].board[board.HANDLED] = board.pack(1, 0)
     d.collect(routes[0])
-    assert routes[0].load == 1 and not routes[0].unacked
+    assert loads(d)[0] == 1 and not routes[0].unacked
     routes[0].board[board.CLOSED] = 1
     d.collect(routes[0])
-    assert routes[0].load == 0
+    assert loads(d)[0] == 0
     d.retry_homeless()
-    assert not d.homeless and routes[0].load == 1
+    assert not d.homeless and loads(d)[0] == 1
     release_all(d, routes)
 
 
@@ -241,10 +249,10 @@ def test_refuse_and_evict_redispatch_elsewhere():
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
     d.dispatch([(fd, socket.AF_INET) for fd in fds])
     assert [len(r.unacked) for r in routes] == [2, 2]
-    routes[0].phase = Phase.DRAINING
+    routes[0].ready = False  # draining
     d.on_refuse(routes[0], list(routes[0].unacked))
     assert len(routes[1].unacked) == 4 and d.redispatched == 2
-    routes[0].phase = Phase.READY
+    routes[0].ready = True
     d.mark_overdue(time.monotonic(), 0.5)  # the tick ends the rest a refusal earns
     assert not routes[0].resting
     routes[1].channel_lost = True
@@ -291,14 +299,14 @@ def test_evict_redispatches_only_what_the_board_does_not_ack():
     d = Dispatcher(cap=10)
     routes = ready_routes(d, 2)
     r, other = routes
-    other.phase = Phase.DRAINING  # everything goes to r first
+    other.ready = False  # draining: everything goes to r first
     taken = os.open("/dev/null", os.O_RDONLY)
     waiting = os.open("/dev/null", os.O_RDONLY)
     d.dispatch([(taken, socket.AF_INET)])
     d.dispatch([(waiting, socket.AF_INET)])
     r.board[board.HANDLED] = board.pack(1, 0)  # it took message 1, then died before handling message 2
     r.channel_lost = True
-    other.phase = Phase.READY
+    other.ready = True
     assert d.evict(r) == 1  # the count the master logs: read after the board, so only the untaken one
     assert not fd_is_open(taken)  # its client went with the dead worker; no second worker sees it
     assert [fd for fd, _ in other.unacked.values()] == [waiting] and d.redispatched == 1
@@ -349,7 +357,7 @@ def test_full_channel_reroutes_without_blocking():
         d.dispatch([(os.dup(fd), socket.AF_INET)])
         sent += 1
         assert sent < 10_000
-    assert blocked[0].send_blocked and not d.eligible(blocked[0])
+    assert blocked[0].send_blocked and not may_take(d, blocked[0])
     other = routes[1 - blocked[0].slot]
     other.peer.setblocking(False)
     while True:  # the other worker reads its messages: its channel has room again
@@ -369,10 +377,13 @@ def test_full_channel_reroutes_without_blocking():
 
 def test_backoff_grows_caps_and_forgives():
     b = Backoff(base=0.1, factor=2, cap=1.0, stable_after=10)
-    assert [b.failure(0.5) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
-    assert b.looping
+    assert [b.failure(0.5) for _ in range(2)] == [0.1, 0.2]
+    assert not b.crash_looping(None)
+    assert [b.failure(0.5) for _ in range(4)] == [0.4, 0.8, 1.0, 1.0]
+    assert b.crash_looping(None) and b.crash_looping(9.9)  # none serves, or the one serving is young
+    assert not b.crash_looping(10)  # one has stayed up: the header no longer says so
     assert b.failure(60) == 0.1  # stayed up long enough: start over
-    assert not b.looping
+    assert not b.crash_looping(None)
 
 
 @pytest.mark.parametrize("text,expect", [
