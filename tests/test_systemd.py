@@ -160,11 +160,14 @@ def unit(name: str) -> configparser.ConfigParser:
     return parser
 
 
-def test_the_service_unit_runs_options_the_cli_takes_and_stops_within_its_timeout():
+def test_the_service_unit_runs_options_the_cli_takes_and_stops_within_its_timeout(tmp_path):
     service = unit("balancer.service")["Service"]
     assert service["Type"] in ("notify", "notify-reload") and service["KillMode"] == "mixed"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID" and "WatchdogSec" in service
-    config = parse_config(shlex.split(service["ExecStart"])[1:])  # the real CLI parser and validation
+    # The real CLI parser and validation; --app-dir must exist, and the unit's is the WorkingDirectory.
+    assert service["WorkingDirectory"] in service["ExecStart"]
+    argv = shlex.split(service["ExecStart"].replace(service["WorkingDirectory"], str(tmp_path)))[1:]
+    config = parse_config(argv)
     stop_within = float(re.fullmatch(r"(\d+)s?", service["TimeoutStopSec"]).group(1))
     assert stop_within >= config.graceful_timeout + config.shutdown_delay + KILL_GRACE
     assert unit("balancer.socket")["Socket"]["ListenStream"]
