@@ -13,8 +13,8 @@ import tempfile
 import time
 from typing import Callable
 
-from balancer.config import ConfigError, parse_bind
-from balancer.control import _CRED, ForeignPeer, check_private_dir, runtime_dir
+from balancer.config import WORKERS_PER_CPU, ConfigError, parse_bind
+from balancer.control import _CRED, MAX_INTERVAL, ForeignPeer, check_private_dir, runtime_dir
 from balancer.control_show import duration, format_status
 
 COMMANDS = ("reload", "scale", "stop", "status")
@@ -24,6 +24,10 @@ YOUNG_SOCKET = 2.0  # seconds: a refusing socket file this new may be a master b
 
 class NoMaster(Exception):
     """No master (or not exactly one) could be picked; the message says what to pass."""
+
+
+class MasterStopped(Exception):
+    """The master closed the connection without an answer: it stopped (or died) while the request ran."""
 
 
 def check_peer(sock: socket.socket, path: str) -> int:
@@ -51,6 +55,8 @@ def request(path: str, body: dict, timeout: float | None,
             if not chunk:
                 break
             data += chunk
+    if not data:
+        raise MasterStopped(f"master stopped (pid {pid}) before answering")
     return json.loads(data)
 
 
@@ -184,7 +190,8 @@ def prompt(found: list[tuple[str, dict]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Add the options of one control command (reload, scale, stop, status) to an argparse (sub)parser."""
     if command == "scale":
-        parser.add_argument("n", type=worker_count, help="the number of workers to run (1 or more)")
+        parser.add_argument("n", type=worker_count, help=f"the number of workers to run: 1 to {WORKERS_PER_CPU} "
+                                                         "per CPU the master may use")
     pick = parser.add_argument_group("which master (default: the only one this user runs; asks when several)")
     pick.add_argument("--name", default="", help="the master started with this --name (default name: its first bind)")
     pick.add_argument("--pid", type=int, default=0, help="the master with this process id")
@@ -192,8 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     pick.add_argument("--control-socket", default="", metavar="PATH", help="the master's control socket")
     parser.add_argument("--json", action="store_true", help="print the master's reply as JSON, for scripts")
     if command == "status":
-        parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                            help="measure CPU %% and requests/s over this long (0: skip them; at most 10)")
+        parser.add_argument("--interval", type=interval_seconds, default=1.0, metavar="SECONDS",
+                            help=f"measure CPU %% and requests/s over this long (0: skip them; at most "
+                                 f"{MAX_INTERVAL:g})")
     if command in ("stop", "reload"):
         waits = {"stop": "until the master has exited", "reload": "until every worker runs the new code"}[command]
         parser.add_argument("--wait", action="store_true", help=f"return only {waits}")
@@ -212,8 +220,19 @@ def worker_count(text: str) -> int:
     return n
 
 
+def interval_seconds(text: str) -> float:
+    """status --interval: seconds from 0 to MAX_INTERVAL; anything else (nan, inf, -1) is a usage error (exit 2)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an interval is a number of seconds, got {text!r}") from None
+    if not 0 <= seconds <= MAX_INTERVAL:  # also false for nan
+        raise argparse.ArgumentTypeError(f"an interval is from 0 to {MAX_INTERVAL:g} seconds, got {text}")
+    return seconds
+
+
 def run_command(command: str, args: argparse.Namespace) -> int:
-    """Run one control command: 0 on success, 1 on failure, 2 when no master answers (or several might)."""
+    """Run one control command: 0 done, 1 failed, 2 no master answers (several might, or it stopped meanwhile)."""
     try:
         path = choose(args)
     except (ConfigError, ForeignPeer, NoMaster) as exc:
@@ -224,7 +243,7 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     if command == "scale":
         body["n"] = args.n
     elif command == "status":
-        body["interval"] = max(0.0, min(args.interval, 10.0))
+        body["interval"] = args.interval
         timeout += body["interval"]
     elif command == "reload" and args.wait:
         body["wait"] = True
@@ -236,7 +255,7 @@ def run_command(command: str, args: argparse.Namespace) -> int:
         print(f"balancer: error: no balancer master at {path} (is it running? pass --control-socket)",
               file=sys.stderr)
         return 2
-    except ForeignPeer as exc:
+    except (ForeignPeer, MasterStopped) as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
     except socket.timeout:
@@ -255,7 +274,7 @@ def run_command(command: str, args: argparse.Namespace) -> int:
 
 def report(command: str, args: argparse.Namespace, reply: dict, started: float, master: "ExitWatch") -> int:
     """Wait for the exit if asked, print the reply; the exit code."""
-    code = 0 if reply.get("ok") else 1
+    code = 0 if reply.get("ok") else 2 if reply.get("stopped") else 1
     if code == 0 and command == "stop" and args.wait:
         left = args.timeout - (time.monotonic() - started) if args.timeout else None
         if not master.wait(left):
@@ -264,6 +283,8 @@ def report(command: str, args: argparse.Namespace, reply: dict, started: float, 
         reply["exited"] = code == 0
     if args.json:
         print(json.dumps(reply, indent=2))
+    elif reply.get("stopped"):  # the master's stop ended this request (status --interval): one line, no JSON
+        print(f"balancer: error: master stopped (pid {reply.get('pid')}) before answering", file=sys.stderr)
     elif not reply.get("ok"):
         print(f"balancer: error: {reply.get('error', 'failed')}", file=sys.stderr)
     elif command == "status":

@@ -7,13 +7,13 @@ import os
 import time
 
 from balancer import __version__
+from balancer.control import MAX_INTERVAL
 from balancer.dispatch import Phase
 from balancer.metrics import read_procs
 
 # A slot whose workers died this many times in a row, each young (see Backoff), and that has no worker up
 # for longer than Backoff.stable_after since, is crash-looping.
 CRASH_LOOP_FAILURES = 3
-MAX_INTERVAL = 10.0  # seconds: a client cannot make the master hold a status connection longer
 
 
 def instance_name(master) -> str:
