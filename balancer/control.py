@@ -342,7 +342,7 @@ def write_pid_file(path: str, owner: tuple[int, int] | None = None) -> tuple[int
 
 
 def client_main(command: str, argv: list[str]) -> int:
-    """`balancer reload|scale N|stop|status`: the client lives in balancer.control_client."""
+    """`balancer reload|scale N|stop|status|ls`: the client lives in balancer.control_client."""
     from balancer.control_client import client_main as main
 
     return main(command, argv)

@@ -1,4 +1,4 @@
-"""The `balancer reload|scale|stop|status` client: find this user's master, send it one request, report."""
+"""The `balancer reload|scale|stop|status|ls` client: find this user's masters, send one a request, report."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Callable
 
 from balancer.config import WORKERS_PER_CPU, ConfigError, parse_bind
 from balancer.control import _CRED, MAX_INTERVAL, ForeignPeer, check_private_dir, runtime_dir
-from balancer.control_show import duration, format_status
+from balancer.control_show import duration, format_status, list_masters
 
-COMMANDS = ("reload", "scale", "stop", "status")
+COMMANDS = ("reload", "scale", "stop", "status", "ls")
 PROBE_TIMEOUT = 5.0  # seconds a master gets to say who it is while the client looks for masters
 YOUNG_SOCKET = 2.0  # seconds: a refusing socket file this new may be a master between bind() and listen()
 
@@ -152,24 +152,35 @@ def describe(found: list[tuple[str, dict]]) -> str:
                      f"up {duration(info['uptime'])}" for i, (_, info) in enumerate(found, 1))
 
 
-def choose(args: argparse.Namespace) -> str:
-    """The control socket to talk to: --control-socket, else the one master of ours that --name/--pid/--bind pick."""
-    if args.control_socket:
-        return args.control_socket
+def matching_masters(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(control socket, summary) of each master of ours that --name/--pid/--bind pick (all without them); never none."""
     found = discover()
     picked = [(path, info) for path, info in found
               if (not args.name or info["name"] == args.name) and (not args.pid or info["pid"] == args.pid)
               and (not args.bind or bind_matches(args.bind, info["listening"]))]
-    if len(picked) == 1:
-        return picked[0][0]
-    asked = " ".join(f"--{key} {getattr(args, key)}" for key in ("name", "pid", "bind") if getattr(args, key))
     if not picked and not found:
         raise NoMaster(f"no balancer master of uid {os.getuid()} is running (none in {runtime_dir()}); "
                        "pass --control-socket if it has its socket elsewhere")
     if not picked:
-        raise NoMaster(f"no running balancer master matches {asked}; running:\n{describe(found)}")
+        raise NoMaster(f"no running balancer master matches {selectors(args)}; running:\n{describe(found)}")
+    return picked
+
+
+def selectors(args: argparse.Namespace) -> str:
+    """The --name/--pid/--bind options given, as typed."""
+    return " ".join(f"--{key} {getattr(args, key)}" for key in ("name", "pid", "bind") if getattr(args, key))
+
+
+def choose(args: argparse.Namespace) -> str:
+    """The control socket to talk to: --control-socket, else the one master of ours that --name/--pid/--bind pick."""
+    if args.control_socket:
+        return args.control_socket
+    picked = matching_masters(args)
+    if len(picked) == 1:
+        return picked[0][0]
     if sys.stdin.isatty():
         return prompt(picked)
+    asked = selectors(args)
     raise NoMaster(f"{len(picked)} balancer masters are running{' that match ' + asked if asked else ''}:\n"
                    f"{describe(picked)}\npass --name or --pid to pick one")
 
@@ -188,7 +199,10 @@ def prompt(found: list[tuple[str, dict]]) -> str:
 # ---- commands -----------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Add the options of one control command (reload, scale, stop, status) to an argparse (sub)parser."""
+    """Add the options of one control command (reload, scale, stop, status, ls) to an argparse (sub)parser."""
+    if command == "ls":
+        parser.add_argument("--json", action="store_true", help="print a JSON list, one object per master")
+        return
     if command == "scale":
         parser.add_argument("n", type=worker_count, help=f"the number of workers to run: 1 to {WORKERS_PER_CPU} "
                                                          "per CPU the master may use")
@@ -234,7 +248,24 @@ def interval_seconds(text: str) -> float:
 def run_command(command: str, args: argparse.Namespace) -> int:
     """Run one control command: 0 done, 1 failed, 2 no master answers (several might, or it stopped meanwhile)."""
     try:
-        path = choose(args)
+        return talk(command, args)
+    except BrokenPipeError:  # the reader left early (| head, | true): not an error; nothing more to write
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def talk(command: str, args: argparse.Namespace) -> int:
+    """Pick the master, send it the command, report; the exit code (see run_command)."""
+    try:
+        if command == "ls":
+            return list_masters(discover(), args.json)
+        if command == "status" and not args.control_socket:
+            picked = matching_masters(args)
+            if len(picked) > 1:
+                return list_masters(picked, args.json, several=True)  # as `balancer ls`, not an error
+            path = picked[0][0]
+        else:
+            path = choose(args)
     except (ConfigError, ForeignPeer, NoMaster) as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
@@ -265,11 +296,7 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"balancer: error: {path}: {exc}", file=sys.stderr)
         return 1
-    try:
-        return report(command, args, reply, started, master)
-    except BrokenPipeError:  # the reader left early (| head, | true): not an error; nothing more to write
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return report(command, args, reply, started, master)
 
 
 def report(command: str, args: argparse.Namespace, reply: dict, started: float, master: "ExitWatch") -> int:
@@ -343,7 +370,7 @@ def process_alive(pid: int) -> bool:
 
 
 def client_main(command: str, argv: list[str]) -> int:
-    """`balancer reload|scale N|stop|status` parsed on its own (cli.py's subparsers call the two above)."""
+    """`balancer reload|scale N|stop|status|ls` parsed on its own (cli.py's subparsers call the two above)."""
     parser = argparse.ArgumentParser(prog=f"balancer {command}")
     add_arguments(parser, command)
     return run_command(command, parser.parse_args(argv))

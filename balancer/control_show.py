@@ -1,6 +1,10 @@
-"""What the control client prints: a master's status table."""
+"""What the control client prints: a master's status table, and the list of this user's masters (`balancer ls`)."""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
 
 
 def duration(seconds: float) -> str:
@@ -72,3 +76,43 @@ def format_status(reply: dict) -> str:
     if reply.get("interval"):
         lines.append(f"(CPU % and req/s over the last {reply['interval']:.1f}s)")
     return "\n".join(lines)
+
+
+# ---- listing masters ------------------------------------------------------------------------------------
+
+def master_state(info: dict) -> str:
+    """One word for where a master stands: starting, serving, degraded, reloading, reload-failed, stopping."""
+    if info.get("stopping"):
+        return "stopping"
+    if not info.get("booted", True):
+        return "starting"
+    if info.get("serving_generation") is None:  # a wanted slot has no worker (crashed, respawning)
+        return "degraded"
+    if info["serving_generation"] == info["generation"]:
+        return "serving"
+    return "reload-failed" if info.get("reload_failed") else "reloading"
+
+
+def format_list(found: list[tuple[str, dict]]) -> str:
+    """A table, one master a line: name, pid, ready/wanted workers, generation, state, uptime, binds."""
+    rows = [("NAME", "PID", "WORKERS", "GEN", "STATE", "UPTIME", "LISTENING")]
+    rows += [(info["name"], str(info["pid"]), f"{info['ready']}/{info['target']}", str(info["generation"]),
+              master_state(info), duration(info["uptime"]), ", ".join(info["listening"])) for _, info in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                     for row in rows)
+
+
+def list_masters(found: list[tuple[str, dict]], as_json: bool, several: bool = False) -> int:
+    """Print the masters found (`balancer ls`; `status` when several match); the exit code, 0."""
+    if as_json:
+        print(json.dumps([{**{k: v for k, v in info.items() if k != "ok"}, "control_socket": path}
+                          for path, info in found], indent=2))
+    elif found:
+        print(format_list(found))
+    else:
+        print(f"balancer: no balancer master of uid {os.getuid()} is running", file=sys.stderr)
+    if several and not as_json:
+        print("balancer: several masters run: pass --name or --pid for one's workers", file=sys.stderr)
+    sys.stdout.flush()  # here, where a reader that left shows as BrokenPipeError
+    return 0

@@ -33,6 +33,7 @@ def summary(master) -> dict:
             "serving_generation": serving_generation(sup),
             "reload_failed": bool(sup and sup.reload_failed),
             "booted": master.booted,
+            "stopping": master.stopping or master.shutting_down,
             "ready": sum(1 for w in sup.processes() if w.phase is Phase.READY) if sup else 0}
 
 
