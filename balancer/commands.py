@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from balancer.config import ConfigError
+from balancer.config import MAX_WORKERS, WORKERS_PER_CPU, ConfigError
 from balancer.process import Phase
 from balancer.logs import LogSetupError, reopen_log_files, setup_master_logging
 
@@ -22,7 +22,11 @@ class MasterCommands:
         if sig == signal.SIGHUP:
             self.request_reload()
         elif sig == signal.SIGTTIN:
-            sup.scale(sup.target + 1)
+            if sup.target >= MAX_WORKERS:
+                log.warning("SIGTTIN ignored: %d workers is the most allowed (%d per usable CPU)", sup.target,
+                            WORKERS_PER_CPU)
+            else:
+                sup.scale(sup.target + 1)
         elif sig == signal.SIGTTOU:
             sup.scale(max(1, sup.target - 1))
         elif sig == signal.SIGUSR1:

@@ -24,6 +24,12 @@ MAX_COALESCE = 0.05  # past this the wait is a latency the batching does not rep
 # One worker per CPU this process may use, not per CPU the machine has: a pod limited to 2 CPUs on a 64-core
 # node would otherwise start 64 workers that the CFS quota throttles in turn.
 DEFAULT_WORKERS = available_cpus()
+# An async worker per CPU keeps the CPUs busy; more help only handlers that block their loop (sync drivers, CPU
+# work), where gunicorn's rule for blocking workers is 2-4 per core. Past 8 per CPU they only take turns on the
+# CPUs, each with its own memory, and a typo (`scale 200`) could fork hundreds: --workers, the config file,
+# SIGTTIN and `balancer scale` all stop here. It follows the same count as the default (affinity, cgroup quota).
+WORKERS_PER_CPU = 8
+MAX_WORKERS = WORKERS_PER_CPU * DEFAULT_WORKERS
 
 
 class ConfigError(ValueError):
@@ -206,6 +212,9 @@ class Config:
         for name in ("workers", "worker_connections", "backlog", "client_max_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.workers > MAX_WORKERS:
+            raise ConfigError(f"--workers must be at most {MAX_WORKERS} ({WORKERS_PER_CPU} per usable CPU), "
+                              f"got {self.workers}")
         for name in ("max_requests", "max_requests_jitter", "max_memory", "body_timeout", "body_min_rate",
                      "shutdown_delay"):
             if getattr(self, name) < 0:

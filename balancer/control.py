@@ -13,12 +13,16 @@ import stat
 import struct
 import tempfile
 
-from balancer.config import ConfigError
+from balancer.config import MAX_WORKERS, WORKERS_PER_CPU, ConfigError
 from balancer.listeners import clear_stale_socket, file_identity, unlink_if_ours
 
 log = logging.getLogger("balancer")
 
 MAX_REQUEST = 4096  # one JSON line; anything longer is not ours
+MAX_DEPTH = 4  # requests are flat objects; deeper nesting is refused before json.loads recurses into it
+READ_TIMEOUT = 10.0  # seconds a client has to send its request line
+MAX_INTERVAL = 10.0  # seconds: a status request cannot make the master hold its connection longer
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -114,6 +118,8 @@ class ControlServer:
         self.identity: tuple[int, int] | None = None
         self.pid_identity: tuple[int, int] | None = None
         self.link_identity: tuple[int, int] | None = None
+        self.handlers = {"status": self.report_status, "stop": self.stop_master, "reload": self.reload_workers,
+                         "scale": self.scale_workers}
 
     @property
     def files(self) -> list[tuple[str, tuple[int, int] | None]]:
@@ -128,7 +134,7 @@ class ControlServer:
         self._clear_stale_socket()
         old_umask = os.umask(0o177)
         try:
-            self.server = await asyncio.start_unix_server(self._handle, path=self.path)
+            self.server = await asyncio.start_unix_server(self._handle, path=self.path, limit=MAX_REQUEST)
             self.identity = file_identity(self.path)
             if self.owner is not None:
                 os.lchown(self.path, *self.owner)
@@ -187,64 +193,133 @@ class ControlServer:
         self.identity = self.pid_identity = self.link_identity = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Answer one request, after checking the peer runs as our user."""
+        """Answer one request, after checking the peer runs as our user; if the master stops first, say so."""
         try:
-            sock = writer.get_extra_info("socket")
-            _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-            if uid != os.getuid():
-                reply = {"ok": False, "error": "permission denied"}
-            else:
-                line = await asyncio.wait_for(reader.readline(), 10)
-                reply = await self.execute(json.loads(line[:MAX_REQUEST] or b"{}"))
-        except (ValueError, asyncio.TimeoutError) as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}"}
+            reply = await self._answer(reader, writer)
+        except asyncio.CancelledError:
+            # The master stopped while this client waited (status --interval): the end of its loop cancels what
+            # is left. Answered and ended here, the task leaves no CancelledError traceback in the log.
+            reply = {"ok": False, "error": "master stopped", "stopped": True, "pid": os.getpid()}
         except OSError:
-            return
+            reply = None
         try:
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
+            if reply is not None:
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
         except OSError:
             pass
         finally:
             writer.close()
 
-    async def execute(self, request: dict) -> dict:
-        """Run one command against the master."""
-        master, sup = self.master, self.master.supervisor
-        if not isinstance(request, dict):
-            return {"ok": False, "error": "bad request: expected a JSON object"}
-        cmd = request.get("cmd")
-        if cmd == "status":
-            # Here, not at the top: the client imports this module and must not pay for aiohttp.
-            from balancer.control_status import full_status, summary
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict:
+        """Read one request line (bounded in time, size and nesting) from a peer of our uid; the reply."""
+        sock = writer.get_extra_info("socket")
+        _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+        if uid != os.getuid():
+            return {"ok": False, "error": "permission denied"}
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:  # no newline before the client's end: the request is what came
+            line = exc.partial
+        except asyncio.LimitOverrunError:
+            return {"ok": False, "error": f"bad request: longer than {MAX_REQUEST} bytes"}
+        except TimeoutError:
+            return {"ok": False, "error": f"bad request: no whole line within {READ_TIMEOUT:g}s"}
+        try:
+            request = parse_request(line)
+        except ValueError as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        return await self.execute(request)
 
-            if request.get("brief"):  # discovery: who is this master, fast
-                return {"ok": True, **summary(master)}
-            interval = request.get("interval", 0)
-            if not isinstance(interval, (int, float)) or interval < 0:
-                return {"ok": False, "error": f"status needs an interval of 0 or more seconds, got {interval!r}"}
-            return {"ok": True, **await full_status(master, interval)}
-        if cmd == "stop":  # acts at once, as SIGTERM does, also while the first workers boot
-            if not master.stopping:  # already stopping: --wait waits for that stop
-                master.signals.put_nowait(signal.SIGTERM)  # the same path as a real SIGTERM
-            return {"ok": True, "pid": os.getpid()}
-        if sup is None or not master.booted or master.stopping:
-            return {"ok": False, "error": "the master is starting or stopping"}
-        if cmd == "reload":
-            done = master.request_reload()  # as SIGHUP does: re-reads -c and tells systemd too
-            if not request.get("wait"):
-                return {"ok": True, "generation": sup.generation}
-            if await done:
-                return {"ok": True, "generation": sup.generation}
+    async def execute(self, request: dict) -> dict:
+        """Run one command against the master: the handler named by request["cmd"]."""
+        cmd = request.get("cmd")
+        handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+        return await handler(request)
+
+    async def report_status(self, request: dict) -> dict:
+        """Who this master is (brief), or its workers and figures measured over request["interval"] seconds."""
+        # Here, not at the top: the client imports this module and must not pay for the master's modules.
+        from balancer.control_status import full_status, summary
+
+        if request.get("brief"):  # discovery: who is this master, fast
+            return {"ok": True, **summary(self.master)}
+        interval = request.get("interval", 0)
+        if not is_number(interval) or not 0 <= interval <= MAX_INTERVAL:  # false for nan (and 1e999: inf)
+            return {"ok": False, "error": f"status needs an interval between 0 and {MAX_INTERVAL:g} seconds, "
+                                         f"got {interval!r}"}
+        return {"ok": True, **await full_status(self.master, interval)}
+
+    async def stop_master(self, request: dict) -> dict:
+        """Stop at once, as SIGTERM does, also while the first workers boot."""
+        master = self.master
+        if not (master.stopping):  # already stopping: --wait waits for that stop
+            master.signals.put_nowait(signal.SIGTERM)  # the same path as a real SIGTERM
+        return {"ok": True, "pid": os.getpid()}
+
+    async def reload_workers(self, request: dict) -> dict:
+        """Rolling reload, as SIGHUP does; with request["wait"], answered once every slot serves the new code."""
+        if (busy := self.unless_serving()) is not None:
+            return busy
+        done = self.master.request_reload()  # re-reads -c and tells systemd too
+        # Shielded: the end of a client's wait (the master stopping) must not cancel what systemd is told.
+        if request.get("wait") and not await asyncio.shield(done):
             return {"ok": False, "error": "reload stopped: a replacement could not boot, or the master is stopping; "
                                           "see its log"}
-        if cmd == "scale":
-            n = request.get("n")
-            if not isinstance(n, int) or n < 1:
-                return {"ok": False, "error": f"scale needs a worker count of at least 1, got {n!r}"}
-            sup.scale(n)
-            return {"ok": True, "target": sup.target}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+        return {"ok": True, "generation": self.master.supervisor.generation}
+
+    async def scale_workers(self, request: dict) -> dict:
+        """Run request["n"] workers: a whole number from 1 to MAX_WORKERS, as --workers takes."""
+        if (busy := self.unless_serving()) is not None:
+            return busy
+        n = request.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_WORKERS:  # True is an int too
+            return {"ok": False, "error": f"scale needs a worker count between 1 and {MAX_WORKERS} "
+                                          f"({WORKERS_PER_CPU} per usable CPU), got {n!r}"}
+        self.master.supervisor.scale(n)
+        return {"ok": True, "target": self.master.supervisor.target}
+
+    def unless_serving(self) -> dict | None:
+        """The refusal of a command that changes the pool while the master boots or stops; None when it serves."""
+        master = self.master
+        if master.supervisor is None or not master.booted or master.stopping:
+            return {"ok": False, "error": "the master is starting or stopping"}
+        return None
+
+
+def parse_request(line: bytes) -> dict:
+    """The JSON object of one request line; ValueError saying what is wrong with it."""
+    if nesting_depth(line) > MAX_DEPTH:  # json.loads recurses per level: 3000 `[` are a RecursionError
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    request = json.loads(line or b"{}", parse_constant=not_a_number)
+    if not isinstance(request, dict):
+        raise ValueError("expected a JSON object")
+    return request
+
+
+def nesting_depth(text: bytes) -> int:
+    """How deep [ and { nest in a JSON text, brackets inside strings aside, counted without parsing it."""
+    depth = deepest = 0
+    for byte in JSON_STRING.sub(b"", text):
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+def not_a_number(name: str) -> float:
+    """json.loads takes NaN and Infinity, which JSON has not: a request with them is refused."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, and not a bool (True is an int in Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def write_pid_file(path: str, owner: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -267,7 +342,7 @@ def write_pid_file(path: str, owner: tuple[int, int] | None = None) -> tuple[int
 
 
 def client_main(command: str, argv: list[str]) -> int:
-    """`balancer reload|scale N|stop|status`: the client lives in balancer.control_client."""
+    """`balancer reload|scale N|stop|status|ls`: the client lives in balancer.control_client."""
     from balancer.control_client import client_main as main
 
     return main(command, argv)

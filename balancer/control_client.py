@@ -1,4 +1,4 @@
-"""The `balancer reload|scale|stop|status` client: find this user's master, send it one request, report."""
+"""The `balancer reload|scale|stop|status|ls` client: find this user's masters, send one a request, report."""
 
 from __future__ import annotations
 
@@ -13,16 +13,21 @@ import tempfile
 import time
 from typing import Callable
 
-from balancer.config import ConfigError, parse_bind
-from balancer.control import _CRED, ForeignPeer, check_private_dir, runtime_dir
+from balancer.config import WORKERS_PER_CPU, ConfigError, parse_bind
+from balancer.control import _CRED, MAX_INTERVAL, ForeignPeer, check_private_dir, runtime_dir
+from balancer.control_show import duration, format_status, list_masters
 
-COMMANDS = ("reload", "scale", "stop", "status")
+COMMANDS = ("reload", "scale", "stop", "status", "ls")
 PROBE_TIMEOUT = 5.0  # seconds a master gets to say who it is while the client looks for masters
 YOUNG_SOCKET = 2.0  # seconds: a refusing socket file this new may be a master between bind() and listen()
 
 
 class NoMaster(Exception):
     """No master (or not exactly one) could be picked; the message says what to pass."""
+
+
+class MasterStopped(Exception):
+    """The master closed the connection without an answer: it stopped (or died) while the request ran."""
 
 
 def check_peer(sock: socket.socket, path: str) -> int:
@@ -50,6 +55,8 @@ def request(path: str, body: dict, timeout: float | None,
             if not chunk:
                 break
             data += chunk
+    if not data:
+        raise MasterStopped(f"master stopped (pid {pid}) before answering")
     return json.loads(data)
 
 
@@ -145,24 +152,35 @@ def describe(found: list[tuple[str, dict]]) -> str:
                      f"up {duration(info['uptime'])}" for i, (_, info) in enumerate(found, 1))
 
 
-def choose(args: argparse.Namespace) -> str:
-    """The control socket to talk to: --control-socket, else the one master of ours that --name/--pid/--bind pick."""
-    if args.control_socket:
-        return args.control_socket
+def matching_masters(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(control socket, summary) of each master of ours that --name/--pid/--bind pick (all without them); never none."""
     found = discover()
     picked = [(path, info) for path, info in found
               if (not args.name or info["name"] == args.name) and (not args.pid or info["pid"] == args.pid)
               and (not args.bind or bind_matches(args.bind, info["listening"]))]
-    if len(picked) == 1:
-        return picked[0][0]
-    asked = " ".join(f"--{key} {getattr(args, key)}" for key in ("name", "pid", "bind") if getattr(args, key))
     if not picked and not found:
         raise NoMaster(f"no balancer master of uid {os.getuid()} is running (none in {runtime_dir()}); "
                        "pass --control-socket if it has its socket elsewhere")
     if not picked:
-        raise NoMaster(f"no running balancer master matches {asked}; running:\n{describe(found)}")
+        raise NoMaster(f"no running balancer master matches {selectors(args)}; running:\n{describe(found)}")
+    return picked
+
+
+def selectors(args: argparse.Namespace) -> str:
+    """The --name/--pid/--bind options given, as typed."""
+    return " ".join(f"--{key} {getattr(args, key)}" for key in ("name", "pid", "bind") if getattr(args, key))
+
+
+def choose(args: argparse.Namespace) -> str:
+    """The control socket to talk to: --control-socket, else the one master of ours that --name/--pid/--bind pick."""
+    if args.control_socket:
+        return args.control_socket
+    picked = matching_masters(args)
+    if len(picked) == 1:
+        return picked[0][0]
     if sys.stdin.isatty():
         return prompt(picked)
+    asked = selectors(args)
     raise NoMaster(f"{len(picked)} balancer masters are running{' that match ' + asked if asked else ''}:\n"
                    f"{describe(picked)}\npass --name or --pid to pick one")
 
@@ -181,9 +199,13 @@ def prompt(found: list[tuple[str, dict]]) -> str:
 # ---- commands -----------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Add the options of one control command (reload, scale, stop, status) to an argparse (sub)parser."""
+    """Add the options of one control command (reload, scale, stop, status, ls) to an argparse (sub)parser."""
+    if command == "ls":
+        parser.add_argument("--json", action="store_true", help="print a JSON list, one object per master")
+        return
     if command == "scale":
-        parser.add_argument("n", type=worker_count, help="the number of workers to run (1 or more)")
+        parser.add_argument("n", type=worker_count, help=f"the number of workers to run: 1 to {WORKERS_PER_CPU} "
+                                                         "per CPU the master may use")
     pick = parser.add_argument_group("which master (default: the only one this user runs; asks when several)")
     pick.add_argument("--name", default="", help="the master started with this --name (default name: its first bind)")
     pick.add_argument("--pid", type=int, default=0, help="the master with this process id")
@@ -191,8 +213,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     pick.add_argument("--control-socket", default="", metavar="PATH", help="the master's control socket")
     parser.add_argument("--json", action="store_true", help="print the master's reply as JSON, for scripts")
     if command == "status":
-        parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                            help="measure CPU %% and requests/s over this long (0: skip them; at most 10)")
+        parser.add_argument("--interval", type=interval_seconds, default=1.0, metavar="SECONDS",
+                            help=f"measure CPU %% and requests/s over this long (0: skip them; at most "
+                                 f"{MAX_INTERVAL:g})")
     if command in ("stop", "reload"):
         waits = {"stop": "until the master has exited", "reload": "until every worker runs the new code"}[command]
         parser.add_argument("--wait", action="store_true", help=f"return only {waits}")
@@ -211,10 +234,38 @@ def worker_count(text: str) -> int:
     return n
 
 
-def run_command(command: str, args: argparse.Namespace) -> int:
-    """Run one control command: 0 on success, 1 on failure, 2 when no master answers (or several might)."""
+def interval_seconds(text: str) -> float:
+    """status --interval: seconds from 0 to MAX_INTERVAL; anything else (nan, inf, -1) is a usage error (exit 2)."""
     try:
-        path = choose(args)
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an interval is a number of seconds, got {text!r}") from None
+    if not 0 <= seconds <= MAX_INTERVAL:  # also false for nan
+        raise argparse.ArgumentTypeError(f"an interval is from 0 to {MAX_INTERVAL:g} seconds, got {text}")
+    return seconds
+
+
+def run_command(command: str, args: argparse.Namespace) -> int:
+    """Run one control command: 0 done, 1 failed, 2 no master answers (several might, or it stopped meanwhile)."""
+    try:
+        return talk(command, args)
+    except BrokenPipeError:  # the reader left early (| head, | true): not an error; nothing more to write
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def talk(command: str, args: argparse.Namespace) -> int:
+    """Pick the master, send it the command, report; the exit code (see run_command)."""
+    try:
+        if command == "ls":
+            return list_masters(discover(), args.json)
+        if command == "status" and not args.control_socket:
+            picked = matching_masters(args)
+            if len(picked) > 1:
+                return list_masters(picked, args.json, several=True)  # as `balancer ls`, not an error
+            path = picked[0][0]
+        else:
+            path = choose(args)
     except (ConfigError, ForeignPeer, NoMaster) as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
@@ -223,7 +274,7 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     if command == "scale":
         body["n"] = args.n
     elif command == "status":
-        body["interval"] = max(0.0, min(args.interval, 10.0))
+        body["interval"] = args.interval
         timeout += body["interval"]
     elif command == "reload" and args.wait:
         body["wait"] = True
@@ -235,7 +286,7 @@ def run_command(command: str, args: argparse.Namespace) -> int:
         print(f"balancer: error: no balancer master at {path} (is it running? pass --control-socket)",
               file=sys.stderr)
         return 2
-    except ForeignPeer as exc:
+    except (ForeignPeer, MasterStopped) as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
     except socket.timeout:
@@ -245,16 +296,12 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"balancer: error: {path}: {exc}", file=sys.stderr)
         return 1
-    try:
-        return report(command, args, reply, started, master)
-    except BrokenPipeError:  # the reader left early (| head, | true): not an error; nothing more to write
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return report(command, args, reply, started, master)
 
 
 def report(command: str, args: argparse.Namespace, reply: dict, started: float, master: "ExitWatch") -> int:
     """Wait for the exit if asked, print the reply; the exit code."""
-    code = 0 if reply.get("ok") else 1
+    code = 0 if reply.get("ok") else 2 if reply.get("stopped") else 1
     if code == 0 and command == "stop" and args.wait:
         left = args.timeout - (time.monotonic() - started) if args.timeout else None
         if not master.wait(left):
@@ -263,6 +310,8 @@ def report(command: str, args: argparse.Namespace, reply: dict, started: float, 
         reply["exited"] = code == 0
     if args.json:
         print(json.dumps(reply, indent=2))
+    elif reply.get("stopped"):  # the master's stop ended this request (status --interval): one line, no JSON
+        print(f"balancer: error: master stopped (pid {reply.get('pid')}) before answering", file=sys.stderr)
     elif not reply.get("ok"):
         print(f"balancer: error: {reply.get('error', 'failed')}", file=sys.stderr)
     elif command == "status":
@@ -321,80 +370,7 @@ def process_alive(pid: int) -> bool:
 
 
 def client_main(command: str, argv: list[str]) -> int:
-    """`balancer reload|scale N|stop|status` parsed on its own (cli.py's subparsers call the two above)."""
+    """`balancer reload|scale N|stop|status|ls` parsed on its own (cli.py's subparsers call the two above)."""
     parser = argparse.ArgumentParser(prog=f"balancer {command}")
     add_arguments(parser, command)
     return run_command(command, parser.parse_args(argv))
-
-
-# ---- showing status -------------------------------------------------------------------------------------
-
-def duration(seconds: float) -> str:
-    """42s, 5m02s, 3h05m, 2d03h."""
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s // 60 % 60:02d}m"
-    return f"{s // 86400}d{s // 3600 % 24:02d}h"
-
-
-def figure(value, fmt: str = "{:.1f}") -> str:
-    """A measured figure, or '-' when there is none (not measured, process gone)."""
-    return "-" if value is None else fmt.format(value)
-
-
-def mebibytes(n: int | None) -> float | None:
-    """Bytes in MiB."""
-    return None if n is None else n / (1024 * 1024)
-
-
-def generations(reply: dict) -> str:
-    """The generation served, and where a reload stands when the served one is not the wanted one."""
-    wanted, serving = reply["generation"], reply.get("serving_generation", reply["generation"])
-    if not reply.get("booted", True):
-        return f"starting (generation {wanted})"
-    if serving == wanted:
-        return f"generation {wanted}"
-    served = "no full generation" if serving is None else f"generation {serving}"
-    if reply.get("reload_failed"):
-        return f"{served} (reload to generation {wanted} failed: see the master's log)"
-    return f"{served} (reloading to generation {wanted})"
-
-
-def format_status(reply: dict) -> str:
-    """The status reply as a header, a table of workers and a line per slot that needs attention."""
-    master = reply.get("master", {})
-    lines = [f"{reply['name']}: master pid {reply['pid']}, up {duration(reply['uptime'])}, "
-             f"{reply['ready']}/{reply['target']} workers ready, {generations(reply)}, "
-             f"listening on {', '.join(reply['listening'])}",
-             f"{reply['accepted']} connections accepted; master RSS {figure(mebibytes(master.get('rss')))} MiB, "
-             f"CPU {figure(master.get('cpu_percent'))}%",
-             f"{'slot':>4} {'pid':>7}  {'state':<9}{'gen':>4} {'up':>7} {'restarts':>8} {'RSS MiB':>8} {'CPU %':>6} "
-             f"{'req/s':>7} {'open':>5} {'dispatched':>10}"]
-    slots = {s["slot"]: s for s in reply.get("slots", [])}
-    for w in reply["workers"]:
-        restarts = slots.get(w["slot"], {}).get("restarts_total", 0)
-        lines.append(f"{w['slot']:>4} {w['pid']:>7}  {w['state']:<9}{w['generation']:>4} {duration(w['uptime']):>7} "
-                     f"{restarts:>8} {figure(mebibytes(w.get('rss'))):>8} {figure(w.get('cpu_percent')):>6} "
-                     f"{figure(w.get('requests_per_second')):>7} {w['open']:>5} {w['dispatched']:>10}")
-    live = {w["slot"] for w in reply["workers"]}
-    for slot in sorted(set(slots) - live):
-        if slots[slot]["wanted"]:
-            lines.append(f"{slot:>4} {'-':>7}  {'empty':<9}")
-    for s in slots.values():
-        notes = []
-        if s["empty"]:
-            later = f", next start in {s['respawn_in']:.1f}s" if s["respawn_in"] else ""
-            notes.append(f"EMPTY: no ready worker{later}")
-        if s["crash_looping"]:
-            notes.append(f"CRASH-LOOPING: died {s['failures_in_a_row']} times in a row, each soon after starting")
-        if s["restarts"]:
-            notes.append("restarts: " + ", ".join(f"{n} {reason}" for reason, n in s["restarts"].items()))
-        if notes:
-            lines.append(f"slot {s['slot']}: " + "; ".join(notes))
-    if reply.get("interval"):
-        lines.append(f"(CPU % and req/s over the last {reply['interval']:.1f}s)")
-    return "\n".join(lines)

@@ -7,10 +7,9 @@ import os
 import time
 
 from balancer import __version__
+from balancer.control import MAX_INTERVAL
 from balancer.process import Phase
 from balancer.metrics import read_procs
-
-MAX_INTERVAL = 10.0  # seconds: a client cannot make the master hold a status connection longer
 
 
 def instance_name(master) -> str:
@@ -30,6 +29,7 @@ def summary(master) -> dict:
             "serving_generation": serving_generation(sup),
             "reload_failed": bool(sup and sup.reload_failed),
             "booted": master.booted,
+            "stopping": master.stopping,
             "ready": sum(1 for w in sup.records() if w.phase is Phase.READY) if sup else 0}
 
 

@@ -25,9 +25,13 @@ Route = Callable[[dict[str, str]], Awaitable[Reply]]  # called with the request'
 # A scraper keeps its connection between scrapes (Prometheus: every 15 s to 1 min). A request must be complete
 # this long after its connection went idle: a client that sends nothing, or drips its headers, is let go.
 IDLE_TIMEOUT = 15.0
+# Scrapers and probes send their request as soon as they connect: a new connection has this long for it.
+FIRST_REQUEST_TIMEOUT = 5.0
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024  # no route reads a body; past this the client is answered 413 and let go
-MAX_CONNECTIONS = 128  # scrapers and probes need a handful; the master's other fds are for dispatch
+# Scrapers and probes need a handful; the master's other fds are for dispatch. At the cap a new connection
+# ends the one idle longest instead of being refused, so idle connections cannot keep /healthz unanswered.
+MAX_CONNECTIONS = 128
 # After the last reply the master shuts its side and reads what the client still sends for this long: closing
 # with unread input makes the kernel send a reset, which can destroy the reply before the client reads it.
 LINGER = 1.0
@@ -57,6 +61,9 @@ class ScrapeServer:
         self.routes = routes
         self.server: asyncio.Server | None = None
         self.clients: set[asyncio.Task] = set()
+        # Those waiting for their client, in the order they began to (a dict as an ordered set): the first is
+        # the one idle longest, ended when a new connection needs its place.
+        self.idle: dict[asyncio.Task, None] = {}
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port (every address host resolves to); returns the first bound address."""
@@ -75,28 +82,42 @@ class ScrapeServer:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: requests in order until either side closes, the client idles out, or it misbehaves."""
-        if len(self.clients) >= MAX_CONNECTIONS:
-            writer.transport.abort()
+        if len(self.clients) >= MAX_CONNECTIONS and not self.end_idlest():
+            writer.transport.abort()  # every one is being answered: each is bounded in time, this one is not
             return
         task = asyncio.current_task()
         self.clients.add(task)
         try:
             await self.converse(reader, writer)
+            self.idle[task] = None
             await linger(reader, writer)
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, TimeoutError, asyncio.CancelledError):  # cancelled: closed, or ended as idlest
             pass
         except Exception:  # a bug here must cost one connection, never the master's loop
             log.exception("metrics endpoint: a connection failed")
         finally:
             self.clients.discard(task)
+            self.idle.pop(task, None)
             writer.transport.abort()  # nothing left to flush: every reply was drained, or it is too late
+
+    def end_idlest(self) -> bool:
+        """End the connection that has waited for its client longest; False when none waits."""
+        if not self.idle:
+            return False
+        task = next(iter(self.idle))
+        del self.idle[task]
+        task.cancel()
+        return True
 
     async def converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The request/response cycles of one connection."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        task = asyncio.current_task()
+        wait = FIRST_REQUEST_TIMEOUT
         while True:
+            self.idle[task] = None
             try:
-                async with asyncio.timeout(IDLE_TIMEOUT):
+                async with asyncio.timeout(wait):
                     asked = await next_request(conn, reader, writer)
             except TimeoutError:
                 if conn.their_state is not h11.IDLE or conn.trailing_data[0]:  # it had started a request
@@ -107,6 +128,9 @@ class ScrapeServer:
                     status = exc.error_status_hint
                     await send(conn, writer, "GET", (status, "text/plain", f"{exc}\n".encode()), {}, close=True)
                 return
+            finally:
+                self.idle.pop(task, None)
+            wait = IDLE_TIMEOUT
             if asked is None:  # the client closed between requests
                 return
             close = asked.close or (asked.early is not None and conn.their_state is h11.SEND_BODY)  # body unread
@@ -196,7 +220,8 @@ async def send(conn: h11.Connection, writer: asyncio.StreamWriter, method: str, 
         data += conn.send(h11.Data(data=body))
     data += conn.send(h11.EndOfMessage())
     writer.write(data)
-    await writer.drain()
+    async with asyncio.timeout(IDLE_TIMEOUT):  # a client that does not read its reply is let go (TimeoutError)
+        await writer.drain()
 
 
 async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -15,7 +15,7 @@ from tests.test_integration import fetch
 from tests.test_startup import assert_nothing_left, assert_one_error_line, start_failing
 
 pytestmark = pytest.mark.timeout(60)
-SUBCOMMANDS = "{run,reload,scale,stop,status,config}"
+SUBCOMMANDS = "{run,reload,scale,stop,status,ls,config}"
 
 
 def test_usage_line_shows_the_subcommands():
@@ -32,13 +32,13 @@ def test_help_lists_every_run_option_with_its_default():
     assert r.returncode == 0, r.stderr
     missing = [f.name for f in option_fields() if (f.metadata.get("flag") or flag_of(f.name)) not in r.stdout]
     assert not missing, missing
-    assert "{run,reload,scale,stop,status,config}" in r.stdout and "(default: 1000)" in r.stdout
+    assert SUBCOMMANDS in r.stdout and "(default: 1000)" in r.stdout
 
 
 def test_a_mistyped_subcommand_is_an_error_naming_them():
     r = balancer("stauts")
     assert_one_error(r, "invalid choice: 'stauts'")
-    assert "'run', 'reload', 'scale', 'stop', 'status', 'config'" in r.stderr
+    assert "'run', 'reload', 'scale', 'stop', 'status', 'ls', 'config'" in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [

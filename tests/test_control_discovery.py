@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from balancer.control_show import master_state
 from tests.harness import HERE, Balancer
 from tests.test_faults import EDITABLE, deploy
 from tests.test_integration import wait_until
@@ -82,13 +84,14 @@ def test_status_finds_each_master_however_it_was_started(tmp_path):
             Balancer(*ONE, "--bind", f"unix:{unix}", "--control-socket", elsewhere, env=env) as c, \
             Activated(inherited, *ONE, "--name", "sd", env=env) as d:
         masters = {m.pid: m for m in (a, b, c, d)}
-        # Several masters and no tty to ask on: the list, and what to pass.
-        r = ctl(env, "status")
+        # A command for one master, several masters and no tty to ask on: the list, and what to pass.
+        r = ctl(env, "reload")
         assert r.returncode == 2 and not r.stdout, r
         assert "4 balancer masters are running" in r.stderr and "pass --name or --pid" in r.stderr, r.stderr
         for pid in masters:
             assert f"pid {pid}" in r.stderr
         assert all(not os.path.lexists(path) for path in stale)  # what dead masters left is cleaned on the way
+        assert {m["pid"] for m in json.loads(ctl(env, "ls", "--json").stdout)} == set(masters)
         # Each one picked by what the operator knows about it.
         first = status(env, "--pid", str(a.pid))
         assert first["name"] == first["listening"][0] == f"127.0.0.1:{a.port}"  # the default name: the first bind
@@ -114,12 +117,14 @@ def test_status_finds_each_master_however_it_was_started(tmp_path):
         primary, secondary = os.openpty()
         try:
             os.write(primary, b"beta\n")
-            r = ctl(env, "status", "--json", "--interval", "0", stdin=secondary)
+            r = ctl(env, "reload", stdin=secondary)
         finally:
             os.close(primary)
             os.close(secondary)
-        assert r.returncode == 0 and json.loads(r.stdout)["pid"] == b.pid, r
+        assert r.returncode == 0 and r.stdout.strip() == "reload started (generation 1)", r
         assert "which one?" in r.stderr and f"pid {d.pid}" in r.stderr
+        assert {m["pid"]: m["generation"] for m in json.loads(ctl(env, "ls", "--json").stdout)} == {
+            pid: int(pid == b.pid) for pid in masters}  # beta was the one picked
         # stop --wait returns once the master is gone: its exit status is there to collect at once.
         for m in (d, c, b, a):
             r = ctl(env, "stop", "--wait", "--pid", str(m.pid))
@@ -128,6 +133,58 @@ def test_status_finds_each_master_however_it_was_started(tmp_path):
         assert os.listdir(runtime) == []  # sockets and the link removed by their masters
     r = ctl(env, "status")
     assert r.returncode == 2 and f"no balancer master of uid {os.getuid()} is running" in r.stderr
+
+
+def test_ls_and_status_without_a_selector_list_every_master(tmp_path):
+    env = isolated(tmp_path)
+    r = ctl(env, "ls")
+    assert r.returncode == 0 and not r.stdout, r  # none: nothing to list is no error
+    assert r.stderr == f"balancer: no balancer master of uid {os.getuid()} is running\n"
+    assert ctl(env, "ls", "--json").stdout == "[]\n"
+    with Balancer(*ONE, "--name", "alpha", env=env) as a, \
+            Balancer("--workers", "2", "--metrics-bind", "none", "--bind", f"unix:{tmp_path / 'b.sock'}", env=env) as b:
+        r = ctl(env, "reload", "--wait", "--name", "alpha")  # one of them on a newer generation
+        assert r.returncode == 0, r
+        table = ctl(env, "ls")
+        assert table.returncode == 0 and table.stderr == "", table
+        header, *rows = table.stdout.splitlines()
+        assert header.split() == ["NAME", "PID", "WORKERS", "GEN", "STATE", "UPTIME", "LISTENING"], header
+        b_name = f"127.0.0.1:{b.port}"  # the default name: the first bind
+        assert sorted(row.split()[:5] for row in rows) == sorted([
+            [b_name, str(b.pid), "2/2", "0", "serving"], ["alpha", str(a.pid), "1/1", "1", "serving"]]), rows
+        b_row = next(row for row in rows if row.startswith(b_name))
+        assert b_row.endswith(f"{b_name}, unix:{tmp_path / 'b.sock'}") and re.search(r" \d+s ", b_row), b_row
+        listed = {m["pid"]: m for m in json.loads(ctl(env, "ls", "--json").stdout)}
+        assert set(listed) == {a.pid, b.pid}
+        assert listed[a.pid]["name"] == "alpha" and listed[a.pid]["listening"] == [a.address]
+        assert (listed[a.pid]["target"], listed[a.pid]["ready"], listed[a.pid]["generation"]) == (1, 1, 1)
+        assert listed[b.pid]["listening"] == [b_name, f"unix:{tmp_path / 'b.sock'}"] and listed[b.pid]["target"] == 2
+        assert all(m["uptime"] > 0 and os.path.exists(m["control_socket"]) for m in listed.values())
+        # status with no selector: the same list, not an error; with a selector, that master's workers.
+        r = ctl(env, "status", "--interval", "0")
+        assert r.returncode == 0 and r.stdout.splitlines()[0] == header, r
+        assert sorted(row.split()[:5] for row in r.stdout.splitlines()[1:]) == sorted(row.split()[:5] for row in rows)
+        assert r.stderr == "balancer: several masters run: pass --name or --pid for one's workers\n", r.stderr
+        r = ctl(env, "status", "--json", "--interval", "0")
+        assert r.returncode == 0 and {m["pid"] for m in json.loads(r.stdout)} == {a.pid, b.pid}, r
+        assert status(env, "--name", "alpha")["workers"][0]["generation"] == 1
+        a.signal(signal.SIGTERM)
+        assert a.wait(20) == 0
+        only = status(env)  # one master left: status shows it, as before
+        assert only["pid"] == b.pid and len(only["workers"]) == 2
+
+
+@pytest.mark.parametrize("info,state", [
+    ({"stopping": True, "booted": True, "generation": 0, "serving_generation": 0}, "stopping"),
+    ({"stopping": False, "booted": False, "generation": 0, "serving_generation": None}, "starting"),
+    ({"stopping": False, "booted": True, "generation": 0, "serving_generation": None}, "degraded"),
+    ({"stopping": False, "booted": True, "generation": 2, "serving_generation": 2}, "serving"),
+    ({"stopping": False, "booted": True, "generation": 2, "serving_generation": 1}, "reloading"),
+    ({"stopping": False, "booted": True, "generation": 2, "serving_generation": 1, "reload_failed": True},
+     "reload-failed"),
+])
+def test_ls_names_where_each_master_stands_in_one_word(info, state):
+    assert master_state(info) == state
 
 
 def load(url: str, seconds: float) -> int:

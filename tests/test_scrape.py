@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
 from balancer import scrape
 from balancer.scrape import ScrapeServer
+from tests.harness import Balancer
+from tests.test_integration import _tcp_sockets, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 BIG = b"# a metrics page\n" * 200  # past GZIP_MIN_BYTES
@@ -174,6 +179,7 @@ def test_a_failing_route_is_a_500_and_the_connection_goes_on(caplog):
 
 def test_idle_and_slow_clients_are_let_go(monkeypatch):
     monkeypatch.setattr(scrape, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(scrape, "FIRST_REQUEST_TIMEOUT", 0.3)
 
     async def test(port, server):
         loop = asyncio.get_running_loop()
@@ -191,22 +197,102 @@ def test_idle_and_slow_clients_are_let_go(monkeypatch):
     run(test)
 
 
-def test_connections_past_the_cap_are_closed_and_the_cap_frees_up(monkeypatch):
+def test_a_new_connection_is_served_in_the_place_of_the_one_idle_longest(monkeypatch):
     monkeypatch.setattr(scrape, "MAX_CONNECTIONS", 3)
 
+    async def kept_alive(port) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection answered once, left open for its next request."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"ok\n")).startswith(b"HTTP/1.1 200 OK")
+        return reader, writer
+
     async def test(port, server):
-        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-        while len(server.clients) < 3:  # each is registered once its handler runs
+        # the first has been answered and waits for its next request; the other two never sent one
+        held = [await kept_alive(port)] + [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        while len(server.idle) < 3:  # each is registered once its handler runs
             await asyncio.sleep(0.01)
-        assert await exchange(port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n") == b""  # the 4th: closed unanswered
+        for i in range(4):  # each newcomer is answered in the place of the one idle longest, in that order
+            held.append(await kept_alive(port))
+            assert await asyncio.wait_for(held[i][0].read(), 2) == b""  # ended without a word
+            assert len(server.clients) == 3
+        assert all(not reader.at_eof() for reader, _ in held[4:])
         for _, writer in held:
+            writer.close()
+
+    run(test)
+
+
+def test_past_the_cap_of_connections_being_answered_a_new_one_is_refused(monkeypatch):
+    monkeypatch.setattr(scrape, "MAX_CONNECTIONS", 3)
+    release = asyncio.Event()
+
+    async def hold(headers):
+        await release.wait()
+        return 200, "text/plain", b"held\n"
+
+    async def test(port, server):
+        held = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            held.append((reader, writer))
+        while len(server.clients) < 3 or server.idle:  # all three in their route: none is idle
+            await asyncio.sleep(0.01)
+        assert await exchange(port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n") == b""  # closed unanswered
+        release.set()
+        for reader, writer in held:
+            assert responses(await reader.read())[0][2] == b"held\n"
             writer.close()
         while server.clients:
             await asyncio.sleep(0.01)
         got = responses(await exchange(port, b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
         assert got[0][0] == "HTTP/1.1 200 OK"
 
+    run(test, **{"/hold": hold})
+
+
+def test_a_new_connection_has_less_time_for_its_first_request_than_a_kept_one(monkeypatch):
+    monkeypatch.setattr(scrape, "FIRST_REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(scrape, "IDLE_TIMEOUT", 10)
+
+    async def test(port, server):
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert await exchange(port, b"") == b""  # sent nothing: closed at the first-request deadline
+        assert loop.time() - began < 2
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"ok\n")).startswith(b"HTTP/1.1 200 OK")
+        await asyncio.sleep(0.8)  # kept alive past the first-request deadline: it has IDLE_TIMEOUT now
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert responses(await reader.read())[0][0] == "HTTP/1.1 200 OK"
+        writer.close()
+
     run(test)
+
+
+def test_a_client_that_does_not_read_its_reply_is_let_go(monkeypatch):
+    monkeypatch.setattr(scrape, "IDLE_TIMEOUT", 0.5)
+    huge = b"x" * (32 << 20)  # far more than the socket buffers take: the write must wait for the reader
+
+    async def flood(headers):
+        return 200, "text/plain", huge
+
+    async def test(port, server):
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
+        writer.transport.pause_reading()
+        writer.write(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+        began = loop.time()
+        while not server.clients:
+            await asyncio.sleep(0.01)
+        while server.clients:  # the server gives up on it, though it is not idle
+            await asyncio.sleep(0.01)
+        assert loop.time() - began < 5
+        writer.close()
+
+    run(test, **{"/flood": flood})
 
 
 def test_close_ends_a_scrape_in_progress():
@@ -258,3 +344,29 @@ def test_after_an_error_reply_the_client_may_finish_sending_without_a_reset():
         await writer.wait_closed()
 
     run(test)
+
+
+def test_idle_connections_to_a_real_master_do_not_starve_its_probes():
+    # Anyone who reaches the metrics port could get a pod restarted by holding its connections: the
+    # liveness probe points there. Room is made for newcomers, and the idle ones close at their deadline.
+    with Balancer("--workers", "1") as b:
+        host, port = b.metrics_address.rsplit(":", 1)
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(200)]
+        try:
+            listeners = 2  # the app's and the metrics port
+            wait_until(lambda: _tcp_sockets(b.pid) >= listeners + scrape.MAX_CONNECTIONS, 10, "the master to take them")
+            assert _tcp_sockets(b.pid) <= listeners + scrape.MAX_CONNECTIONS + 1  # bounded: the eldest made way
+            for path, body in (("/healthz", b"ok\n"), ("/readyz", b"ready: 1 workers\n")):
+                began = time.monotonic()
+                with urllib.request.urlopen(f"http://{b.metrics_address}{path}", timeout=5) as resp:
+                    assert resp.status == 200 and resp.read() == body
+                assert time.monotonic() - began < 1, path
+            began = time.monotonic()
+            for sock in idle:  # every idle one is closed without a word, by the deadline at the latest
+                assert sock.recv(1) == b""
+            assert time.monotonic() - began < scrape.FIRST_REQUEST_TIMEOUT + 3
+        finally:
+            for sock in idle:
+                sock.close()
+        assert "Traceback" not in b.log(), b.log()
+
