@@ -59,7 +59,8 @@ class MasterCommands:
         if self.reread is not None:
             self.reread_config()  # first: the reload's workers start with the file's new settings
         self.notifier.reloading(f"reloading {self.supervisor.target} workers")
-        done = self.supervisor.request_reload()  # a future, not a task: nothing to hold; it ends True or False
+        # A future, not a task: nothing to hold; it ends True or False. --preload: a new zygote imports first.
+        done = self.supervisor.request_reload() if self.zygotes is None else self.zygotes.reload()
         done.add_done_callback(self._reload_over)
         return done
 
