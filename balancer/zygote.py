@@ -46,7 +46,7 @@ class ZygoteTrouble(Exception):
 
 
 class ForkedChild:
-    """What Popen is for a spawned worker, for a forked one: the master's child since its adoption, waited by pid."""
+    """What Popen is for a spawned worker, for a forked one: the master adopted it before its pid was reported."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -499,6 +499,7 @@ class Zygotes:
                 "next_pid": self.next.pid if self.next is not None else None,
                 "retired": [r.pid for r in self.retired], "restarts": self.restarts,
                 "forked": self.forked, "spawned": self.spawned, "boot_p50": boots,
+                "boot_seconds": {how: [round(t, 4) for t in times] for how, times in self.boot_times.items()},
                 "reload_error": self.reload_error}
 
     def collect(self):

@@ -108,7 +108,7 @@ def test_dead_zygote_workers_spawn_meanwhile_then_it_is_back(tmp_path):
     with start(tmp_path, "--workers", "2", delay=1.5) as b:
         first = status(tmp_path)["zygote"]["pid"]
         os.kill(first, signal.SIGKILL)
-        b.wait_for(f"zygote pid={first} .*died .*workers are spawned without it until it is back")
+        b.wait_for(f"zygote pid={first} .*died \\(signal SIGKILL\\); workers are spawned without it until it is back")
         victim = serving(tmp_path)[1]
         os.kill(victim, signal.SIGKILL)
         spawned = replaced(tmp_path, 1, victim)
@@ -220,3 +220,12 @@ def group_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 out.append(int(name))
     return out
+
+
+def test_master_kill_9_leaves_neither_zygote_nor_forked_worker(tmp_path):
+    with start(tmp_path, "--workers", "2") as b:
+        st = status(tmp_path)
+        pids = [st["zygote"]["pid"]] + [w["pid"] for w in st["workers"]]
+        os.kill(b.pid, signal.SIGKILL)
+        b.wait(5)
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), 3, "the zygote and the workers to exit")

@@ -3,10 +3,10 @@
 It imports the worker runtime, aiohttp, the event loop and the backend's module once (never calling an app
 factory), freezes what that made (gc.freeze: later collections in the workers leave those objects' pages
 shared), says READY, then waits for the master's FORK requests. Each brings a worker's channel end and ack
-board; the zygote forks twice, so the worker's parent exits at once and the worker is adopted by the master
-(a child subreaper), and answers with its pid. The worker then runs exactly what a spawned one runs
-(balancer_workers.__main__.serve). It starts no event loop and opens no socket: a fork is refused, in one
-line the master logs, while more than one thread runs or a socket other than its own is open.
+board, handed to a spare forked ahead of it: forked twice, so that its first parent exits at once and the master
+(a child subreaper) adopts it. The zygote answers with the spare's pid, and the spare then runs exactly what a
+spawned worker runs (balancer_workers.__main__.serve). The zygote starts no event loop and opens no socket: it
+refuses to fork, in one line the master logs, while more than one thread runs or a socket not its own is open.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import os
 import select
 import socket
-import struct
 import sys
 import time
 import traceback
@@ -27,8 +26,6 @@ import traceback
 from balancer import logs, proctitle, wire
 from balancer_workers.__main__ import die_with_master, ignore_signals, loop_factory, serve
 
-REPARENT_WAIT = 5.0  # seconds a forked worker waits to be adopted by the master; its first parent exits at once
-_PID = struct.Struct("<i")
 
 
 def main() -> int:
@@ -58,8 +55,8 @@ def main() -> int:
     imported = time.perf_counter() - started
     gc.collect()
     gc.freeze()  # the workers' collections never touch (and so never copy) these objects' pages
-    channel.send(wire.encode_json(wire.READY, {"pid": os.getpid(), "import_seconds": round(imported, 4)}))
-    child = fork_on_request(channel, own_sockets | {channel.fileno()}, args.master_pid)
+    ready = wire.encode_json(wire.READY, {"pid": os.getpid(), "import_seconds": round(imported, 4)})
+    child = fork_on_request(channel, own_sockets | {channel.fileno()}, args.master_pid, ready)
     if child is None:  # the master closed the channel: nothing of ours to clean up, skip freeing 100s of MB
         sys.stdout.flush()
         sys.stderr.flush()
@@ -99,10 +96,31 @@ def unsafe_to_fork(allowed: set[int]) -> str:
     return ""
 
 
-def fork_on_request(channel: socket.socket, allowed: set[int], master_pid: int) -> tuple | None:
-    """Serve FORK requests; in a forked worker, return what it needs to run; None once the master is gone."""
+class Spare:
+    """A worker forked ahead of the request that will give it its channel and board: the master's child already."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock  # the zygote's end of the pair the request goes over
+
+
+def fork_on_request(channel: socket.socket, allowed: set[int], master_pid: int, ready: bytes) -> tuple | None:
+    """Serve FORK requests, each with a spare forked ahead; in a worker, (channel fd, board fd, settings).
+
+    The spare is forked after the previous request was answered: a request is answered with its pid at once,
+    and no fork of this (large) process lies between the master's request and the worker's boot.
+    READY goes out once the first spare is there. Returns None once the master has closed the channel.
+    """
     inbox = wire.inbox(wire.MASTER_MSG_BYTES * 16)
+    spare: Spare | str | None = None
     while True:
+        if spare is None:
+            spare = fork_spare(channel, allowed, master_pid)
+            if isinstance(spare, tuple):
+                return spare  # we are the spare, and this is our request
+            if ready:
+                channel.send(ready)
+                ready = b""
         select.select([channel], [], [])
         got = wire.receive(channel, inbox)  # MSG_DONTWAIT; replies are sent blocking
         if got is None:
@@ -113,67 +131,79 @@ def fork_on_request(channel: socket.socket, allowed: set[int], master_pid: int) 
         if msg[0] != wire.FORK or truncated or len(fds) != 2:
             wire.close_all(fds)
             continue
-        request = wire.decode_json(msg)
-        token = request.get("token")
-        reason = unsafe_to_fork(allowed | {fds[0]})
-        if reason:
+        token = wire.decode_json(msg).get("token")
+        if isinstance(spare, str):  # not safe to fork: refused, and checked again at the next request
             wire.close_all(fds)
-            channel.send(wire.encode_json(wire.FORK_REFUSED, {"token": token, "reason": reason}))
+            channel.send(wire.encode_json(wire.FORK_REFUSED, {"token": token, "reason": spare}))
+            spare = None
             continue
-        child = fork_worker(channel, token, fds)
-        if child is not None:
-            return (*child, request["settings"])
+        try:
+            wire.send_fds(spare.sock, msg, fds)
+        except OSError as exc:  # the spare died (OOM?): no worker this time; the next request gets a new one
+            channel.send(wire.encode_json(wire.FORKED, {"token": token, "error": f"the spare worker is gone: {exc}"}))
+        else:
+            channel.send(wire.encode_json(wire.FORKED, {"token": token, "pid": spare.pid}))
+        finally:
+            wire.close_all(fds)
+            spare.sock.close()
+        spare = None
 
 
-def fork_worker(channel: socket.socket, token, fds: list[int]) -> tuple | None:
-    """Fork twice and tell the master the worker's pid; in the worker, return (channel fd, board fd, middle pid)."""
-    read_end, write_end = os.pipe()
+def fork_spare(channel: socket.socket, allowed: set[int], master_pid: int) -> Spare | str | tuple:
+    """Fork twice, so that the master (a child subreaper) adopts the spare once the middle process exits.
+
+    In the zygote: the Spare, or why forking is not safe now. In the spare, once it has its request:
+    (channel fd, board fd, settings).
+    """
+    reason = unsafe_to_fork(allowed)
+    if reason:
+        return reason
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         middle = os.fork()
     except OSError as exc:
-        os.close(read_end)
-        os.close(write_end)
-        wire.close_all(fds)
-        channel.send(wire.encode_json(wire.FORKED, {"token": token, "error": str(exc)}))
-        return None
-    if middle == 0:  # the middle process: its only job is to exit, so that the master adopts the worker
-        worker, middle = -1, os.getpid()
+        ours.close()
+        theirs.close()
+        return f"fork failed: {exc}"
+    if middle == 0:  # the middle process: its only job is to exit
+        spare, middle = -1, os.getpid()
         try:
-            os.close(read_end)
-            worker = os.fork()
-            if worker != 0:
-                os.write(write_end, _PID.pack(worker))
+            ours.close()
+            spare = os.fork()
         finally:
-            if worker != 0:
+            if spare != 0:
                 os._exit(0)
-        os.close(write_end)
         channel.close()
-        return fds[0], fds[1], middle
-    os.close(write_end)
-    try:
-        data = b""
-        while chunk := os.read(read_end, 4):
-            data += chunk
-    finally:
-        os.close(read_end)
-    # Once the middle process is reaped, its child has been handed to the master: the pid we send is the
-    # master's own child by the time it reads it, so it can wait for it as for one it started.
-    os.waitpid(middle, 0)
-    wire.close_all(fds)
-    if len(data) != _PID.size:
-        channel.send(wire.encode_json(wire.FORKED, {"token": token, "error": "the middle process failed to fork"}))
-        return None
-    channel.send(wire.encode_json(wire.FORKED, {"token": token, "pid": _PID.unpack(data)[0]}))
-    return None
+        return wait_for_request(theirs, middle, master_pid)
+    theirs.close()
+    os.waitpid(middle, 0)  # reaped: the spare is the master's child now
+    said = ours.recv(64)
+    if not said:
+        ours.close()
+        return "the spare worker died at once"
+    return Spare(int(said), ours)
 
 
-def run_forked(channel_fd: int, board_fd: int, middle: int, settings: dict, master_pid: int) -> int:
-    """In a forked worker: once the master has adopted us, run the worker as a spawned one runs; never returns."""
-    deadline = time.monotonic() + REPARENT_WAIT
-    while os.getppid() == middle:  # its parent-death signal must name the master, not the exiting middle process
-        if time.monotonic() > deadline:
-            os._exit(1)
-        time.sleep(0.0002)
+def wait_for_request(sock: socket.socket, middle: int, master_pid: int) -> tuple:
+    """In a spare: say our pid, wait to be adopted by the master, then for a request; exit with the zygote."""
+    sock.send(str(os.getpid()).encode())
+    while os.getppid() == middle:  # the middle process is exiting: its parent-death signal must not be ours
+        time.sleep(0.0005)
+    die_with_master(master_pid)
+    while True:
+        select.select([sock], [], [])
+        got = wire.receive(sock)
+        if got is not None:
+            break
+    msg, fds, _ = got
+    if not msg or len(fds) != 2:  # the zygote is gone (retired, stopped, killed): so is its spare
+        os._exit(0)
+    sock.close()
+    return fds[0], fds[1], wire.decode_json(msg)["settings"]
+
+
+def run_forked(channel_fd: int, board_fd: int, settings: dict, master_pid: int) -> int:
+    """In a forked worker: run the worker as a spawned one runs; never returns."""
     try:
         code = serve(channel_fd, board_fd, master_pid, settings)
     except SystemExit as exc:
