@@ -85,12 +85,12 @@ class Master(AcceptPath, MasterCommands):
         self.reaper.start(loop)  # before the first worker: whatever its backend orphans comes back to us
         env = worker_env()
         # Settings read at each spawn: the workers of a reload get what the re-read config file says.
-        spawn = lambda slot, generation: spawn_process(slot, generation, self.config.worker_settings(), env)  # noqa: E731
         if self.config.preload:
             from balancer.zygote import Zygotes
 
-            self.zygotes = Zygotes(self.config.worker_settings, env, lambda: self.config.boot_timeout)
-            spawn = self.zygotes.spawn
+            self.zygotes = Zygotes(lambda: self.config.worker_settings(), env, lambda: self.config.boot_timeout)
+        spawn = self.zygotes.spawn if self.zygotes is not None else (
+            lambda slot, generation: spawn_process(slot, generation, self.config.worker_settings(), env))
         self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity, spawn=spawn)
         if self.zygotes is not None:
             self.zygotes.bind(self.supervisor)

@@ -4,9 +4,9 @@
     python -m bench.preload --rounds 3 --systems balancer-preload balancer-spawn
 
 The app (bench/heavy_app.py) takes 1 s to import and holds ~100 MB of small objects. For each system:
-PSS and USS (from /proc/PID/smaps_rollup) of the workers, and of the process that preloaded the app (the
-zygote and its spare worker, or gunicorn's arbiter with --preload), just after every worker is up and after 10,000 keep-alive
-requests; the time from SIGHUP until every worker serves the new code (a version file the app reads at
+PSS and USS (from /proc/PID/smaps_rollup) of the workers, and of the processes that preloaded the app (the
+zygote and its spare workers, or gunicorn's arbiter with --preload), just after every worker is up and after
+10,000 keep-alive requests; the time from SIGHUP until every worker serves the new code (a version file the app reads at
 import), with requests from a real client running throughout and every failed one counted; and the time
 from kill -9 of a worker until its replacement answers. PASS/MISS lines for the issue-27 targets go to stdout.
 """
@@ -159,8 +159,7 @@ async def _one(reader, writer, versions: list | None) -> bool:
     """One keep-alive request on an open connection; False if the server closed it. Appends (time, version)."""
     writer.write(b"GET /load HTTP/1.1\r\nHost: bench\r\n\r\n")
     head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    close = False
+    length, close, version, pid = 0, False, "", 0
     status = int(head.split(b" ", 2)[1])
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -169,7 +168,11 @@ async def _one(reader, writer, versions: list | None) -> bool:
         elif name.lower() == b"connection" and value.strip().lower() == b"close":
             close = True
         elif versions is not None and name.lower() == b"x-version":
-            versions.append((time.monotonic(), value.strip().decode()))
+            version = value.strip().decode()
+        elif versions is not None and name.lower() == b"x-worker-pid":
+            pid = int(value)
+    if versions is not None:
+        versions.append((time.monotonic(), version, pid))
     await reader.readexactly(length)
     if status != 200:
         raise ConnectionError(f"status {status}")
@@ -205,10 +208,9 @@ async def client_load(port: int, conns: int, total: int | None, stop: asyncio.Ev
 # ---- the measurements ----------------------------------------------------------------------------
 
 async def measure_reload(system: System, version_file: Path, version: str) -> tuple[float | None, dict]:
-    """Seconds from SIGHUP to the last answer with the old code, under load; None if old code still answers.
+    """Seconds from SIGHUP until N workers have answered with the new code and none with the old; None: never.
 
-    The load's own answers tell: 8 keep-alive clients reconnect as draining workers close their connections,
-    so once the last old worker has stopped serving, every answer is the new code's.
+    The load's own answers tell: 8 keep-alive clients reconnect as draining workers close their connections.
     """
     stop, versions = asyncio.Event(), []
     load = asyncio.ensure_future(client_load(system.port, 8, None, stop, versions))
@@ -219,10 +221,14 @@ async def measure_reload(system: System, version_file: Path, version: str) -> tu
     took = None
     while time.monotonic() - started < RELOAD_LIMIT:
         await asyncio.sleep(0.05)
-        old = [at for at, v in versions if v != version]
+        old = [at for at, v, _ in versions if v != version]
         last_old = max(old) if old else started
-        if any(v == version for _, v in versions) and time.monotonic() - last_old >= 1.0:
-            took = max(0.0, last_old - started)
+        first_by_pid: dict[int, float] = {}
+        for at, v, pid in versions:
+            if v == version:
+                first_by_pid.setdefault(pid, at)
+        if len(first_by_pid) >= system.workers and time.monotonic() - last_old >= 1.0:
+            took = max(last_old, sorted(first_by_pid.values())[system.workers - 1]) - started
             break
     stop.set()
     return took, await load

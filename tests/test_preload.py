@@ -7,6 +7,7 @@ import signal
 import pytest
 
 from balancer.control_client import request
+from balancer_workers.zygote import SPARES
 from tests.harness import Balancer, pid_alive
 from tests.test_integration import fetch, run_load, wait_until
 
@@ -179,6 +180,8 @@ def test_reload_forks_from_a_new_zygote_and_the_old_one_exits_losing_nothing(tmp
         assert {fetch(b).body.split()[0] for _ in range(4)} == {b"v2"}
         wait_until(lambda: not pid_alive(old_zygote), 20, "the old zygote to exit once its workers are gone")
         assert not any(pid_alive(pid) for pid in old_workers)
+        # The old zygote's spares went with it: the master, the new zygote, its spares and the 2 workers remain.
+        wait_until(lambda: len(group_members(b.pid)) == 1 + 1 + SPARES + 2, 10, "only the new generation's processes")
 
 
 @pytest.mark.parametrize("opened, why", [
@@ -229,3 +232,19 @@ def test_master_kill_9_leaves_neither_zygote_nor_forked_worker(tmp_path):
         os.kill(b.pid, signal.SIGKILL)
         b.wait(5)
         wait_until(lambda: not any(pid_alive(pid) for pid in pids), 3, "the zygote and the workers to exit")
+
+
+def test_reload_rereads_the_config_file_and_the_new_zygote_imports_its_backend(tmp_path):
+    write_app(tmp_path / "preloaded.py", "v1")
+    write_app(tmp_path / "other.py", "other")
+    conf = tmp_path / "balancer.toml"
+    conf.write_text('backend = "preloaded:handler"\npreload = true\n')
+    with Balancer("-c", str(conf), "--app-dir", str(tmp_path), "--control-socket", str(tmp_path / "ctl.sock"),
+                  "--workers", "2", env={"PRELOAD_TEST_IMPORTS": str(tmp_path / "imports")}) as b:
+        assert fetch(b).body.startswith(b"v1 ")
+        conf.write_text('backend = "other:handler"\npreload = true\n')
+        mark = b.mark()
+        b.signal(signal.SIGHUP)
+        b.wait_for("rolling reload done", 30, start=mark)
+        assert {fetch(b).body.split()[0] for _ in range(4)} == {b"other"}
+        assert status(tmp_path)["zygote"]["spawned"] == 0

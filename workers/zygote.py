@@ -26,6 +26,8 @@ import traceback
 from balancer import logs, proctitle, wire
 from balancer_workers.__main__ import die_with_master, ignore_signals, loop_factory, serve
 
+SPARES = 2  # workers forked ahead of the requests: a reload asks for the next one as soon as one is ready
+
 
 
 def main() -> int:
@@ -107,20 +109,28 @@ class Spare:
 def fork_on_request(channel: socket.socket, allowed: set[int], master_pid: int, ready: bytes) -> tuple | None:
     """Serve FORK requests, each with a spare forked ahead; in a worker, (channel fd, board fd, settings).
 
-    The spare is forked after the previous request was answered: a request is answered with its pid at once,
-    and no fork of this (large) process lies between the master's request and the worker's boot.
-    READY goes out once the first spare is there. Returns None once the master has closed the channel.
+    SPARES spares wait, forked while no request does: a request is answered with a spare's pid at once, and
+    no fork of this (large) process lies between the master's request and the worker's boot, also when a
+    reload asks for one worker right after another. READY goes out once the first spare is there.
+    Returns None once the master has closed the channel.
     """
     inbox = wire.inbox(wire.MASTER_MSG_BYTES * 16)
-    spare: Spare | str | None = None
+    spares: list[Spare] = []
+    refusal = ""  # why forking is not safe: every request is refused, and the next one checks again
     while True:
-        if spare is None:
-            spare = fork_spare(channel, allowed, master_pid)
+        asked = select.select([channel], [], [], 0)[0]
+        if len(spares) < SPARES and not refusal and not (asked and spares):
+            spare = fork_spare(channel, allowed, master_pid, [s.sock for s in spares])
             if isinstance(spare, tuple):
-                return spare  # we are the spare, and this is our request
+                return spare  # we are a spare, and this is our request
+            if isinstance(spare, str):
+                refusal = spare
+            else:
+                spares.append(spare)
             if ready:
                 channel.send(ready)
                 ready = b""
+            continue
         select.select([channel], [], [])
         got = wire.receive(channel, inbox)  # MSG_DONTWAIT; replies are sent blocking
         if got is None:
@@ -132,30 +142,31 @@ def fork_on_request(channel: socket.socket, allowed: set[int], master_pid: int, 
             wire.close_all(fds)
             continue
         token = wire.decode_json(msg).get("token")
-        if isinstance(spare, str):  # not safe to fork: refused, and checked again at the next request
+        if refusal:
             wire.close_all(fds)
-            channel.send(wire.encode_json(wire.FORK_REFUSED, {"token": token, "reason": spare}))
-            spare = None
+            channel.send(wire.encode_json(wire.FORK_REFUSED, {"token": token, "reason": refusal}))
+            refusal = ""
             continue
+        spare = spares.pop(0)
         try:
             wire.send_fds(spare.sock, msg, fds)
-        except OSError as exc:  # the spare died (OOM?): no worker this time; the next request gets a new one
+        except OSError as exc:  # the spare died (OOM?): no worker this time; the next request gets another
             channel.send(wire.encode_json(wire.FORKED, {"token": token, "error": f"the spare worker is gone: {exc}"}))
         else:
             channel.send(wire.encode_json(wire.FORKED, {"token": token, "pid": spare.pid}))
         finally:
             wire.close_all(fds)
             spare.sock.close()
-        spare = None
 
 
-def fork_spare(channel: socket.socket, allowed: set[int], master_pid: int) -> Spare | str | tuple:
+def fork_spare(channel: socket.socket, allowed: set[int], master_pid: int,
+               others: list[socket.socket]) -> Spare | str | tuple:
     """Fork twice, so that the master (a child subreaper) adopts the spare once the middle process exits.
 
     In the zygote: the Spare, or why forking is not safe now. In the spare, once it has its request:
     (channel fd, board fd, settings).
     """
-    reason = unsafe_to_fork(allowed)
+    reason = unsafe_to_fork(allowed | {sock.fileno() for sock in others})
     if reason:
         return reason
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -174,6 +185,8 @@ def fork_spare(channel: socket.socket, allowed: set[int], master_pid: int) -> Sp
             if spare != 0:
                 os._exit(0)
         channel.close()
+        for sock in others:  # the other spares' ends: each must see the zygote's exit as its own EOF
+            sock.close()
         return wait_for_request(theirs, middle, master_pid)
     theirs.close()
     os.waitpid(middle, 0)  # reaped: the spare is the master's child now
