@@ -20,10 +20,10 @@ from collections import deque
 from statistics import median
 from typing import Callable
 
-from balancer import board, wire
+from balancer import wire
 from balancer.backoff import Backoff
 from balancer.dispatch import Link
-from balancer.process import BootError, WorkerProcess, describe_exit, spawn_process
+from balancer.process import BootError, WorkerProcess, describe_exit, new_ends, spawn_process
 from balancer.zygote_process import (FORK_TIMEOUT, STOP_GRACE, ForkedChild, Zygote, ZygoteTrouble, is_subreaper,
                                      start_zygote)
 
@@ -294,13 +294,7 @@ class Zygotes:
 
     def _fork(self, z: Zygote, slot: int, generation: int) -> WorkerProcess:
         """Ask z for a worker: its channel end and ack board go over SCM_RIGHTS, its pid comes back."""
-        master_end, worker_end = wire.channel_pair()
-        try:
-            board_fd, ack_board = board.create(f"balancer-board-slot-{slot}")
-        except BaseException:
-            master_end.close()
-            worker_end.close()
-            raise
+        master_end, worker_end, board_fd, ack_board = new_ends(slot)
         token = next(self._tokens)
         request = wire.encode_json(wire.FORK, {"token": token, "settings": dict(self.settings(), slot=slot)})
         try:
