@@ -63,7 +63,8 @@ class MasterCommands:
         if self.reread is not None:
             self.reread_config()  # first: the reload's workers start with the file's new settings
         self.notifier.reloading(f"reloading {self.supervisor.target} workers")
-        return self.supervisor.request_reload()  # a future, not a task: nothing to hold; it ends True or False
+        # A future, not a task: nothing to hold; it ends True or False. --preload: a new zygote imports first.
+        return self.supervisor.request_reload() if self.zygotes is None else self.zygotes.reload()
 
     def reread_config(self) -> None:
         """Apply the file's reloadable changes; name those that need a restart; a bad file keeps the old config."""

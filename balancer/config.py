@@ -97,6 +97,9 @@ class Config:
                        metavar="DIR")
     reload: bool = opt(False, "development: watch --app-dir for changed Python files and run a rolling reload "
                        "on each change (needs the reload extra: watchfiles)")
+    preload: bool = opt(False, "import the backend's module once per code generation in a zygote process that "
+                        "forks the workers: memory shared copy-on-write, workers ready in milliseconds; a reload "
+                        "(SIGHUP) starts a new zygote on the code on disk; the master still never imports it")
     bind: tuple[str, ...] = opt(("127.0.0.1:8000",), "listen address; repeatable: HOST:PORT, [::1]:PORT, unix:/path",
                                 metavar="ADDR", repeat=True)
     workers: int = opt(DEFAULT_WORKERS, "number of worker processes (default: the CPUs this process may use: "

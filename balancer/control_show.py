@@ -42,6 +42,20 @@ def generations(reply: dict) -> str:
     return f"{served} (reloading to generation {wanted})"
 
 
+def zygote_lines(z: dict) -> list[str]:
+    """--preload: the zygote's line, and the last reload's import error while it stands."""
+    imported = f", imported in {z['import_seconds']:.2f}s" if z.get("import_seconds") is not None else ""
+    boot = z.get("boot_p50", {}).get("fork")
+    booted = f", fork to ready {boot * 1000:.0f} ms (p50)" if boot is not None else ""
+    lines = [f"zygote pid {z['pid'] or '-'}, generation {z['generation']}, {z['state']}{imported}; "
+             f"{z['forked']} workers forked, {z['spawned']} spawned{booted}"]
+    if z.get("error"):
+        lines.append(f"zygote: {z['error']}")
+    if z.get("reload_error"):
+        lines.append(f"last reload failed, the code does not import: {z['reload_error']}")
+    return lines
+
+
 def format_status(reply: dict) -> str:
     """The status reply as a header, a table of workers and a line per slot that needs attention."""
     master = reply.get("master", {})
@@ -52,6 +66,8 @@ def format_status(reply: dict) -> str:
              f"CPU {figure(master.get('cpu_percent'))}%",
              f"{'slot':>4} {'pid':>7}  {'state':<9}{'gen':>4} {'up':>7} {'restarts':>8} {'RSS MiB':>8} {'CPU %':>6} "
              f"{'req/s':>7} {'open':>5} {'dispatched':>10}"]
+    if reply.get("zygote"):
+        lines[2:2] = zygote_lines(reply["zygote"])
     slots = {s["slot"]: s for s in reply.get("slots", [])}
     for w in reply["workers"]:
         restarts = slots.get(w["slot"], {}).get("restarts_total", 0)

@@ -116,4 +116,5 @@ async def full_status(master, interval: float) -> dict:
     return {**summary(master), "accepted": master.accepted, "coalesced": master.coalesced,
             "interval": round(elapsed, 3) if interval > 0 else 0,
             "master": {"rss": procs_b[me][1] if me in procs_b else None, "cpu_percent": cpu_percent(me)},
-            "workers": workers, "slots": slot_health(sup, now) if sup else []}
+            "workers": workers, "slots": slot_health(sup, now) if sup else [],
+            "zygote": master.zygotes.status() if getattr(master, "zygotes", None) is not None else None}

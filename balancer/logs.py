@@ -61,7 +61,7 @@ class JsonFormatter(logging.Formatter):
 
 def text_format(role: str, slot: int | None) -> str:
     """The text line prefix: one timestamp, who wrote it, the level."""
-    who = "balancer master" if role == "master" else f"worker slot={slot}"
+    who = f"balancer {role}" if role in ("master", "zygote") else f"worker slot={slot}"
     return f"%(asctime)s [{who} pid={os.getpid()}] %(levelname)s %(message)s"
 
 

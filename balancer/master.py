@@ -41,6 +41,7 @@ class Master(AcceptPath, MasterCommands):
         self.listeners: list[Listener] = []
         self.dispatcher = Dispatcher(config.worker_connections, on_blocked=self._on_blocked)
         self.supervisor: Supervisor | None = None
+        self.zygotes = None  # --preload: the zygotes that fork the workers (balancer/zygote.py)
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.paused = True  # not reading the listeners: no worker ready yet, or all at their caps
         self.stopping = False  # a stop was asked for: /readyz says 503, maybe while serving on (--shutdown-delay)
@@ -85,10 +86,18 @@ class Master(AcceptPath, MasterCommands):
         self.reaper.start(loop)  # before the first worker: whatever its backend orphans comes back to us
         env = worker_env()
         # Settings read at each spawn: the workers of a reload get what the re-read config file says.
-        self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity,
-                                     spawn=lambda slot, generation: spawn_process(
-                                         slot, generation, self.config.worker_settings(), env))
+        if self.config.preload:
+            from balancer.zygote import Zygotes
+
+            self.zygotes = Zygotes(lambda: self.config.worker_settings(), env, lambda: self.config.boot_timeout)
+        spawn = self.zygotes.spawn if self.zygotes is not None else (
+            lambda slot, generation: spawn_process(slot, generation, self.config.worker_settings(), env))
+        self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity, spawn=spawn)
         self.supervisor.on_reload_hooks.append(self.reload_over)  # READY=1 for systemd
+        if self.zygotes is not None:
+            self.zygotes.bind(self.supervisor)
+            # A reload whose code does not import never reaches the supervisor: its READY=1 comes from here.
+            self.zygotes.on_import_failed.append(lambda: self.reload_over(False))
         try:
             await self._start_services()
             if self.run_as is not None:
@@ -196,7 +205,7 @@ class Master(AcceptPath, MasterCommands):
         Other signals (SIGHUP, SIGTTIN, SIGTTOU) wait for the boot to finish: a reload or a resize of
         workers that are not up yet would cut short the boot that reports whether the backend works.
         """
-        boot = asyncio.ensure_future(self.supervisor.start())
+        boot = asyncio.ensure_future(self._start_pool())
         later: list[int] = []
         try:
             while True:
@@ -215,9 +224,16 @@ class Master(AcceptPath, MasterCommands):
             for sig in later:
                 self.signals.put_nowait(sig)
 
+    async def _start_pool(self) -> None:
+        """--preload: the zygote's import first (a failure is the backend's boot error); then the workers."""
+        if self.zygotes is not None:
+            await self.zygotes.boot()
+        await self.supervisor.start()
+
     def _is_worker(self, pid: int) -> bool:
-        """True for a worker process the supervisor still has to reap itself."""
-        return self.supervisor is not None and pid in self.supervisor.table
+        """True for a worker (or zygote) process the supervisor (or the zygote keeper) still has to reap itself."""
+        return self.supervisor is not None and pid in self.supervisor.table or (
+            self.zygotes is not None and self.zygotes.owns(pid))
 
     async def _drop_privileges(self) -> None:
         """Bound and set up as root: become --user for good; workers, all started after this, are that user too."""
@@ -249,6 +265,8 @@ class Master(AcceptPath, MasterCommands):
 
                 metrics = MetricsServer(self)
                 metrics.registry.register(self.reaper)  # balancer_orphans_reaped_total
+                if self.zygotes is not None:
+                    metrics.registry.register(self.zygotes)  # balancer_zygote_*
                 self.services.append(metrics)  # before start(): a half-started server is closed too
                 try:
                     await metrics.start()  # logs "metrics on http://HOST:PORT/metrics"
@@ -282,7 +300,8 @@ class Master(AcceptPath, MasterCommands):
                          self._on_capacity,  # a ready worker may have been missed while all were blocked
                          self.reaper.reap,  # SIGCHLDs coalesce; what one pass missed, the tick gets
                          self.forward_reopen,  # SIGUSR1 for workers that were booting when it came
-                         self.notifier.watchdog)  # WATCHDOG=1 from the loop itself: a hung loop stops it
+                         self.notifier.watchdog,  # WATCHDOG=1 from the loop itself: a hung loop stops it
+                         *([self.zygotes.tick] if self.zygotes is not None else []))
 
     def _every_tick(self, *steps: Callable[[], object]) -> None:
         """Run steps every TICK seconds, each on its own: one failing step must not stop the others or the tick.
@@ -325,6 +344,8 @@ class Master(AcceptPath, MasterCommands):
         if self.supervisor is not None:
             self._schedule_shutdown_tick()
             await self.supervisor.shutdown()
+        if self.zygotes is not None:
+            await self.zygotes.close()
         self.dispatcher.close_homeless()
         for service in self.services:
             await service.close()

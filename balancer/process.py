@@ -82,8 +82,8 @@ class WorkerProcess:
                 pass
 
 
-def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> WorkerProcess:
-    """Start a fresh interpreter for slot with its ends of a new channel and ack board inherited."""
+def new_ends(slot: int):
+    """A new worker's channel (master's end, worker's end), its ack board's memfd and the master's mapping of it."""
     master_end, worker_end = wire.channel_pair()
     try:
         board_fd, board = create_board(f"balancer-board-slot-{slot}")
@@ -91,6 +91,12 @@ def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> Work
         master_end.close()
         worker_end.close()
         raise
+    return master_end, worker_end, board_fd, ack_board
+
+
+def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> WorkerProcess:
+    """Start a fresh interpreter for slot with its ends of a new channel and ack board inherited."""
+    master_end, worker_end, board_fd, ack_board = new_ends(slot)
     # -P: the master's current directory does not go first on the worker's import path, so a user's own
     # modules cannot shadow the runtime's; the backend's directory is added by --app-dir when it is imported.
     cmd = [sys.executable, "-P", "-m", "balancer_workers", "--channel-fd", str(worker_end.fileno()),

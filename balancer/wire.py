@@ -17,6 +17,10 @@ READY = 0x59  # 'Y' worker->master: backend loaded, serving
 REFUSE = 0x52  # 'R' worker->master: these ids were not taken; master re-dispatches them
 BEAT = 0x42  # 'B' worker->master: heartbeat carrying a stats snapshot (JSON)
 BOOT_ERROR = 0x45  # 'E' worker->master: the backend could not be loaded (JSON text)
+# Master <-> zygote (--preload); the zygote says READY or BOOT_ERROR as a worker does, once its import is over.
+FORK = 0x46  # 'F' master->zygote: fork a worker (JSON: token, settings), its channel end and board attached
+FORKED = 0x50  # 'P' zygote->master: the worker's pid (JSON: token, pid, or token, error)
+FORK_REFUSED = 0x4E  # 'N' zygote->master: not safe to fork (JSON: token, reason); the master spawns instead
 
 # Both ends size their buffers from these; the receiver's fd room must cover the sender's batch,
 # otherwise the kernel truncates (MSG_CTRUNC) and closes the surplus fds.

@@ -41,12 +41,21 @@ def main() -> int:
     parser.add_argument("--master-pid", type=int, required=True)
     parser.add_argument("--settings", required=True)
     args = parser.parse_args()
-    settings = json.loads(args.settings)
+    return serve(args.channel_fd, args.board_fd, args.master_pid, json.loads(args.settings))
+
+
+def ignore_signals() -> None:
+    """Leave Ctrl-C, SIGHUP, the resize and the user signals to the master: it decides, and tells us."""
     # Ctrl-C reaches the whole process group; the master decides, and drains us with DRAIN.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    die_with_master(args.master_pid)
+
+
+def serve(channel_fd: int, board_fd: int, master_pid: int, settings: dict) -> int:
+    """Run the worker on its channel and board until it drains; also what a zygote's forked worker runs."""
+    ignore_signals()
+    die_with_master(master_pid)
     os.environ["BALANCER_WORKER_SLOT"] = str(settings["slot"])  # for the backend: which slot am I
     try:  # the master opened the same files and applied the same --log-config: this fails only in a race
         setup_worker_logging(settings)
@@ -54,9 +63,9 @@ def main() -> int:
         print(f"balancer worker: {exc}", file=sys.stderr)
         return 3
     proctitle.title_worker(settings["slot"])  # `balancer: worker 0 [name]` in ps and top
-    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, args.channel_fd)
-    ack_board = board.attach(args.board_fd)
-    os.close(args.board_fd)
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, channel_fd)
+    ack_board = board.attach(board_fd)
+    os.close(board_fd)
 
     from balancer_workers.worker import Worker
 

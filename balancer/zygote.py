@@ -1,0 +1,382 @@
+"""--preload, the master's side: a zygote per code generation forks the workers; spawning stands in when it cannot.
+
+The master never imports the backend: a zygote (balancer_workers/zygote.py) does, once per generation, and
+forks each worker on request. A forked worker is adopted by the master (a child subreaper) before its pid is
+reported, so the supervisor waits for it, signals it and reads its /proc exactly as for one it spawned.
+A reload starts a new zygote on the code on disk: if that import fails the reload fails before any worker is
+touched. A zygote that dies is restarted with back-off; one that hangs on a fork is killed. Meanwhile, and for
+a zygote that refuses to fork (threads or sockets opened at import), workers are spawned as without --preload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import time
+from collections import deque
+from statistics import median
+from typing import Callable
+
+from balancer import wire
+from balancer.backoff import Backoff
+from balancer.dispatch import Link
+from balancer.process import BootError, WorkerProcess, describe_exit, new_ends, spawn_process
+from balancer.zygote_process import (FORK_TIMEOUT, STOP_GRACE, ForkedChild, Zygote, ZygoteTrouble, is_subreaper,
+                                     start_zygote)
+
+log = logging.getLogger("balancer")
+
+
+class Zygotes:
+    """The zygotes of one master: the current one forks workers, the next one imports a reload's code."""
+
+    def __init__(self, settings: Callable[[], dict], env: dict, boot_timeout: Callable[[], float],
+                 start: Callable[[int, dict, dict], Zygote] = start_zygote) -> None:
+        self.settings = settings  # the workers' settings as of now (a reload may have re-read the config file)
+        self.env = env
+        self.boot_timeout = boot_timeout
+        self._start = start
+        self.loop = asyncio.get_running_loop()
+        self.supervisor = None
+        self.current: Zygote | None = None  # forks the workers of the newest generation once ready
+        self.next: Zygote | None = None  # importing a reload's code
+        self.retired: list[Zygote] = []  # older generations: exit once none of their workers is left
+        self.backoff = Backoff()
+        self.restarts = 0
+        self.forked = 0
+        self.spawned = 0  # workers started without a zygote
+        self.boot_times: dict[str, deque] = {"fork": deque(maxlen=64), "spawn": deque(maxlen=64)}
+        self.reload_error = ""  # the last reload's import error, until a reload imports
+        self.closing = False
+        self.started_up = False  # generation 0's zygote has imported: from now on a dead one is restarted
+        self.enabled = True
+        self._waiters: list[asyncio.Future] = []  # reloads waiting for the next zygote's import
+        self.on_import_failed: list[Callable[[], None]] = []  # called when a reload fails before any worker moves
+        self._respawn: asyncio.TimerHandle | None = None
+        self._tokens = itertools.count(1)
+
+    def bind(self, supervisor) -> None:
+        """Serve this supervisor: its spawns, its generation, its reloads; retire zygotes as its workers exit."""
+        self.supervisor = supervisor
+        supervisor.on_exit_hooks.append(lambda w: self.retire_idle())
+
+    # ---- the zygotes' lives -------------------------------------------------------------------
+
+    async def boot(self) -> None:
+        """Start generation 0's zygote and wait for its import; BootError with the backend's reason if it fails."""
+        if not is_subreaper():
+            self.enabled = False
+            log.warning("--preload: the master is not a child subreaper, so it cannot adopt forked workers; "
+                        "workers are spawned as without --preload")
+            return
+        try:
+            z = self.current = self._launch(0)
+        except OSError as exc:
+            raise BootError(f"cannot start the zygote: {exc}") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(z.ready), self.boot_timeout())
+        except asyncio.TimeoutError:
+            z.signal(signal.SIGKILL)
+            raise BootError(f"the zygote's import did not finish within --boot-timeout {self.boot_timeout():g}s") \
+                from None
+        self.started_up = True
+
+    def _launch(self, generation: int) -> Zygote:
+        """Start a zygote and watch its channel and its exit."""
+        z = self._start(generation, self.settings(), self.env)
+        self.loop.add_reader(z.channel.fileno(), self._on_channel, z)
+        self.loop.add_reader(z.pidfd, self._on_exit, z)
+        log.debug("zygote pid=%d started (generation %d)", z.pid, generation)
+        return z
+
+    def _on_channel(self, z: Zygote) -> None:
+        """READY or BOOT_ERROR from an importing zygote; EOF once it is gone (its exit is seen on the pidfd)."""
+        while z.channel.fileno() >= 0:
+            try:
+                got = wire.receive(z.channel)
+            except OSError:
+                got = wire.END
+            if got is None:
+                return
+            msg, fds, _ = got
+            wire.close_all(fds)
+            if not msg:
+                z.close_channel()
+                return
+            try:
+                body = wire.decode_json(msg)
+            except wire.ProtocolError:
+                continue
+            if msg[0] == wire.READY and z.state == "importing" and isinstance(body, dict):
+                z.state = "ready"
+                z.import_seconds = float(body.get("import_seconds", 0.0))
+                log.info("zygote pid=%d imported the backend in %.2fs", z.pid, z.import_seconds)
+                if not z.ready.done():
+                    z.ready.set_result(True)
+            elif msg[0] == wire.BOOT_ERROR:
+                z.error = str(body)
+
+    def _on_exit(self, z: Zygote) -> None:
+        """Reap a zygote; restart the current one with back-off; a reload's zygote failing fails the reload."""
+        if z.proc.poll() is None:
+            return
+        self.loop.remove_reader(z.pidfd)
+        os.close(z.pidfd)
+        self._on_channel(z)  # its BOOT_ERROR, if that is why it left
+        z.close_channel()
+        was, z.state = z.state, "exited"
+        code = z.proc.returncode
+        if not z.ready.done():
+            z.ready.set_exception(BootError(z.error or f"the zygote exited with {describe_exit(code)} "
+                                                       "before its import finished"))
+            z.ready.exception()  # retrieved: nobody may be waiting
+        if z in self.retired:
+            self.retired.remove(z)
+        if z is not self.current or self.closing or not self.started_up or was in ("stopping", "refusing"):
+            log.debug("zygote pid=%d exited (%s)", z.pid, describe_exit(code))
+            return
+        self.restarts += 1
+        delay = self.backoff.failure(time.monotonic() - z.started)
+        log.warning("zygote pid=%d (generation %d) died (%s); workers are spawned without it until it is back, "
+                    "in %.2fs", z.pid, z.generation, z.error or describe_exit(code), delay)
+        self._respawn = self.loop.call_later(delay, self._restart, z)
+
+    def _restart(self, dead: Zygote) -> None:
+        """Start the current generation's zygote again (on the code on disk, as a spawned worker would)."""
+        self._respawn = None
+        if self.closing or self.current is not dead:
+            return
+        try:
+            self.current = self._launch(dead.generation)
+        except OSError as exc:
+            delay = self.backoff.failure(0.0)
+            log.error("cannot restart the zygote (%s); retrying in %.2fs", exc, delay)
+            self._respawn = self.loop.call_later(delay, self._restart, dead)
+
+    def reload(self) -> asyncio.Future:
+        """A reload: a new zygote imports the code on disk; once it has, the pool rolls over to it (True when done).
+
+        Asked while a reload's zygote still imports, that zygote is dropped for a new one: every worker must end
+        up on code read after the last ask. If the import fails, no worker is touched and the future says False.
+        """
+        done = self.loop.create_future()
+        if not self.enabled:
+            self._chain(self.supervisor.request_reload(), [done])
+            return done
+        self._waiters.append(done)
+        dropped, self.next = self.next, None
+        if dropped is not None:
+            dropped.stop()
+        try:
+            z = self.next = self._launch(self.supervisor.generation + 1)
+        except OSError as exc:
+            log.error("reload failed: cannot start a zygote (%s); no worker was touched", exc)
+            self._import_failed()
+            return done
+        log.info("reload: a new zygote pid=%d imports the code on disk", z.pid)
+        z.ready.add_done_callback(lambda ready: self._imported(z, ready))
+        return done
+
+    def _imported(self, z: Zygote, ready: asyncio.Future) -> None:
+        """A reload's zygote finished its import (or failed it): roll the pool over to it, or fail the reload."""
+        if z is not self.next:
+            return  # dropped for a newer reload
+        self.next = None
+        if ready.exception() is not None:
+            self.reload_error = str(ready.exception())
+            log.error("reload failed: the new code does not import (%s); no worker was touched", self.reload_error)
+            z.stop()
+            self._import_failed()
+            return
+        self.reload_error = ""
+        old, self.current = self.current, z
+        if self._respawn is not None:
+            self._respawn.cancel()
+            self._respawn = None
+        if old is not None:
+            if old.state == "ready":
+                self.retired.append(old)  # its workers share its pages until they are replaced
+            else:
+                old.stop()
+        self.backoff = Backoff()
+        z.generation = self.supervisor.generation + 1  # what request_reload makes the wanted generation
+        waiters, self._waiters = self._waiters, []
+        self._chain(self.supervisor.request_reload(), waiters)
+
+    @staticmethod
+    def _chain(source: asyncio.Future, targets: list[asyncio.Future]) -> None:
+        """Resolve targets as source resolves."""
+        def settle(src: asyncio.Future) -> None:
+            ok = not src.cancelled() and src.result()
+            for target in targets:
+                if not target.done():
+                    target.set_result(ok)
+        source.add_done_callback(settle)
+
+    def _import_failed(self) -> None:
+        """A reload ends before any worker was touched: its waiters get False, the hooks hear of it."""
+        self._settle_waiters(False)
+        for hook in self.on_import_failed:
+            hook()
+
+    def _settle_waiters(self, ok: bool) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(ok)
+
+    def retire_idle(self) -> None:
+        """Let the retired zygotes whose generation has no worker left exit."""
+        if self.supervisor is None:
+            return
+        live = {w.generation for w in self.supervisor.table.values()}
+        for z in list(self.retired):
+            if z.generation not in live and z.state == "ready":
+                log.debug("zygote pid=%d of generation %d retired: its workers are gone", z.pid, z.generation)
+                z.stop()
+
+    def tick(self) -> None:
+        """Kill zygotes past their import or stop deadline; retire idle ones."""
+        now = time.monotonic()
+        for z in self.zygotes():
+            if z.kill_at and now >= z.kill_at:
+                z.signal(signal.SIGKILL)
+                z.kill_at = now + 60
+            elif z.state == "importing" and now - z.started > self.boot_timeout():
+                log.error("zygote pid=%d did not finish its import within --boot-timeout; killing it", z.pid)
+                z.error = f"its import did not finish within --boot-timeout {self.boot_timeout():g}s"
+                z.signal(signal.SIGKILL)
+                z.kill_at = now + 60
+        self.retire_idle()
+
+    def zygotes(self) -> list[Zygote]:
+        """Every zygote process not yet reaped."""
+        return [z for z in (self.current, self.next, *self.retired) if z is not None and z.state != "exited"]
+
+    def owns(self, pid: int) -> bool:
+        """True for a zygote the keeper still has to reap itself (the orphan reaper must leave it alone)."""
+        return any(z.pid == pid for z in self.zygotes())
+
+    async def close(self) -> None:
+        """Stop every zygote and wait (bounded) until each is reaped."""
+        self.closing = True
+        if self._respawn is not None:
+            self._respawn.cancel()
+            self._respawn = None
+        for z in self.zygotes():
+            z.stop()
+        deadline = time.monotonic() + STOP_GRACE + 1
+        while self.zygotes() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for z in self.zygotes():
+            z.signal(signal.SIGKILL)
+            self.loop.remove_reader(z.pidfd)
+            z.proc.wait()
+            os.close(z.pidfd)
+            z.state = "exited"
+        self._settle_waiters(False)
+
+    # ---- spawning -----------------------------------------------------------------------------
+
+    def spawn(self, slot: int, generation: int) -> WorkerProcess:
+        """The supervisor's spawn: fork from the zygote of generation when it can, else start a fresh interpreter."""
+        asked = time.monotonic()
+        z = self.current
+        if z is not None and z.state == "ready" and z.generation == generation:
+            try:
+                w = self._fork(z, slot, generation)
+            except ZygoteTrouble as exc:
+                self._trouble(z, exc)
+            else:
+                self.forked += 1
+                self._time_boot(w, "fork", asked)
+                return w
+        w = spawn_process(slot, generation, self.settings(), self.env)
+        self.spawned += 1
+        self._time_boot(w, "spawn", asked)
+        return w
+
+    def _fork(self, z: Zygote, slot: int, generation: int) -> WorkerProcess:
+        """Ask z for a worker: its channel end and ack board go over SCM_RIGHTS, its pid comes back."""
+        master_end, worker_end, board_fd, ack_board = new_ends(slot)
+        token = next(self._tokens)
+        request = wire.encode_json(wire.FORK, {"token": token, "settings": dict(self.settings(), slot=slot)})
+        try:
+            try:
+                wire.send_fds(z.channel, request, [worker_end.fileno(), board_fd])
+            except OSError as exc:  # full (a hung zygote) or gone
+                raise ZygoteTrouble(f"cannot send it a fork request: {exc}", hung=True) from None
+            finally:
+                worker_end.close()
+                os.close(board_fd)  # the mapping outlives it; the zygote got its own copy
+            pid = z.await_reply(token, FORK_TIMEOUT)["pid"]
+            pidfd = os.pidfd_open(pid)
+        except BaseException:
+            master_end.close()
+            raise
+        return WorkerProcess(slot, generation, ForkedChild(pid), master_end, Link(slot, master_end, ack_board), pidfd)
+
+    def _trouble(self, z: Zygote, exc: ZygoteTrouble) -> None:
+        """A fork did not happen: one line; a refusing zygote is stopped for good, a hung one killed (and restarted)."""
+        if z.state == "refusing":
+            log.error("zygote pid=%d %s; workers of generation %d are spawned as without --preload",
+                      z.pid, exc, z.generation)
+            z.error = str(exc)
+            z.stop()
+            z.state = "refusing"
+        elif exc.hung:
+            log.error("zygote pid=%d: %s; killing it, this worker is spawned", z.pid, exc)
+            z.signal(signal.SIGKILL)
+        else:
+            log.error("zygote pid=%d: %s; this worker is spawned", z.pid, exc)
+
+    def _time_boot(self, w: WorkerProcess, how: str, asked: float) -> None:
+        """Keep how long w took from the spawn request to READY."""
+        def record(ready: asyncio.Future) -> None:
+            if not ready.cancelled() and ready.exception() is None:
+                self.boot_times[how].append(time.monotonic() - asked)
+        w.ready.add_done_callback(record)
+
+    # ---- reporting ----------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """For `balancer status`: the current zygote, how workers were started, the last reload's import error."""
+        z = self.current
+        boots = {how: round(median(times), 4) if times else None for how, times in self.boot_times.items()}
+        return {"pid": z.pid if z is not None and z.state != "exited" else None,
+                "generation": z.generation if z is not None else None,
+                "state": z.state if z is not None else "off",
+                "import_seconds": z.import_seconds if z is not None else None,
+                "error": z.error if z is not None else "",
+                "next_pid": self.next.pid if self.next is not None else None,
+                "retired": [r.pid for r in self.retired], "restarts": self.restarts,
+                "forked": self.forked, "spawned": self.spawned, "boot_p50": boots,
+                "boot_seconds": {how: [round(t, 4) for t in times] for how, times in self.boot_times.items()},
+                "reload_error": self.reload_error}
+
+    def collect(self):
+        """balancer_zygote_* for the master's Prometheus registry."""
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        z = self.current
+        up = z is not None and z.state == "ready"
+        yield GaugeMetricFamily("balancer_zygote_up", "1 while a zygote (--preload) is ready to fork workers.",
+                                value=int(up))
+        if z is not None:
+            yield GaugeMetricFamily("balancer_zygote_generation", "Code generation of the current zygote.",
+                                    value=z.generation)
+            yield GaugeMetricFamily("balancer_zygote_pid", "Process id of the current zygote.", value=z.pid)
+            if z.import_seconds is not None:
+                yield GaugeMetricFamily("balancer_zygote_import_seconds",
+                                        "Seconds the current zygote took to import the backend.",
+                                        value=z.import_seconds)
+        yield CounterMetricFamily("balancer_zygote_restarts", "Zygotes that died and were restarted.",
+                                  value=self.restarts)
+        started = CounterMetricFamily("balancer_workers_started", "Workers started, by how: forked by a zygote, "
+                                      "or spawned (while no zygote could fork).", labels=["how"])
+        started.add_metric(["fork"], self.forked)
+        started.add_metric(["spawn"], self.spawned)
+        yield started
