@@ -48,9 +48,6 @@ HABITS: tuple[Habit, ...] = (
                                               "asyncio (uvloop when installed, see --loop)", "--loop"),
     Habit(("--threads",), GUNICORN, "balancer has no threads option: each worker is one event loop; scale with "
                                     "--workers", "--workers"),
-    # Until balancer preloads the app itself (a zygote per code generation); then this entry goes.
-    Habit(("--preload",), GUNICORN, "balancer has no --preload yet: each worker imports the app itself, which "
-                                    "lets a reload (SIGHUP) load new code"),
     absent(("--chdir",), GUNICORN, "start it in that directory (cd DIR, systemd's WorkingDirectory=), which its "
                                    "workers keep; --app-dir DIR sets the import path", "--app-dir"),
     Habit(("--pythonpath",), GUNICORN, "balancer puts --app-dir DIR first on the workers' import path", "--app-dir"),

@@ -91,12 +91,12 @@ def new_ends(slot: int):
         master_end.close()
         worker_end.close()
         raise
-    return master_end, worker_end, board_fd, ack_board
+    return master_end, worker_end, board_fd, board
 
 
 def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> WorkerProcess:
     """Start a fresh interpreter for slot with its ends of a new channel and ack board inherited."""
-    master_end, worker_end, board_fd, ack_board = new_ends(slot)
+    master_end, worker_end, board_fd, board = new_ends(slot)
     # -P: the master's current directory does not go first on the worker's import path, so a user's own
     # modules cannot shadow the runtime's; the backend's directory is added by --app-dir when it is imported.
     cmd = [sys.executable, "-P", "-m", "balancer_workers", "--channel-fd", str(worker_end.fileno()),

@@ -301,7 +301,7 @@ class Zygotes:
 
     def _fork(self, z: Zygote, slot: int, generation: int) -> WorkerProcess:
         """Ask z for a worker: its channel end and ack board go over SCM_RIGHTS, its pid comes back."""
-        master_end, worker_end, board_fd, ack_board = new_ends(slot)
+        master_end, worker_end, board_fd, board = new_ends(slot)
         token = next(self._tokens)
         request = wire.encode_json(wire.FORK, {"token": token, "settings": dict(self.settings(), slot=slot)})
         try:
@@ -317,7 +317,7 @@ class Zygotes:
         except BaseException:
             master_end.close()
             raise
-        return WorkerProcess(slot, generation, ForkedChild(pid), master_end, Link(slot, master_end, ack_board), pidfd)
+        return WorkerProcess(slot, generation, ForkedChild(pid), master_end, Link(slot, master_end, board), pidfd)
 
     def _trouble(self, z: Zygote, exc: ZygoteTrouble) -> None:
         """A fork did not happen: one line; a refusing zygote is stopped for good, a hung one killed (and restarted)."""
