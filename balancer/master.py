@@ -21,7 +21,7 @@ from balancer.eventloop import loop_factory
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
-from balancer.signals import HANDLED_SIGNALS, STOP_SIGNALS
+from balancer.signals import HANDLED_SIGNALS, IGNORED_SIGNALS, STOP_SIGNALS, why_ignored
 from balancer.supervisor import Supervisor
 
 log = logging.getLogger("balancer")
@@ -111,7 +111,10 @@ class Master(AcceptPath, MasterCommands):
                     log.info("%s: graceful shutdown", signal.Signals(sig).name)
                     await self._shutdown_unless_hurried()
                     return 0
-                self.handle_signal(sig)
+                if sig in IGNORED_SIGNALS:
+                    self._log_ignored(sig)
+                else:
+                    self.handle_signal(sig)
         except BootError:
             log.debug("boot failed", exc_info=True)
             await self.shutdown()
@@ -124,6 +127,13 @@ class Master(AcceptPath, MasterCommands):
             self.reaper.stop()
             self.notifier.close()
             privileges.stop_janitor(self.janitor)
+
+    @staticmethod
+    def _log_ignored(sig: int) -> None:
+        """One line for a signal the master survives without acting on it (gunicorn's USR2, WINCH...)."""
+        line = why_ignored(sig)
+        if line:
+            log.warning("%s", line)
 
     @staticmethod
     async def _keep_signals_off_other_threads(loop) -> None:
