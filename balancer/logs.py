@@ -62,9 +62,18 @@ class JsonFormatter(logging.Formatter):
 
 
 def text_format(role: str, slot: int | None) -> str:
-    """The text line prefix: one timestamp, who wrote it, the level."""
+    """The text line prefix: one timestamp, who wrote it, the level; then the logger (not balancer's own)."""
     who = "balancer master" if role == "master" else f"worker slot={slot}"
-    return f"%(asctime)s [{who} pid={os.getpid()}] %(levelname)s %(message)s"
+    return f"%(asctime)s [{who} pid={os.getpid()}] %(levelname)s %(origin)s%(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """Text lines; a record of any logger but balancer's own (the app's, aiohttp's) is named: `myapp.db: ...`."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        name = record.name
+        origin = "" if name == "balancer" or name.startswith("balancer.") else f"{name}: "
+        return self._fmt % {**record.__dict__, "origin": origin}  # the record itself stays as it was
 
 
 def open_log_fd(path: str, owner: tuple[int, int] | None = None) -> int:
@@ -167,8 +176,8 @@ def configure(role: str, slot: int | None, *, level: str = "info", log_format: s
     """
     as_json = log_format == "json"
 
-    def formatter(text: str) -> logging.Formatter:
-        return JsonFormatter(role=role, slot=slot) if as_json else logging.Formatter(text)
+    def formatter(text: str, cls=TextFormatter) -> logging.Formatter:
+        return JsonFormatter(role=role, slot=slot) if as_json else cls(text)
 
     root = logging.getLogger()
     error_handler = open_handler(error_logfile, sys.stderr, owner)
@@ -178,7 +187,7 @@ def configure(role: str, slot: int | None, *, level: str = "info", log_format: s
     access_handler = None
     if access_logfile:
         access_handler = open_handler(access_logfile, sys.stdout, owner)
-        access_handler.setFormatter(formatter("%(message)s"))
+        access_handler.setFormatter(formatter("%(message)s", logging.Formatter))
     for name in (ACCESS_LOGGER, AIOHTTP_ACCESS_LOGGER):
         logger = logging.getLogger(name)
         logger.propagate = False

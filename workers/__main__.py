@@ -16,6 +16,7 @@ from balancer import board, proctitle
 from balancer.eventloop import LoopUnavailable, loop_factory
 from balancer.logs import LogSetupError
 from balancer_workers.accesslog import reopen_on_sigusr1, setup_worker_logging
+from balancer_workers.stdio import whole_lines
 
 PR_SET_PDEATHSIG = 1
 
@@ -32,6 +33,7 @@ def die_with_master(master_pid: int) -> None:
 
 def main() -> int:
     """Parse the master's arguments, then run the worker until it drains."""
+    whole_lines()  # first: the log handlers below, and the backend, write through these
     # A backend's C extension that crashes the process (SIGSEGV, SIGABRT...) still leaves the Python stack of
     # every thread in the log (the master's stderr, which workers share).
     faulthandler.enable(file=sys.stderr)
