@@ -7,6 +7,7 @@ write through such a link, open a FIFO or a device, or give away a file it did n
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -16,10 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
-from tests.harness import Balancer, pid_alive
+from tests.harness import SERVING, Balancer, pid_alive
 from tests.test_sockets_privileges import python_for_others  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(90)
@@ -143,6 +146,45 @@ def test_with_user_the_files_the_master_creates_in_a_root_directory_are_the_user
             assert b.wait(30) == 0, b.log()
     finally:
         shutil.rmtree(logs, ignore_errors=True)
+
+
+@as_root
+def test_with_user_a_log_config_file_is_given_to_it_only_if_the_master_created_it(python_for_others):
+    logs = tempfile.mkdtemp(prefix="balancer-rootlogs-")
+    os.chmod(logs, 0o755)
+    try:
+        app_log, config = os.path.join(logs, "app.log"), os.path.join(logs, "logging.json")
+        with open(config, "w") as f:
+            json.dump({"handlers": {"file": {"class": "logging.FileHandler", "filename": app_log}},
+                       "root": {"level": "INFO", "handlers": ["file"]}}, f)
+        with Balancer("--user", "nobody", "--log-config", config, "--workers", "1", "--backend",
+                      "testapp:create_app", ready=False) as b:
+            wait_for_text(app_log, "workers serving on")
+            assert os.stat(app_log).st_uid == pwd.getpwnam("nobody").pw_uid
+            with open(app_log) as f:
+                address = SERVING.search(f.read()).group(1)
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(f"http://{address}/crash", timeout=10)
+            wait_for_text(app_log, "Error handling request")  # the worker's line: it opened the file as nobody
+            b.signal(signal.SIGTERM)
+            assert b.wait(30) == 0, b.log()
+        os.chown(app_log, 0, 0)  # there before the next start: not the master's to give away
+        b = start_expecting_refusal("--user", "nobody", "--log-config", config, *BACKEND)
+        line = one_error_line(b)
+        assert f"--log-config {app_log}: user nobody cannot write it: Permission denied" in line, line
+        assert os.stat(app_log).st_uid == 0
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def test_dev_stdout_and_dev_stderr_are_the_streams_not_files_opened_through_a_link():
+    # /dev/stdout is a symlink (to /proc/self/fd/1), which no log file is opened through: the name means
+    # the process's own stream, as "-" does.
+    with Balancer("--access-logfile", "/dev/stdout", "--error-logfile", "/dev/stderr", *BACKEND) as b:
+        mark = b.mark()
+        with urllib.request.urlopen(f"{b.url}/via-dev-stdout", timeout=10) as resp:
+            assert resp.status == 200
+        b.wait_for(r'"GET /via-dev-stdout HTTP/1.1" 200 ', 10, start=mark)
 
 
 @as_root
