@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -83,3 +85,17 @@ def test_a_signal_while_the_master_starts_is_held_until_it_can_act(sig):
             assert get(b) == 200
     finally:
         b.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=lambda s: signal.Signals(s).name)
+def test_a_terminals_ctrl_c_or_ctrl_backslash_to_the_whole_group_drains(sig):
+    # A terminal sends Ctrl-C (SIGINT) and Ctrl-\ (SIGQUIT) to every process of its foreground group: the
+    # workers leave the stop to the master, which drains them, and a request in flight is answered.
+    with Balancer(*APP) as b:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(lambda: urllib.request.urlopen(f"{b.url}/slow?s=1", timeout=20).status)
+            b.wait_for(r"slow request started", 10)
+            os.killpg(b.pid, sig)  # the harness's own session: the master and its workers only
+            assert slow.result() == 200
+        assert b.wait(30) == 0, b.log()
+    assert "exited (shutdown)" in b.log() and ", signal SIG" not in b.log() and "SIGQUIT)" not in b.log(), b.log()

@@ -44,8 +44,10 @@ def main() -> int:
     parser.add_argument("--settings", required=True)
     args = parser.parse_args()
     settings = json.loads(args.settings)
-    # Ctrl-C reaches the whole process group; the master decides, and drains us with DRAIN.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C and Ctrl-\ (SIGQUIT, a core dump by default) reach the whole process group; the master decides,
+    # and drains us with DRAIN.
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     die_with_master(args.master_pid)
