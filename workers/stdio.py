@@ -38,6 +38,9 @@ class WholeLines(io.BufferedIOBase):
     def write(self, data) -> int:
         """Take all of data; write out the whole lines it completes."""
         partial = self.partial
+        if not partial and data[-1:] == b"\n" and len(data) <= ATOMIC:  # a log record: one line, one write()
+            self._write_all(data)
+            return len(data)
         partial += data
         end = partial.rfind(b"\n") + 1
         if end:
