@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from balancer_workers import stdio
 from tests.harness import Balancer
 
 pytestmark = pytest.mark.timeout(90)
@@ -74,3 +75,20 @@ def test_aiohttp_records_name_their_logger():
         with pytest.raises(urllib.error.HTTPError):
             get(b, "/crash")
         b.wait_for(r"\[worker slot=0 pid=\d+\] ERROR aiohttp\.server: Error handling request", 10)
+
+
+def test_whole_lines_packs_lines_into_atomic_writes_and_holds_a_partial_one(monkeypatch):
+    writes: list[bytes] = []
+    monkeypatch.setattr(stdio.os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
+    out = stdio.WholeLines(99)
+    out.write(b"par")
+    out.write(b"tial\nnext")
+    assert writes == [b"partial\n"]
+    a, b, c = b"a" * 3000 + b"\n", b"b" * 3000 + b"\n", b"c" * 5000 + b"\n"
+    out.write(b" line\n" + a + b + c + b"d\n")
+    # Runs of whole lines of at most PIPE_BUF (4096) bytes; a longer line alone.
+    assert writes[1:] == [b"next line\n" + a, b, c, b"d\n"]
+    out.write(b"no end yet")
+    assert len(writes) == 5
+    out.flush()  # asked for: the partial line goes out as it is
+    assert writes[5:] == [b"no end yet"]
