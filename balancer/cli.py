@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from balancer import __version__
+from balancer import __version__, privileges
 from balancer.config import Config, ConfigError, option_fields
 from balancer.habits import HABITS, looks_like_module
 from balancer.logs import LogSetupError, StartupHold, setup_master_logging
@@ -186,8 +186,12 @@ def run(ns: argparse.Namespace) -> int:
         return 2
     config = resolved.config
     try:
-        setup_master_logging(config)  # --log-level/-format/-config, --error-logfile (balancer/logs.py)
-    except LogSetupError as exc:
+        # --umask and --user first: the log files created now get that mode and, only those, that owner.
+        privileges.apply_umask(config)
+        run_as = privileges.resolve(config)
+        # --log-level/-format/-config, --error-logfile (balancer/logs.py)
+        setup_master_logging(config, run_as.owner if run_as is not None else None)
+    except (ConfigError, LogSetupError) as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
     from balancer.master import BootError, run_master

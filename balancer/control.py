@@ -15,6 +15,7 @@ import tempfile
 
 from balancer.config import MAX_WORKERS, WORKERS_PER_CPU, ConfigError
 from balancer.listeners import clear_stale_socket, file_identity, unlink_if_ours
+from balancer.pidfile import write_pid_file
 
 log = logging.getLogger("balancer")
 
@@ -320,25 +321,6 @@ def not_a_number(name: str) -> float:
 def is_number(value: object) -> bool:
     """An int or a float, and not a bool (True is an int in Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def write_pid_file(path: str, owner: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Write our pid to path (given to owner, if any); its (st_dev, st_ino). A file we could not finish is removed."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"cannot write pid file {path}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-        if owner is not None:
-            os.fchown(fd, *owner)
-    except OSError as exc:
-        unlink_if_ours(path, (st.st_dev, st.st_ino))
-        raise ConfigError(f"cannot write pid file {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    return st.st_dev, st.st_ino
 
 
 def client_main(command: str, argv: list[str]) -> int:

@@ -5,10 +5,12 @@ Imported by the workers too (balancer_workers.accesslog), so it imports nothing 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import logging.config
 import os
+import stat
 import sys
 from datetime import datetime, timezone
 
@@ -60,17 +62,77 @@ class JsonFormatter(logging.Formatter):
 
 
 def text_format(role: str, slot: int | None) -> str:
-    """The text line prefix: one timestamp, who wrote it, the level."""
+    """The text line prefix: one timestamp, who wrote it, the level; then the logger (not balancer's own)."""
     who = f"balancer {role}" if role in ("master", "zygote") else f"worker slot={slot}"
-    return f"%(asctime)s [{who} pid={os.getpid()}] %(levelname)s %(message)s"
+    return f"%(asctime)s [{who} pid={os.getpid()}] %(levelname)s %(origin)s%(message)s"
 
 
-def open_handler(target: str, stream) -> logging.Handler:
-    """A handler writing to stream for '-', else appending to the file target."""
-    if target == "-":
-        return logging.StreamHandler(stream)
+class TextFormatter(logging.Formatter):
+    """Text lines; a record of any logger but balancer's own (the app's, aiohttp's) is named: `myapp.db: ...`."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        name = record.name
+        origin = "" if name == "balancer" or name.startswith("balancer.") else f"{name}: "
+        return self._fmt % {**record.__dict__, "origin": origin}  # the record itself stays as it was
+
+
+def open_log_fd(path: str, owner: tuple[int, int] | None = None) -> int:
+    """An fd appending to the log file path, created if missing: never through a symlink, only a regular file.
+
+    Log files often sit in a directory the service user owns (/var/log/app), where that user can plant a
+    symlink to any file root may write, or a FIFO that blocks the master's open: O_NOFOLLOW refuses the
+    first, O_NONBLOCK and the type check the second. Only a file this call creates is given to owner
+    (--user): one found there may be another file hard-linked in. OSError with a one-line strerror.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        return logging.FileHandler(target, mode="a", encoding="utf-8")
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, flags)
+            created = False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "it is a symbolic link, which balancer does not follow: name the file "
+                                     "itself", path) from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise OSError(exc.errno, "not a regular file", path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        if created and owner is not None:
+            os.fchown(fd, *owner)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class LogFileHandler(logging.FileHandler):
+    """A FileHandler whose file is opened, and reopened on SIGUSR1, by open_log_fd."""
+
+    def __init__(self, path: str, owner: tuple[int, int] | None = None) -> None:
+        self.owner = owner  # who gets the file if this handler creates it (--user, set up as root)
+        super().__init__(path, mode="a", encoding="utf-8")
+
+    def _open(self):
+        return open(open_log_fd(self.baseFilename, self.owner), "a", encoding=self.encoding, errors=self.errors)
+
+
+# Log targets that mean this process's own streams, as "-" does: /dev/stdout is a symlink (to /proc/self/fd/1,
+# then a pipe or a tty), which a log file is never opened through.
+STREAMS = {"/dev/stdout": "stdout", "/dev/stderr": "stderr"}
+
+
+def open_handler(target: str, stream, owner: tuple[int, int] | None = None) -> logging.Handler:
+    """A handler writing to stream for '-', to our stdout or stderr for /dev/std*, else appending to target."""
+    if target == "-" or target in STREAMS:
+        return logging.StreamHandler(getattr(sys, STREAMS[target]) if target in STREAMS else stream)
+    try:
+        return LogFileHandler(target, owner)
     except OSError as exc:
         raise LogSetupError(f"cannot open log file {target}: {exc.strerror or exc}") from None
 
@@ -104,38 +166,69 @@ def load_log_config(path: str) -> dict:
 
 
 def configure(role: str, slot: int | None, *, level: str = "info", log_format: str = "text",
-              error_logfile: str = "-", access_logfile: str = "", log_config: str = "") -> None:
+              error_logfile: str = "-", access_logfile: str = "", log_config: str = "",
+              owner: tuple[int, int] | None = None) -> None:
     """Set up this process's logging: errors to error_logfile, access lines to access_logfile ('' = none).
 
     Access lines have their own logger with its own handler and level, so --log-level never hides them, and
-    their text is the access format alone: its %(t)s is the line's one timestamp.
+    their text is the access format alone: its %(t)s is the line's one timestamp. owner: who gets the log
+    files this creates (the master, as root, for --user).
     """
     as_json = log_format == "json"
 
-    def formatter(text: str) -> logging.Formatter:
-        return JsonFormatter(role=role, slot=slot) if as_json else logging.Formatter(text)
+    def formatter(text: str, cls=TextFormatter) -> logging.Formatter:
+        return JsonFormatter(role=role, slot=slot) if as_json else cls(text)
 
     root = logging.getLogger()
-    error_handler = open_handler(error_logfile, sys.stderr)
+    error_handler = open_handler(error_logfile, sys.stderr, owner)
     error_handler.setFormatter(formatter(text_format(role, slot)))
     _replace_handlers(root, error_handler)
     root.setLevel(level.upper())
     access_handler = None
     if access_logfile:
-        access_handler = open_handler(access_logfile, sys.stdout)
-        access_handler.setFormatter(formatter("%(message)s"))
+        access_handler = open_handler(access_logfile, sys.stdout, owner)
+        access_handler.setFormatter(formatter("%(message)s", logging.Formatter))
     for name in (ACCESS_LOGGER, AIOHTTP_ACCESS_LOGGER):
         logger = logging.getLogger(name)
         logger.propagate = False
         logger.setLevel(logging.INFO)
         _replace_handlers(logger, access_handler)
     if log_config:
+        config = load_log_config(log_config)
+        absent = {path for path in _handler_files(config) if not os.path.lexists(path)}
         try:
-            logging.config.dictConfig(load_log_config(log_config))
-        except LogSetupError:
-            raise
+            logging.config.dictConfig(config)
         except (ValueError, TypeError, AttributeError, ImportError) as exc:
             raise LogSetupError(f"bad --log-config {log_config}: {_one_line(exc)}") from None
+        if owner is not None:
+            for handler in file_handlers():
+                if handler.baseFilename in absent:
+                    _give_if_created(handler, owner)
+
+
+def _handler_files(config: dict) -> list[str]:
+    """The files a dictConfig's handlers name (their `filename`), as absolute paths."""
+    handlers = config.get("handlers")
+    return [os.path.abspath(spec["filename"]) for spec in (handlers.values() if isinstance(handlers, dict) else ())
+            if isinstance(spec, dict) and isinstance(spec.get("filename"), str)]
+
+
+def _give_if_created(handler: logging.FileHandler, owner: tuple[int, int]) -> None:
+    """Give owner a --log-config file that was missing before its handler opened it: the one the handler made.
+
+    The standard library's handlers open by path: the open file must be what the path names now (not a
+    symlink planted meanwhile) and have no other name (not a hard link to another file), or it stays as is.
+    """
+    stream = getattr(handler, "stream", None)
+    if stream is None:  # delay=True: the worker creates it, as the user, on the first line
+        return
+    try:
+        opened, named = os.fstat(stream.fileno()), os.lstat(handler.baseFilename)
+        if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino) and opened.st_nlink == 1 \
+                and stat.S_ISREG(opened.st_mode):
+            os.fchown(stream.fileno(), *owner)
+    except OSError:  # gone or renamed meanwhile: the check as the user (balancer/privileges.py) names it
+        pass
 
 
 def _replace_handlers(logger: logging.Logger, handler: logging.Handler | None) -> None:
@@ -211,13 +304,16 @@ class StartupHold(logging.Filter):
         self.handlers = []
 
 
-def log_file_paths(config) -> list[str]:
-    """The files the master and its workers append to: the master's open ones and the access log."""
-    paths = {handler.baseFilename for handler in file_handlers()}
-    access = access_target(config.access_log, config.access_logfile)
-    if access not in ("", "-"):
-        paths.add(os.path.abspath(access))
-    return sorted(paths)
+def log_files(config) -> list[tuple[str, str]]:
+    """(option, path) of each file the master and its workers append to, --log-config's handlers' too."""
+    out = [(option, os.path.abspath(target)) for option, target in
+           (("--error-logfile", config.error_logfile),
+            ("--access-logfile", access_target(config.access_log, config.access_logfile)))
+           if target not in ("", "-") and target not in STREAMS]
+    ours = {path for _, path in out}
+    out += sorted(("--log-config", handler.baseFilename) for handler in file_handlers()
+                  if handler.baseFilename not in ours)
+    return out
 
 
 def reopen_log_files() -> int:
@@ -240,10 +336,14 @@ def access_target(access_log: bool, access_logfile: str) -> str:
     return access_logfile or ("-" if access_log else "")
 
 
-def setup_master_logging(config) -> None:
-    """The master's logging from its Config; LogSetupError (one line) when a file or --log-config fails."""
+def setup_master_logging(config, owner: tuple[int, int] | None = None) -> None:
+    """The master's logging from its Config; LogSetupError (one line) when a file or --log-config fails.
+
+    owner: with --user, set up as root: the log files created now are given to that user, whose workers
+    (and the master itself, after SIGUSR1) open them again.
+    """
     access = access_target(config.access_log, config.access_logfile)
     if access not in ("", "-"):  # the workers write it: an unwritable path stops start-up here, once
-        open_handler(access, sys.stdout).close()
+        open_handler(access, sys.stdout, owner).close()
     configure("master", None, level=config.log_level, log_format=config.log_format,
-              error_logfile=config.error_logfile, access_logfile="", log_config=config.log_config)
+              error_logfile=config.error_logfile, access_logfile="", log_config=config.log_config, owner=owner)

@@ -19,10 +19,9 @@ from balancer.config import Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher
 from balancer.eventloop import loop_factory
 from balancer.listeners import Listener, open_listeners
-from balancer.logs import log_file_paths
 from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
-from balancer.signals import HANDLED_SIGNALS, STOP_SIGNALS
+from balancer.signals import HANDLED_SIGNALS, IGNORED_SIGNALS, STOP_SIGNALS, why_ignored
 from balancer.supervisor import Supervisor
 
 log = logging.getLogger("balancer")
@@ -121,7 +120,10 @@ class Master(AcceptPath, MasterCommands):
                     log.info("%s: graceful shutdown", signal.Signals(sig).name)
                     await self._shutdown_unless_hurried()
                     return 0
-                self.handle_signal(sig)
+                if sig in IGNORED_SIGNALS:
+                    self._log_ignored(sig)
+                else:
+                    self.handle_signal(sig)
         except BootError:
             log.debug("boot failed", exc_info=True)
             await self.shutdown()
@@ -134,6 +136,13 @@ class Master(AcceptPath, MasterCommands):
             self.reaper.stop()
             self.notifier.close()
             privileges.stop_janitor(self.janitor)
+
+    @staticmethod
+    def _log_ignored(sig: int) -> None:
+        """One line for a signal the master survives without acting on it (gunicorn's USR2, WINCH...)."""
+        line = why_ignored(sig)
+        if line:
+            log.warning("%s", line)
 
     @staticmethod
     async def _keep_signals_off_other_threads(loop) -> None:
@@ -244,11 +253,8 @@ class Master(AcceptPath, MasterCommands):
             self.janitor = privileges.start_janitor([(path, identity) for path, identity in made if path in stuck])
             log.info("%s: in a directory user %s may not write; removed at exit by a janitor process (pid %d) "
                      "that keeps root for that alone", ", ".join(sorted(stuck)), self.run_as.name, self.janitor[0])
-        for path in log_file_paths(self.config):
-            try:  # the workers open them as that user, and so does the master itself on SIGUSR1 (as gunicorn)
-                os.chown(path, *self.run_as.owner)
-            except OSError as exc:
-                log.warning("cannot give log file %s to user %s: %s", path, self.run_as.name, exc.strerror)
+        # The log files were given to the user as they were created (balancer/cli.py), and only those: become()
+        # checks the user can write each one, as its workers, and the master after SIGUSR1, open them again.
         try:
             privileges.become(self.run_as, self.config)
         except ConfigError:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from balancer.config import Config, ConfigError, parse_octal
+from balancer.logs import log_files, open_log_fd
 from balancer.sources import flag_of
 
 log = logging.getLogger("balancer")
@@ -139,6 +140,7 @@ def become(run_as: RunAs, config: Config) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot switch to user {run_as.name}: {exc.strerror}") from None
     check_readable(run_as, config)
+    check_log_files(run_as, config)
     log.info("running as user %s (uid %d, gid %d)", run_as.name, run_as.uid, run_as.gid)
 
 
@@ -157,6 +159,24 @@ def check_readable(run_as: RunAs, config: Config) -> None:
             except OSError as exc:
                 raise ConfigError(f"{flag_of(name)} {path}: user {run_as.name} cannot read it: "
                                   f"{exc.strerror}") from None
+
+
+def check_log_files(run_as: RunAs, config: Config) -> None:
+    """As the user now: each log file must open as its workers will open it, or start-up stops here (exit 2).
+
+    The master gave the user the files it created, and only those (balancer/logs.py): one that was there
+    before may be another file hard-linked in, and keeps its owner.
+    """
+    for option, path in log_files(config):
+        try:
+            if option == "--log-config":  # the standard library's handler, as the workers will make it
+                open(path, "a").close()
+            else:
+                os.close(open_log_fd(path))
+        except OSError as exc:
+            raise ConfigError(f"{option} {path}: user {run_as.name} cannot write it: {exc.strerror}; balancer "
+                              f"gives {run_as.name} only the log files it creates: chown this one or remove it"
+                              ) from None
 
 
 def drop(run_as: RunAs) -> None:

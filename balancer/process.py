@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -120,12 +121,29 @@ def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> Work
 
 
 def worker_env() -> dict:
-    """The environment for a worker: ours, plus the path where the `workers` package lives."""
+    """The environment for a worker: ours, plus the directory this process took the worker runtime from when
+    a fresh interpreter would not search it.
+
+    Workers run `python -P -m balancer_workers`: neither the current directory nor what a wrapper script
+    added to sys.path is on their import path. A runtime found there (a checkout's copy, a vendored tree) is
+    put on PYTHONPATH; an installed one is not (a site directory first on the path would come before the
+    standard library), nor an editable install's, which its .pth file finds. A user's own package named
+    `workers` has nothing to do with it.
+    """
     env = dict(os.environ)
-    spec = importlib.util.find_spec("workers")
-    if spec and spec.submodule_search_locations:
-        root = os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0]))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    searched = {os.path.realpath(p) for p in (*site.getsitepackages(), site.getusersitepackages(),
+                                              *env.get("PYTHONPATH", "").split(os.pathsep)) if p}
+    ours = {os.path.realpath(p or os.getcwd()) for p in sys.path}
+    roots = []
+    for name in ("balancer_workers", "balancer"):  # the worker imports both
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or ()) if spec else ():
+            root = os.path.dirname(os.path.realpath(location))
+            # By its name from a directory on our path, which a fresh interpreter's path lacks.
+            if os.path.basename(location) == name and root in ours - searched and root not in roots:
+                roots.append(root)
+    if roots:
+        env["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 

@@ -16,6 +16,7 @@ from balancer import board, proctitle
 from balancer.eventloop import LoopUnavailable, loop_factory
 from balancer.logs import LogSetupError
 from balancer_workers.accesslog import reopen_on_sigusr1, setup_worker_logging
+from balancer_workers.stdio import whole_lines
 
 PR_SET_PDEATHSIG = 1
 
@@ -32,6 +33,7 @@ def die_with_master(master_pid: int) -> None:
 
 def main() -> int:
     """Parse the master's arguments, then run the worker until it drains."""
+    whole_lines()  # first: the log handlers below, and the backend, write through these
     # A backend's C extension that crashes the process (SIGSEGV, SIGABRT...) still leaves the Python stack of
     # every thread in the log (the master's stderr, which workers share).
     faulthandler.enable(file=sys.stderr)
@@ -45,9 +47,11 @@ def main() -> int:
 
 
 def ignore_signals() -> None:
-    """Leave Ctrl-C, SIGHUP, the resize and the user signals to the master: it decides, and tells us."""
-    # Ctrl-C reaches the whole process group; the master decides, and drains us with DRAIN.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Leave Ctrl-C, Ctrl-\\, SIGHUP, the resize and the user signals to the master: it decides, and tells us."""
+    # Ctrl-C and Ctrl-\ (SIGQUIT, a core dump by default) reach the whole process group; the master decides,
+    # and drains us with DRAIN.
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 

@@ -25,6 +25,7 @@ import traceback
 
 from balancer import logs, proctitle, wire
 from balancer_workers.__main__ import die_with_master, ignore_signals, loop_factory, serve
+from balancer_workers.stdio import whole_lines
 
 SPARES = 2  # workers forked ahead of the requests: a reload asks for the next one as soon as one is ready
 
@@ -32,6 +33,7 @@ SPARES = 2  # workers forked ahead of the requests: a reload asks for the next o
 
 def main() -> int:
     """Import once, then fork workers until the master closes the channel; a forked worker runs from here."""
+    whole_lines()  # first, as in a spawned worker: what the backend prints at import, and its forks, is whole lines
     faulthandler.enable(file=sys.stderr)
     parser = argparse.ArgumentParser(prog="python -m balancer_workers.zygote")
     parser.add_argument("--channel-fd", type=int, required=True)
@@ -170,6 +172,8 @@ def fork_spare(channel: socket.socket, allowed: set[int], master_pid: int,
     if reason:
         return reason
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()  # a partial line still buffered would be printed again by each fork
+    sys.stderr.flush()
     try:
         middle = os.fork()
     except OSError as exc:
