@@ -111,7 +111,7 @@ class Master(AcceptPath, MasterCommands):
                 self.notifier.ready(self.serving_status())
             self._schedule_tick()
             while True:
-                sig = await self.signals.get()
+                sig = self._stop_first(await self.signals.get())
                 if sig in STOP_SIGNALS:
                     self.stopping = True  # /readyz answers 503 from now on
                     self.notifier.stopping(f"{signal.Signals(sig).name}: stopping")
@@ -186,6 +186,25 @@ class Master(AcceptPath, MasterCommands):
                 log.info("%s ignored: shutting down", signal.Signals(again).name)
         finally:
             timer.cancel()
+
+    def _stop_first(self, sig: int) -> int:
+        """sig, unless a stop signal waits in the queue too: then that stop, the others kept in their order.
+
+        Signals sent one after the other can reach the queue out of order: each goes to whichever thread of
+        ours the kernel picks, and the handler of the one scheduled first records first. A stop must not wait
+        behind a resize that came after it: the worker that resize starts would be cut off as it boots.
+        """
+        if sig in STOP_SIGNALS or self.signals.empty():
+            return sig
+        waiting = [sig]
+        while not self.signals.empty():
+            waiting.append(self.signals.get_nowait())
+        stop = next((s for s in waiting if s in STOP_SIGNALS), None)
+        if stop is not None:
+            waiting.remove(stop)
+        for other in waiting[1:] if stop is None else waiting:
+            self.signals.put_nowait(other)
+        return sig if stop is None else stop
 
     async def _signal_unless_done(self, work: asyncio.Future) -> int | None:
         """The next signal received, or None when work finishes first."""

@@ -99,3 +99,27 @@ def test_a_terminals_ctrl_c_or_ctrl_backslash_to_the_whole_group_drains(sig):
             assert slow.result() == 200
         assert b.wait(30) == 0, b.log()
     assert "exited (shutdown)" in b.log() and ", signal SIG" not in b.log() and "SIGQUIT)" not in b.log(), b.log()
+
+
+def test_a_stop_waiting_in_the_queue_is_acted_on_before_signals_ahead_of_it():
+    # Each signal goes to whichever of the master's threads the kernel picks, so a SIGTTIN sent after a SIGTERM
+    # can be recorded first; the stop must still come first, and the rest keep their order behind it.
+    import asyncio
+    from types import SimpleNamespace
+
+    from balancer.master import Master
+
+    async def order(*recorded):
+        queue = asyncio.Queue()
+        for sig in recorded:
+            queue.put_nowait(sig)
+        fake = SimpleNamespace(signals=queue)
+        got = []
+        while not queue.empty():
+            got.append(Master._stop_first(fake, await queue.get()))
+        return got
+
+    ttin, term, hup, usr1 = signal.SIGTTIN, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
+    assert asyncio.run(order(ttin, hup, term, usr1)) == [term, ttin, hup, usr1]
+    assert asyncio.run(order(ttin, hup, usr1)) == [ttin, hup, usr1]
+    assert asyncio.run(order(term, ttin)) == [term, ttin]
