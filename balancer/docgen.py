@@ -68,7 +68,7 @@ def run_options() -> list[str]:
     reloadable = reloadable_options(Config())
     rows = ["| option | environment | default | reload | what it does |", "|---|---|---|---|---|"]
     for action in build_parser()._actions:  # argparse keeps no public list; it has been this one since 2.7
-        if action.dest == "help":
+        if action.dest == "help" or action.help == argparse.SUPPRESS:  # hidden from --help: hidden here
             continue
         f = fields.get(action.dest)
         if f is None:  # -c/--config and the positional backend: not Config fields
@@ -96,7 +96,7 @@ def control_options() -> list[str]:
         out += ["", f"### `balancer {command}`", "", f"{HELP[command][0].upper()}{HELP[command][1:]}.", "",
                 "| option | what it does |", "|---|---|"]
         for action in parser._actions:
-            if action.dest != "help":
+            if action.dest != "help" and action.help != argparse.SUPPRESS:
                 out.append(f"| {_flags(action)} | {table_cell(action.help)} |")
     return out
 

@@ -58,7 +58,9 @@ def test_options_page_has_every_flag_and_help_text_that_help_prints():
             words = words.split(docgen.MACHINE_HELP[f.name][0].strip(")"))[0]
         assert words in shown, f.name
         assert docgen.table_cell(words) in page, f.name
-    for command in ("reload", "scale", "stop", "status"):
+    from balancer.cli import CONTROL_COMMANDS
+
+    for command in CONTROL_COMMANDS:
         flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", cli_help(command))) - {"--help"}
         part = control_part.split(f"### `balancer {command}`", 1)[1].split("###", 1)[0]
         assert flags == set(re.findall(r"`(--[a-z][a-z-]+)", part)), command
