@@ -8,6 +8,7 @@ so that the workers can use refusing_run_app() too.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -156,7 +157,9 @@ def refusing_run_app():
 
     original = web.run_app
 
-    def run_app(*args, **kwargs):
+    def run_app(app=None, *args, **kwargs):
+        if inspect.iscoroutine(app):  # web.run_app(make_app()): unawaited, it would warn on stderr at exit
+            app.close()
         raise RuntimeError(RUN_APP_HINT)
 
     web.run_app = run_app
