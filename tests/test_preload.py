@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+
 import pytest
 
 from balancer.control_client import request
+from balancer.zygote_process import FORK_TIMEOUT
 from balancer_workers.zygote import SPARES
 from tests.harness import Balancer, pid_alive
 from tests.test_integration import fetch, run_load, wait_until
@@ -125,17 +128,43 @@ def test_dead_zygote_workers_spawn_meanwhile_then_it_is_back(tmp_path):
         assert fetch(b).status == 200
 
 
-def test_hung_zygote_is_killed_and_the_worker_spawned(tmp_path):
-    with start(tmp_path, "--workers", "1") as b:
+def test_a_hung_zygote_never_blocks_the_master_and_its_worker_is_spawned_after_the_deadline(tmp_path):
+    # The fork request waits unanswered in a stopped zygote's queue: meanwhile the master answers its probes and
+    # the other worker serves, every time at once; FORK_TIMEOUT after the request the zygote is killed and the
+    # worker spawned, and a new zygote comes back.
+    with start(tmp_path, "--workers", "2") as b:
         hung = status(tmp_path)["zygote"]["pid"]
-        os.kill(hung, signal.SIGSTOP)
         victim = serving(tmp_path)[0]
+        os.kill(hung, signal.SIGSTOP)
+        mark = b.mark()
         os.kill(victim, signal.SIGKILL)
-        b.wait_for(f"zygote pid={hung}: no answer to a fork within 1s; killing it, this worker is spawned")
+        b.wait_for(f"worker slot=0 pid={victim} died", 10, start=mark)
+        asked = time.monotonic()  # the respawn is asked for 0.1 s (its back-off) after this line
+        slowest, probes = 0.0, 0
+        while not any("no answer to a fork" in line for line in b.lines[mark:]):
+            assert time.monotonic() - asked < 10, "the hung zygote was never given up on"
+            t = time.monotonic()
+            assert healthz(b) == 200 and fetch(b).status == 200
+            slowest, probes = max(slowest, time.monotonic() - t), probes + 1
+        line = b.wait_for(f"zygote pid={hung}: no answer to a fork within 1s; killing it, its workers are spawned",
+                          start=mark)
+        gave_up = time.monotonic()
+        assert probes >= 5 and slowest < 0.5, f"{probes} probes while the zygote hung, the slowest {slowest:.3f}s"
+        assert gave_up - asked >= FORK_TIMEOUT, line.string
         spawned = replaced(tmp_path, 0, victim)
-        assert spawned in importers(tmp_path)
+        assert spawned in importers(tmp_path) and parent_of(spawned) == b.pid
         wait_until(lambda: status(tmp_path)["zygote"]["state"] == "ready", 20, "a new zygote")
+        z = status(tmp_path)["zygote"]
+        assert z["pid"] != hung and z["spawned"] == 1 and z["restarts"] == 1, z
         assert not pid_alive(hung)
+
+
+def healthz(b: Balancer) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{b.metrics_address}/healthz", timeout=5) as resp:
+        resp.read()
+        return resp.status
 
 
 def test_reload_to_code_that_does_not_import_touches_no_worker(tmp_path):
