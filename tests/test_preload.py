@@ -263,6 +263,19 @@ def test_master_kill_9_leaves_neither_zygote_nor_forked_worker(tmp_path):
         wait_until(lambda: not any(pid_alive(pid) for pid in pids), 3, "the zygote and the workers to exit")
 
 
+def test_files_the_import_leaves_open_are_named_in_one_warning(tmp_path):
+    # A file opened at import is shared by every forked worker with one offset; one opened to append (a log) is not
+    # a hazard, and no file of the runtime's own is named.
+    extra = "DATA = open(__file__)\nLOG = open(os.devnull, 'a')"
+    with start(tmp_path, "--workers", "2", extra=extra) as b:
+        line = b.wait_for("the backend's import left files open, which every forked worker shares .*: fd \\d+ ").string
+        assert str(tmp_path / "preloaded.py") in line and os.devnull not in line, line
+        assert sum("import left" in text for text in b.lines) == 1
+        z = status(tmp_path)["zygote"]
+        assert (z["forked"], z["spawned"]) == (2, 0), z  # a warning, not a refusal
+        assert fetch(b).status == 200
+
+
 def test_reload_rereads_the_config_file_and_the_new_zygote_imports_its_backend(tmp_path):
     write_app(tmp_path / "preloaded.py", "v1")
     write_app(tmp_path / "other.py", "other")

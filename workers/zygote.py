@@ -7,6 +7,7 @@ and ack board, handed to a spare forked ahead of it: forked twice, so that its f
 master (a child subreaper) adopts it. The zygote answers with the spare's pid, and the spare then runs exactly what
 a spawned worker runs (balancer_workers.__main__.serve). The zygote starts no event loop and opens no socket: it
 refuses to fork, in one line the master logs, while more than one thread runs or a socket not its own is open.
+Files the backend's import left open are named in a warning: the workers would share their offsets.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import atexit
 import faulthandler
 import gc
 import json
+import logging
 import os
 import select
 import socket
@@ -53,11 +55,13 @@ def main() -> int:
                        error_logfile=settings.get("error_logfile") or "-", log_config=settings.get("log_config", ""))
         own_sockets = socket_fds()  # stdio under systemd, a syslog handler: the runtime's, not the backend's
         preload_runtime(settings)
+        before = open_fds()
         preload_backend(settings)
     except Exception as exc:  # BackendError, LogSetupError: a one-line reason the master logs
         channel.send(wire.encode_json(wire.BOOT_ERROR, str(exc)))
         return 3
     imported = time.perf_counter() - started
+    warn_of_shared_files(files_opened_since(before))
     gc.collect()
     gc.freeze()  # the workers' collections never touch (and so never copy) these objects' pages
     ready = wire.encode_json(wire.READY, {"pid": os.getpid(), "import_seconds": round(imported, 4)})
@@ -98,6 +102,44 @@ def open_fds() -> dict[int, str]:
 def socket_fds() -> set[int]:
     """The fds of this process that are sockets."""
     return {fd for fd, target in open_fds().items() if target.startswith("socket:")}
+
+
+def files_opened_since(before: dict[int, str]) -> dict[int, str]:
+    """Non-socket fds opened since `before` and not in append mode: each worker would share its one file offset.
+
+    Sockets are refused at fork time instead. A file opened for appending (a log) is safe to share: every
+    write goes to the end.
+    """
+    out = {}
+    for fd, target in open_fds().items():
+        if before.get(fd) == target or target.startswith("socket:") or fd <= 2:
+            continue
+        try:
+            flags = _flags(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if not flags & os.O_APPEND:
+            out[fd] = target
+    return out
+
+
+def _flags(fd: int) -> int:
+    """The open flags of fd, as /proc/self/fdinfo shows them."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    return 0
+
+
+def warn_of_shared_files(files: dict[int, str]) -> None:
+    """One warning naming the files the backend's import left open: forked workers share their offsets."""
+    if files:
+        named = ", ".join(f"fd {fd} {target}" for fd, target in sorted(files.items()))
+        logging.getLogger("balancer").warning(
+            "the backend's import left files open, which every forked worker shares with one file offset "
+            "(reads and writes interleave); open them in the app factory or on first use instead: %s",
+            named)
 
 
 def unsafe_to_fork(allowed: set[int]) -> str:
