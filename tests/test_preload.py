@@ -28,6 +28,11 @@ with open(os.environ["PRELOAD_TEST_IMPORTS"], "a") as f:
 @EXTRA@
 
 async def handler(request):
+    if request.path == "/pdeathsig":  # the signal the kernel sends this worker when its parent dies, and that parent
+        import ctypes
+        got = ctypes.c_int(0)
+        ctypes.CDLL(None).prctl(2, ctypes.byref(got), 0, 0, 0)  # PR_GET_PDEATHSIG
+        return web.Response(text=f"{got.value} {os.getppid()}", headers={"X-Worker-Pid": str(os.getpid())})
     return web.Response(text=f"{VERSION} {os.getpid()}", headers={"X-Worker-Pid": str(os.getpid())})
 """
 
@@ -254,13 +259,25 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
-def test_master_kill_9_leaves_neither_zygote_nor_forked_worker(tmp_path):
+def test_master_kill_9_leaves_nothing_and_forked_workers_have_the_parent_death_signal(tmp_path):
+    # Each forked worker asked the kernel for SIGTERM when the master (its parent since adoption) dies, as a
+    # spawned one does; after kill -9 of the master nothing of its process group is left: not the zygote, not its
+    # spares (which no status lists), not a worker.
     with start(tmp_path, "--workers", "2") as b:
         st = status(tmp_path)
-        pids = [st["zygote"]["pid"]] + [w["pid"] for w in st["workers"]]
+        workers = {w["pid"] for w in st["workers"]}
+        seen = {}
+        while set(seen) != workers:
+            resp = fetch(b, "/pdeathsig")
+            seen[int(resp.getheader("X-Worker-Pid"))] = resp.body.decode()
+        assert set(seen.values()) == {f"{int(signal.SIGTERM)} {b.pid}"}, seen
+        others = workers | {b.pid, st["zygote"]["pid"]}
+        wait_until(lambda: len([pid for pid in group_members(b.pid) if pid not in others]) == SPARES, 10,
+                   "the zygote's spares")
+        assert all(parent_of(pid) == b.pid for pid in group_members(b.pid) if pid not in others)
         os.kill(b.pid, signal.SIGKILL)
         b.wait(5)
-        wait_until(lambda: not any(pid_alive(pid) for pid in pids), 3, "the zygote and the workers to exit")
+        wait_until(lambda: not group_members(b.pid), 3, "the zygote, its spares and the workers to exit")
 
 
 def test_files_the_import_leaves_open_are_named_in_one_warning(tmp_path):
