@@ -225,13 +225,18 @@ def serve_request(channel: socket.socket, inbox: bytearray, spares: deque, refus
             return True
         while spares:
             spare = spares.popleft()
+            if select.select([spare.sock], [], [], 0)[0]:  # EOF: that spare died (OOM?), the next one takes it
+                spare.sock.close()
+                continue
+            # Its pid before its channel: a worker with a channel is never one the master does not know of, even
+            # if this process dies in between (the spare then exits, and the master sees that worker exit).
+            channel.send(wire.encode_json(wire.FORKED, {"token": token, "pid": spare.pid}))
             try:
                 wire.send_fds(spare.sock, msg, fds)
-            except OSError:  # that spare died (OOM?): the next one takes it
-                continue
+            except OSError:  # it died just now: the master sees it exit before READY
+                pass
             finally:
                 spare.sock.close()
-            channel.send(wire.encode_json(wire.FORKED, {"token": token, "pid": spare.pid}))
             return True
         channel.send(wire.encode_json(wire.FORKED, {"token": token, "error": "every spare worker was gone"}))
         return True
