@@ -42,17 +42,20 @@ class Zygotes:
 
     def __init__(self, settings: Callable[[], dict], env: dict, boot_timeout: Callable[[], float],
                  start: Callable[[int, dict, dict], Zygote] = start_zygote,
-                 spawn: Callable[[int, int], WorkerProcess] | None = None) -> None:
+                 spawn: Callable[[int, int], WorkerProcess] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings  # the workers' settings as of now (a reload may have re-read the config file)
         self.env = env
         self.boot_timeout = boot_timeout
         self._start = start
         self._spawn = spawn or (lambda slot, generation: spawn_process(slot, generation, self.settings(), env))
+        self.clock = clock  # the supervisor's: a record's start time is on it
         self.loop = asyncio.get_running_loop()
         self.supervisor = None
         self.current: Zygote | None = None  # forks the workers of the newest generation once ready
         self.next: Zygote | None = None  # importing a reload's code
         self.retired: list[Zygote] = []  # older generations: exit once none of their workers is left
+        self.alive: list[Zygote] = []  # every zygote started and not yet reaped, whatever its role
         self.backoff = Backoff()
         self.restarts = 0
         self.forked = 0
@@ -96,6 +99,7 @@ class Zygotes:
     def _launch(self, generation: int, spares: int = 0) -> Zygote:
         """Start a zygote, watch its channel and its exit, and bound its import by --boot-timeout."""
         z = self._start(generation, dict(self.settings(), spares=spares), self.env)
+        self.alive.append(z)
         self.loop.add_reader(z.channel.fileno(), self._on_channel, z)
         self.loop.add_reader(z.pidfd, self._on_exit, z)
         z.deadline = self.loop.call_later(self.boot_timeout(), self._import_overdue, z)
@@ -160,6 +164,7 @@ class Zygotes:
             z.ready.set_exception(BootError(z.error or f"the zygote exited with {describe_exit(code)} "
                                                        "before its import finished"))
             z.ready.exception()  # retrieved: nobody may be waiting
+        self.alive.remove(z)
         if z in self.retired:
             self.retired.remove(z)
         if z is not self.current or self.closing or not self.started_up or was in ("stopping", "refusing"):
@@ -232,6 +237,7 @@ class Zygotes:
         z.generation = self.supervisor.generation + 1  # what request_reload makes the wanted generation
         waiters, self._waiters = self._waiters, []
         self._chain(self.supervisor.request_reload(), waiters)
+        self.retire_idle()  # its generation may have no worker left already
 
     @staticmethod
     def _chain(source: asyncio.Future, targets: list[asyncio.Future]) -> None:
@@ -270,8 +276,8 @@ class Zygotes:
         self.retire_idle()
 
     def zygotes(self) -> list[Zygote]:
-        """Every zygote process not yet reaped."""
-        return [z for z in (self.current, self.next, *self.retired) if z is not None and z.state != "exited"]
+        """Every zygote process not yet reaped (also one dropped or failed, told to exit)."""
+        return list(self.alive)
 
     def owns(self, pid: int) -> bool:
         """True for a process the orphan reaper must leave alone: a zygote, or any child while a fork is unanswered
@@ -286,8 +292,8 @@ class Zygotes:
             self._respawn = None
         for z in self.zygotes():
             z.stop()
-        deadline = time.monotonic() + STOP_GRACE + 1
-        while self.zygotes() and time.monotonic() < deadline:
+        deadline = self.loop.time() + STOP_GRACE + 1
+        while self.zygotes() and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for z in self.zygotes():
             z.signal(signal.SIGKILL)
@@ -295,6 +301,7 @@ class Zygotes:
             z.proc.wait()
             os.close(z.pidfd)
             z.exited()
+            self.alive.remove(z)
             self._unfork_all(z)
         self._settle_waiters(False)
 
@@ -333,7 +340,8 @@ class Zygotes:
         finally:
             worker_end.close()
             os.close(board_fd)  # the mapping outlives it; the zygote got its own copy
-        w = WorkerProcess(slot, generation, PendingFork(token), master_end, Link(slot, master_end, board), -1)
+        w = WorkerProcess(slot, generation, PendingFork(token), master_end, Link(slot, master_end, board), -1,
+                          now=self.clock())
         z.pending[token] = (w, self.loop.call_later(FORK_TIMEOUT, self._no_answer, z))
         return w
 
