@@ -197,17 +197,14 @@ class FakeZygote:
         if not self.alive:
             return
         self.events.append(f"died {code}")
-        self.returncode = code
-        self.state = "dead"
+        self.returncode, self.state = code, "dead"
         self.sock.close()
         os.write(self.exit_w, b"x")
-        os.close(self.exit_w)
-        self.exit_w = -1
+        self.release()
 
     def release(self) -> None:
-        """Close whatever an example left open."""
-        if self.alive:
-            self.returncode = -signal.SIGKILL
+        """Close whatever an example left open (at its end, its exit unseen)."""
+        self.returncode = -signal.SIGKILL if self.returncode is None else self.returncode
         self.sock.close()
         if self.exit_w >= 0:
             os.close(self.exit_w)

@@ -209,15 +209,20 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
             self.cleanup()
 
 
-def test_supervisor_keeps_its_promises_under_faults():
-    # No example database: a failure prints its reproduce_failure blob instead of leaving state in the tree.
-    # BALANCER_MODEL_SHRINK=0 reports the first failing sequence unshrunk (quick checks against mutations).
+def run_model(machine_class, examples: int) -> None:
+    """Run a state machine; no example database: a failure prints its reproduce_failure blob instead of leaving
+    state in the tree. BALANCER_MODEL_SHRINK=0 reports the first failing sequence unshrunk (quick checks against
+    mutations)."""
     phases = tuple(settings.default.phases)
     if os.environ.get("BALANCER_MODEL_SHRINK") == "0":
         phases = tuple(p for p in phases if p is not HypothesisPhase.shrink)
-    run_state_machine_as_test(SupervisorModel, settings=settings(
-        max_examples=300, stateful_step_count=50, deadline=None, database=None, print_blob=True, phases=phases,
+    run_state_machine_as_test(machine_class, settings=settings(
+        max_examples=examples, stateful_step_count=50, deadline=None, database=None, print_blob=True, phases=phases,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+
+
+def test_supervisor_keeps_its_promises_under_faults():
+    run_model(SupervisorModel, 300)
 
 
 class PreloadModel(SupervisorModel):
@@ -265,13 +270,7 @@ class PreloadModel(SupervisorModel):
 
 
 def test_preload_keeps_its_promises_under_zygote_faults():
-    # As above, with zygote faults among the worker faults; fewer examples: each step runs two fake parties more.
-    phases = tuple(settings.default.phases)
-    if os.environ.get("BALANCER_MODEL_SHRINK") == "0":
-        phases = tuple(p for p in phases if p is not HypothesisPhase.shrink)
-    run_state_machine_as_test(PreloadModel, settings=settings(
-        max_examples=200, stateful_step_count=50, deadline=None, database=None, print_blob=True, phases=phases,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    run_model(PreloadModel, 200)  # zygote faults among the worker faults; a run takes about as long as the above
 
 
 @contextlib.contextmanager
