@@ -117,7 +117,9 @@ class Supervisor:
 
     def forked(self, w: WorkerProcess, proc, exit_fd: int) -> None:
         """The zygote said which process it forked for w: key the record by its pid and watch it."""
-        if self.table.get(w.pid) is not w:  # a stale answer: the record is gone already
+        if self.table.get(w.pid) is not w:  # never (a fork is forgotten before its record goes), but if so: no phantom
+            proc.send_signal(signal.SIGKILL)  # the orphan reaper reaps it
+            os.close(exit_fd)
             return
         del self.table[w.pid]
         w.born(proc, exit_fd)
