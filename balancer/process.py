@@ -39,11 +39,11 @@ class WorkerProcess:
                  now: float | None = None) -> None:
         self.slot = slot
         self.generation = generation  # the code generation it was started for (a reload raises the desired one)
-        self.proc = proc  # subprocess.Popen, or anything with pid, poll() and returncode
-        self.pid = proc.pid
+        self.proc = proc  # subprocess.Popen, or anything with pid, poll() and returncode; a PendingFork at first
+        self.pid = proc.pid  # below 0 while a zygote has not yet said which process it forked for this record
         self.channel = channel
         self.link = link
-        self.exit_fd = exit_fd  # readable once the process has exited: a pidfd
+        self.exit_fd = exit_fd  # readable once the process has exited: a pidfd (-1 until a fork's pid is known)
         self.started = time.monotonic() if now is None else now
         self.started_wall = time.time()
         self.last_beat = self.started
@@ -74,6 +74,17 @@ class WorkerProcess:
         self._phase = phase
         self.link.ready = phase is Phase.READY  # what the dispatcher reads per connection
 
+    @property
+    def pending(self) -> bool:
+        """True while its process is a fork the zygote has not answered yet (no pid, nothing to watch)."""
+        return isinstance(self.proc, PendingFork)
+
+    def born(self, proc, exit_fd: int) -> None:
+        """The zygote said which process it forked: from now on it is watched and signalled as a spawned one is."""
+        pending, self.proc, self.pid, self.exit_fd = self.proc, proc, proc.pid, exit_fd
+        if pending.owed is not None:  # what it was sent while pending: a dismissal, a boot deadline
+            self.signal(pending.owed)
+
     def signal(self, signum: int) -> None:
         """Send a signal unless the process is already reaped (its pid may be reused)."""
         if not self.exited:
@@ -81,6 +92,23 @@ class WorkerProcess:
                 self.proc.send_signal(signum)  # Popen checks its own returncode first
             except ProcessLookupError:
                 pass
+
+
+class PendingFork:
+    """A forked worker's process until the zygote says its pid: signals sent meanwhile wait for it."""
+
+    def __init__(self, number: int) -> None:
+        self.pid = -number  # a key for the supervisor's table that no process has; never signalled
+        self.returncode: int | None = None
+        self.owed: int | None = None
+
+    def poll(self) -> int | None:
+        return None
+
+    def send_signal(self, signum: int) -> None:
+        """Keep it for the process; SIGKILL, once asked, is what it gets."""
+        if self.owed != signal.SIGKILL:
+            self.owed = signum
 
 
 def new_ends(slot: int):

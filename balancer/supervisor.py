@@ -96,15 +96,58 @@ class Supervisor:
     # ---- spawning and events ------------------------------------------------------------------
 
     def spawn_worker(self, slot: int) -> WorkerProcess:
-        """Start a worker for slot at the wanted generation; watch its channel and its exit."""
+        """Start a worker for slot at the wanted generation; watch its channel and its exit.
+
+        A worker forked by a zygote (--preload) is recorded at once, booting, before the zygote has said its pid:
+        the master never waits for it. It is watched from forked() on; until then its channel keeps what it sends.
+        """
         w = self._spawn(slot, self.generation)
         self.table[w.pid] = w
         self._all_gone.clear()
+        if not w.pending:
+            self._watch(w)
+        self.dispatcher.set_links([r.link for r in self.records()])
+        return w
+
+    def _watch(self, w: WorkerProcess) -> None:
+        """Read its channel and see its exit."""
         self.loop.add_reader(w.channel.fileno(), self._on_channel, w)
         self.loop.add_reader(w.exit_fd, self._on_exit, w)
-        self.dispatcher.set_links([r.link for r in self.records()])
-        log.debug("spawned worker slot=%d pid=%d generation=%d", slot, w.pid, w.generation)
-        return w
+        log.debug("spawned worker slot=%d pid=%d generation=%d", w.slot, w.pid, w.generation)
+
+    def forked(self, w: WorkerProcess, proc, exit_fd: int) -> None:
+        """The zygote said which process it forked for w: key the record by its pid and watch it."""
+        if self.table.get(w.pid) is not w:  # never (a fork is forgotten before its record goes), but if so: no phantom
+            proc.send_signal(signal.SIGKILL)  # the orphan reaper reaps it
+            os.close(exit_fd)
+            return
+        del self.table[w.pid]
+        w.born(proc, exit_fd)
+        self.table[w.pid] = w
+        self._watch(w)  # a READY it sent meanwhile is read now
+        self.changed()
+
+    def unforked(self, w: WorkerProcess) -> None:
+        """A fork that did not happen (refused, failed, the zygote hung or died): w goes, and its slot starts again.
+
+        Not a crash: nothing backs off. During start() the slot's new worker stands in for w, whose ready future
+        start() is waiting on.
+        """
+        if self.table.get(w.pid) is not w:
+            return
+        w.reason = w.reason or "unforked"
+        w.exited = True  # no process to wait for
+        if not self.started_up and not self.stopping:
+            try:
+                heir = self.spawn_worker(w.slot)
+            except OSError as exc:
+                w.ready.set_exception(BootError(f"cannot start a worker: {exc}"))
+            else:
+                heir.ready.add_done_callback(lambda ready: _settle_as(w.ready, ready))
+        elif not w.ready.done():
+            w.ready.set_exception(BootError("its fork did not happen"))
+            w.ready.exception()  # retrieved: nobody may be waiting
+        self._gone(w, None)
 
     def _read_channel(self, w: WorkerProcess) -> bool:
         """Act on every message waiting on w's channel; False once the channel has ended.
@@ -199,20 +242,27 @@ class Supervisor:
         self.loop.remove_reader(w.exit_fd)
         os.close(w.exit_fd)
         self._read_channel(w)  # its last refusals and final heartbeat, before evicting and folding
-        self._close_channel(w)
-        was, code, slot = w.phase, w.proc.returncode, w.slot
-        w.exited = True
-        w.phase = Phase.EXITED
-        del self.table[w.pid]
+        code = w.proc.returncode
         if not w.ready.done():
             w.ready.set_exception(BootError(f"worker exited with {describe_exit(code)} before it was ready"))
             w.ready.exception()
+        self._gone(w, code)
+
+    def _gone(self, w: WorkerProcess, code: int | None) -> None:
+        """Drop w's record (its process reaped, or never there): fds it never took go elsewhere, its slot is seen to."""
+        self._close_channel(w)
+        was, slot = w.phase, w.slot
+        w.exited = True
+        w.phase = Phase.EXITED
+        del self.table[w.pid]
         for hook in self.on_exit_hooks:
             try:
                 hook(w)
             except Exception:
                 log.exception("exit hook failed for worker slot=%d pid=%d", slot, w.pid)
-        if was is Phase.DRAINING or w.reason in DISMISSED or self.stopping:
+        if w.reason == "unforked":
+            log.debug("worker slot=%d was not forked; starting another", slot)
+        elif was is Phase.DRAINING or w.reason in DISMISSED or self.stopping:
             how = w.reason or "stopped"
             log.info("worker slot=%d pid=%d exited (%s)", slot, w.pid, how if code == 0 else f"{how}, {describe_exit(code)}")
         elif was is Phase.BOOTING:
@@ -484,3 +534,15 @@ class Supervisor:
                 await asyncio.wait_for(self._all_gone.wait(), 5)
             except asyncio.TimeoutError:
                 log.error("workers %s did not exit after SIGKILL", sorted(self.table))
+
+
+def _settle_as(target: asyncio.Future, source: asyncio.Future) -> None:
+    """Give target the outcome source had (start() waits on a record that another stands in for)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())

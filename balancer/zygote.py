@@ -23,27 +23,39 @@ from typing import Callable
 from balancer import wire
 from balancer.backoff import Backoff
 from balancer.dispatch import Link
-from balancer.process import BootError, WorkerProcess, describe_exit, new_ends, spawn_process
-from balancer.zygote_process import (FORK_TIMEOUT, STOP_GRACE, ForkedChild, Zygote, ZygoteTrouble, is_subreaper,
-                                     start_zygote)
+from balancer.process import BootError, PendingFork, WorkerProcess, describe_exit, new_ends, spawn_process
+from balancer.zygote_process import FORK_TIMEOUT, STOP_GRACE, Zygote, is_subreaper, start_zygote
 
 log = logging.getLogger("balancer")
 
+# Spares a new zygote forks before its READY (besides the few it always keeps): one per worker its generation
+# starts at once (boot, reload), so none of them waits for a fork. Bounded: past it, forks are made on request.
+BURST_MAX = 16
+
 
 class Zygotes:
-    """The zygotes of one master: the current one forks workers, the next one imports a reload's code."""
+    """The zygotes of one master: the current one forks workers, the next one imports a reload's code.
+
+    Nothing here waits: a fork request is sent and its worker recorded as booting at once; the zygote's answer
+    (the pid) comes back on its channel, and a deadline timer stands for the answer that never comes.
+    """
 
     def __init__(self, settings: Callable[[], dict], env: dict, boot_timeout: Callable[[], float],
-                 start: Callable[[int, dict, dict], Zygote] = start_zygote) -> None:
+                 start: Callable[[int, dict, dict], Zygote] = start_zygote,
+                 spawn: Callable[[int, int], WorkerProcess] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings  # the workers' settings as of now (a reload may have re-read the config file)
         self.env = env
         self.boot_timeout = boot_timeout
         self._start = start
+        self._spawn = spawn or (lambda slot, generation: spawn_process(slot, generation, self.settings(), env))
+        self.clock = clock  # the supervisor's: a record's start time is on it
         self.loop = asyncio.get_running_loop()
         self.supervisor = None
         self.current: Zygote | None = None  # forks the workers of the newest generation once ready
         self.next: Zygote | None = None  # importing a reload's code
         self.retired: list[Zygote] = []  # older generations: exit once none of their workers is left
+        self.alive: list[Zygote] = []  # every zygote started and not yet reaped, whatever its role
         self.backoff = Backoff()
         self.restarts = 0
         self.forked = 0
@@ -57,6 +69,7 @@ class Zygotes:
         self.on_import_failed: list[Callable[[], None]] = []  # called when a reload fails before any worker moves
         self._respawn: asyncio.TimerHandle | None = None
         self._tokens = itertools.count(1)
+        self._spawn_next: set[int] = set()  # slots whose last fork failed: their next worker is spawned
 
     def bind(self, supervisor) -> None:
         """Serve this supervisor: its spawns, its generation, its reloads; retire zygotes as its workers exit."""
@@ -73,27 +86,35 @@ class Zygotes:
                         "workers are spawned as without --preload")
             return
         try:
-            z = self.current = self._launch(0)
+            z = self.current = self._launch(0, self._burst())
         except OSError as exc:
             raise BootError(f"cannot start the zygote: {exc}") from None
-        try:
-            await asyncio.wait_for(asyncio.shield(z.ready), self.boot_timeout())
-        except asyncio.TimeoutError:
-            z.signal(signal.SIGKILL)
-            raise BootError(f"the zygote's import did not finish within --boot-timeout {self.boot_timeout():g}s") \
-                from None
+        await asyncio.shield(z.ready)  # the import deadline kills it, and ready then says why
         self.started_up = True
 
-    def _launch(self, generation: int) -> Zygote:
-        """Start a zygote and watch its channel and its exit."""
-        z = self._start(generation, self.settings(), self.env)
+    def _burst(self) -> int:
+        """Spares a new zygote forks before it says READY: one per worker its generation starts, up to a bound."""
+        return min(self.supervisor.target, BURST_MAX)
+
+    def _launch(self, generation: int, spares: int = 0) -> Zygote:
+        """Start a zygote, watch its channel and its exit, and bound its import by --boot-timeout."""
+        z = self._start(generation, dict(self.settings(), spares=spares), self.env)
+        self.alive.append(z)
         self.loop.add_reader(z.channel.fileno(), self._on_channel, z)
         self.loop.add_reader(z.pidfd, self._on_exit, z)
+        z.deadline = self.loop.call_later(self.boot_timeout(), self._import_overdue, z)
         log.debug("zygote pid=%d started (generation %d)", z.pid, generation)
         return z
 
+    def _import_overdue(self, z: Zygote) -> None:
+        z.deadline = None
+        if z.state == "importing":
+            log.error("zygote pid=%d did not finish its import within --boot-timeout; killing it", z.pid)
+            z.error = f"the zygote's import did not finish within --boot-timeout {self.boot_timeout():g}s"
+            z.signal(signal.SIGKILL)
+
     def _on_channel(self, z: Zygote) -> None:
-        """READY or BOOT_ERROR from an importing zygote; EOF once it is gone (its exit is seen on the pidfd)."""
+        """READY or BOOT_ERROR from an importing zygote, answers to forks; EOF once it is gone (see _on_exit)."""
         while z.channel.fileno() >= 0:
             try:
                 got = wire.receive(z.channel)
@@ -110,9 +131,16 @@ class Zygotes:
                 body = wire.decode_json(msg)
             except wire.ProtocolError:
                 continue
-            if msg[0] == wire.READY and z.state == "importing" and isinstance(body, dict):
+            if not isinstance(body, dict) and msg[0] != wire.BOOT_ERROR:
+                continue
+            if msg[0] in (wire.FORKED, wire.FORK_REFUSED):
+                self._answered(z, msg[0], body)
+            elif msg[0] == wire.READY and z.state == "importing":
                 z.state = "ready"
                 z.import_seconds = float(body.get("import_seconds", 0.0))
+                if z.deadline is not None:
+                    z.deadline.cancel()
+                    z.deadline = None
                 log.info("zygote pid=%d imported the backend in %.2fs", z.pid, z.import_seconds)
                 if not z.ready.done():
                     z.ready.set_result(True)
@@ -120,26 +148,30 @@ class Zygotes:
                 z.error = str(body)
 
     def _on_exit(self, z: Zygote) -> None:
-        """Reap a zygote; restart the current one with back-off; a reload's zygote failing fails the reload."""
+        """Reap a zygote; its unanswered forks are spawned; restart the current one with back-off; a reload's
+        zygote failing fails the reload."""
         if z.proc.poll() is None:
             return
         self.loop.remove_reader(z.pidfd)
         os.close(z.pidfd)
-        self._on_channel(z)  # its BOOT_ERROR, if that is why it left
+        self._on_channel(z)  # its BOOT_ERROR, or answers it sent before it went
         z.close_channel()
-        was, z.state = z.state, "exited"
+        was = z.state
+        z.exited()
         code = z.proc.returncode
+        self._unfork_all(z)
         if not z.ready.done():
             z.ready.set_exception(BootError(z.error or f"the zygote exited with {describe_exit(code)} "
                                                        "before its import finished"))
             z.ready.exception()  # retrieved: nobody may be waiting
+        self.alive.remove(z)
         if z in self.retired:
             self.retired.remove(z)
         if z is not self.current or self.closing or not self.started_up or was in ("stopping", "refusing"):
             log.debug("zygote pid=%d exited (%s)", z.pid, describe_exit(code))
             return
         self.restarts += 1
-        delay = self.backoff.failure(time.monotonic() - z.started)
+        delay = self.backoff.failure(self.loop.time() - z.started)
         log.warning("zygote pid=%d (generation %d) died (%s); workers are spawned without it until it is back, "
                     "in %.2fs", z.pid, z.generation, z.error or describe_exit(code), delay)
         self._respawn = self.loop.call_later(delay, self._restart, z)
@@ -171,7 +203,7 @@ class Zygotes:
         if dropped is not None:
             dropped.stop()
         try:
-            z = self.next = self._launch(self.supervisor.generation + 1)
+            z = self.next = self._launch(self.supervisor.generation + 1, self._burst())
         except OSError as exc:
             log.error("reload failed: cannot start a zygote (%s); no worker was touched", exc)
             self._import_failed()
@@ -205,6 +237,7 @@ class Zygotes:
         z.generation = self.supervisor.generation + 1  # what request_reload makes the wanted generation
         waiters, self._waiters = self._waiters, []
         self._chain(self.supervisor.request_reload(), waiters)
+        self.retire_idle()  # its generation may have no worker left already
 
     @staticmethod
     def _chain(source: asyncio.Future, targets: list[asyncio.Future]) -> None:
@@ -239,26 +272,17 @@ class Zygotes:
                 z.stop()
 
     def tick(self) -> None:
-        """Kill zygotes past their import or stop deadline; retire idle ones."""
-        now = time.monotonic()
-        for z in self.zygotes():
-            if z.kill_at and now >= z.kill_at:
-                z.signal(signal.SIGKILL)
-                z.kill_at = now + 60
-            elif z.state == "importing" and now - z.started > self.boot_timeout():
-                log.error("zygote pid=%d did not finish its import within --boot-timeout; killing it", z.pid)
-                z.error = f"its import did not finish within --boot-timeout {self.boot_timeout():g}s"
-                z.signal(signal.SIGKILL)
-                z.kill_at = now + 60
+        """Retire idle zygotes (their deadlines are timers of their own)."""
         self.retire_idle()
 
     def zygotes(self) -> list[Zygote]:
-        """Every zygote process not yet reaped."""
-        return [z for z in (self.current, self.next, *self.retired) if z is not None and z.state != "exited"]
+        """Every zygote process not yet reaped (also one dropped or failed, told to exit)."""
+        return list(self.alive)
 
     def owns(self, pid: int) -> bool:
-        """True for a zygote the keeper still has to reap itself (the orphan reaper must leave it alone)."""
-        return any(z.pid == pid for z in self.zygotes())
+        """True for a process the orphan reaper must leave alone: a zygote, or any child while a fork is unanswered
+        (the forked worker's pid is not known yet, and its exit status is the supervisor's)."""
+        return any(z.pid == pid or z.pending for z in self.zygotes())
 
     async def close(self) -> None:
         """Stop every zygote and wait (bounded) until each is reaped."""
@@ -268,75 +292,112 @@ class Zygotes:
             self._respawn = None
         for z in self.zygotes():
             z.stop()
-        deadline = time.monotonic() + STOP_GRACE + 1
-        while self.zygotes() and time.monotonic() < deadline:
+        deadline = self.loop.time() + STOP_GRACE + 1
+        while self.zygotes() and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for z in self.zygotes():
             z.signal(signal.SIGKILL)
             self.loop.remove_reader(z.pidfd)
             z.proc.wait()
             os.close(z.pidfd)
-            z.state = "exited"
+            z.exited()
+            self.alive.remove(z)
+            self._unfork_all(z)
         self._settle_waiters(False)
 
-    # ---- spawning -----------------------------------------------------------------------------
+    # ---- forking ------------------------------------------------------------------------------
 
     def spawn(self, slot: int, generation: int) -> WorkerProcess:
-        """The supervisor's spawn: fork from the zygote of generation when it can, else start a fresh interpreter."""
+        """The supervisor's spawn: a fork asked of the zygote of generation when it can, else a fresh interpreter.
+
+        A fork's record comes back at once with its pid pending; forked() or unforked() follow on the zygote's
+        answer, its death, or its silence past FORK_TIMEOUT.
+        """
         asked = time.monotonic()
         z = self.current
-        if z is not None and z.state == "ready" and z.generation == generation:
-            try:
-                w = self._fork(z, slot, generation)
-            except ZygoteTrouble as exc:
-                self._trouble(z, exc)
-            else:
-                self.forked += 1
+        if z is not None and z.state == "ready" and z.generation == generation and slot not in self._spawn_next:
+            w = self._ask(z, slot, generation)
+            if w is not None:
                 self._time_boot(w, "fork", asked)
                 return w
-        w = spawn_process(slot, generation, self.settings(), self.env)
+        self._spawn_next.discard(slot)
+        w = self._spawn(slot, generation)
         self.spawned += 1
         self._time_boot(w, "spawn", asked)
         return w
 
-    def _fork(self, z: Zygote, slot: int, generation: int) -> WorkerProcess:
-        """Ask z for a worker: its channel end and ack board go over SCM_RIGHTS, its pid comes back."""
+    def _ask(self, z: Zygote, slot: int, generation: int) -> WorkerProcess | None:
+        """Send z a fork request with the worker's channel end and ack board; its record, pid pending (None: no)."""
         master_end, worker_end, board_fd, board = new_ends(slot)
         token = next(self._tokens)
         request = wire.encode_json(wire.FORK, {"token": token, "settings": dict(self.settings(), slot=slot)})
         try:
-            try:
-                wire.send_fds(z.channel, request, [worker_end.fileno(), board_fd])
-            except OSError as exc:  # full (a hung zygote) or gone
-                raise ZygoteTrouble(f"cannot send it a fork request: {exc}", hung=True) from None
-            finally:
-                worker_end.close()
-                os.close(board_fd)  # the mapping outlives it; the zygote got its own copy
-            pid = z.await_reply(token, FORK_TIMEOUT)["pid"]
-            pidfd = os.pidfd_open(pid)
-        except BaseException:
+            wire.send_fds(z.channel, request, [worker_end.fileno(), board_fd])
+        except OSError as exc:  # its queue is full (it is hung) or it is gone
             master_end.close()
-            raise
-        return WorkerProcess(slot, generation, ForkedChild(pid), master_end, Link(slot, master_end, board), pidfd)
+            self._hung(z, f"cannot send it a fork request: {exc}")
+            return None
+        finally:
+            worker_end.close()
+            os.close(board_fd)  # the mapping outlives it; the zygote got its own copy
+        w = WorkerProcess(slot, generation, PendingFork(token), master_end, Link(slot, master_end, board), -1,
+                          now=self.clock())
+        z.pending[token] = (w, self.loop.call_later(FORK_TIMEOUT, self._no_answer, z))
+        return w
 
-    def _trouble(self, z: Zygote, exc: ZygoteTrouble) -> None:
-        """A fork did not happen: one line; a refusing zygote is stopped for good, a hung one killed (and restarted)."""
-        if z.state == "refusing":
-            log.error("zygote pid=%d %s; workers of generation %d are spawned as without --preload",
-                      z.pid, exc, z.generation)
-            z.error = str(exc)
-            z.stop()
-            z.state = "refusing"
-        elif exc.hung:
-            log.error("zygote pid=%d: %s; killing it, this worker is spawned", z.pid, exc)
-            z.signal(signal.SIGKILL)
+    def _answered(self, z: Zygote, kind: int, body: dict) -> None:
+        """FORKED (a pid, or why the fork failed) or FORK_REFUSED for one of z's fork requests."""
+        w, timer = z.pending.pop(body.get("token"), (None, None))
+        if w is None:
+            return  # answered after its deadline: that worker was spawned (and this one sees EOF)
+        timer.cancel()
+        pid = body.get("pid")
+        if kind == wire.FORK_REFUSED:
+            if z.state == "ready":  # said once, however many requests were in flight
+                z.error = f"refuses to fork: {body.get('reason')}"
+                log.error("zygote pid=%d %s; workers of generation %d are spawned as without --preload",
+                          z.pid, z.error, z.generation)
+                z.stop()
+                z.state = "refusing"
+        elif isinstance(pid, int) and pid > 0:
+            try:
+                proc, exit_fd = z.adopt(pid)
+            except OSError as exc:  # out of fds: it sees EOF on its channel and leaves; the reaper takes it
+                log.error("cannot watch worker pid=%d forked by the zygote (%s); this worker is spawned", pid, exc)
+            else:
+                self.forked += 1
+                self.supervisor.forked(w, proc, exit_fd)
+                return
         else:
-            log.error("zygote pid=%d: %s; this worker is spawned", z.pid, exc)
+            log.error("zygote pid=%d: fork failed: %s; this worker is spawned", z.pid, body.get("error", "bad answer"))
+        self._spawn_next.add(w.slot)
+        self.supervisor.unforked(w)
+
+    def _no_answer(self, z: Zygote) -> None:
+        """A fork request's deadline passed unanswered: the zygote is hung."""
+        self._hung(z, f"no answer to a fork within {FORK_TIMEOUT:g}s")
+
+    def _hung(self, z: Zygote, why: str) -> None:
+        """Kill z (the current one is restarted once reaped) and spawn every worker it was asked for."""
+        if z.state in ("ready", "importing"):
+            log.error("zygote pid=%d: %s; killing it, its workers are spawned", z.pid, why)
+            z.error = why
+            z.state = "hung"
+            z.signal(signal.SIGKILL)
+        self._unfork_all(z)
+
+    def _unfork_all(self, z: Zygote) -> None:
+        """z will answer none of its fork requests: each worker's record goes, and its slot is started again."""
+        pending, z.pending = z.pending, {}
+        for w, timer in pending.values():
+            timer.cancel()
+            self.supervisor.unforked(w)
 
     def _time_boot(self, w: WorkerProcess, how: str, asked: float) -> None:
         """Keep how long w took from the spawn request to READY."""
         def record(ready: asyncio.Future) -> None:
-            if not ready.cancelled() and ready.exception() is None:
+            # Not for a fork that did not happen: its ready future is the spawned stand-in's during start().
+            if not ready.cancelled() and ready.exception() is None and w.reason != "unforked":
                 self.boot_times[how].append(time.monotonic() - asked)
         w.ready.add_done_callback(record)
 

@@ -6,7 +6,6 @@ import asyncio
 import ctypes
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,14 +16,6 @@ from balancer import wire
 FORK_TIMEOUT = 1.0  # seconds a zygote gets to answer a fork (it takes milliseconds); past that it is hung
 STOP_GRACE = 2.0  # seconds a zygote told to exit gets before SIGKILL
 PR_GET_CHILD_SUBREAPER = 37  # <linux/prctl.h>
-
-
-class ZygoteTrouble(Exception):
-    """A fork through the zygote did not happen; str() says why, in one line; hung: the zygote must be killed."""
-
-    def __init__(self, reason: str, hung: bool = False) -> None:
-        super().__init__(reason)
-        self.hung = hung
 
 
 class ForkedChild:
@@ -62,29 +53,41 @@ class ForkedChild:
 
 
 class Zygote:
-    """One zygote process: its channel, its exit, how far its import got."""
+    """One zygote process: its channel, its exit, how far its import got, the forks it has not answered yet."""
 
-    def __init__(self, generation: int, proc: subprocess.Popen, channel, pidfd: int) -> None:
+    def __init__(self, generation: int, proc, channel, pidfd: int) -> None:
         self.generation = generation  # the code generation its workers run (set for good once it is promoted)
-        self.proc = proc
+        self.proc = proc  # subprocess.Popen, or anything with pid, poll(), returncode and send_signal()
         self.pid = proc.pid
         self.channel = channel
         self.pidfd = pidfd
-        self.state = "importing"  # importing, ready, refusing, stopping, exited
-        self.started = time.monotonic()
+        self.state = "importing"  # importing, ready, refusing, hung, stopping, exited
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
         self.import_seconds: float | None = None
         self.error = ""  # its import error, as the backend's one line
-        self.kill_at = 0.0
-        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.ready: asyncio.Future = self.loop.create_future()
+        self.pending: dict[int, tuple] = {}  # fork token -> (record, deadline timer): asked, not answered
+        self.deadline: asyncio.TimerHandle | None = None  # the import's, then the one for exiting once stopped
+
+    def adopt(self, pid: int):
+        """The process of a worker it forked, now the master's child: (a Popen-like handle, its pidfd)."""
+        return ForkedChild(pid), os.pidfd_open(pid)
 
     def stop(self) -> None:
-        """Close its channel (it exits on EOF) and SIGTERM it; SIGKILL follows from tick() if it lingers."""
-        if self.state == "exited":
+        """Close its channel (it exits on EOF) and SIGTERM it; SIGKILL if it is still there STOP_GRACE later."""
+        if self.state in ("stopping", "exited"):
             return
         self.state = "stopping"
-        self.kill_at = time.monotonic() + STOP_GRACE
         self.close_channel()
         self.signal(signal.SIGTERM)
+        self.kill_after(STOP_GRACE)
+
+    def kill_after(self, seconds: float) -> None:
+        """SIGKILL it unless it has exited within seconds (a timer on the loop: nothing waits for it)."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = self.loop.call_later(seconds, self.signal, signal.SIGKILL)
 
     def signal(self, signum: int) -> None:
         """Signal it unless it is reaped (it is our child: its pid cannot be reused before that)."""
@@ -95,35 +98,15 @@ class Zygote:
 
     def close_channel(self) -> None:
         if self.channel.fileno() >= 0:
-            asyncio.get_running_loop().remove_reader(self.channel.fileno())
+            self.loop.remove_reader(self.channel.fileno())
             self.channel.close()
 
-    def await_reply(self, token: int, timeout: float) -> dict:
-        """The zygote's answer to fork request token: {'pid': N}; ZygoteTrouble (refusal, death, hang) otherwise."""
-        deadline = time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.channel, select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ZygoteTrouble(f"no answer to a fork within {timeout:g}s", hung=True)
-            poller.poll(left * 1000)
-            got = wire.receive(self.channel)
-            if got is None:
-                continue
-            msg, fds, _ = got
-            wire.close_all(fds)
-            if not msg:
-                raise ZygoteTrouble("its channel closed", hung=True)
-            body = wire.decode_json(msg)
-            if not isinstance(body, dict) or body.get("token") != token:
-                continue
-            if msg[0] == wire.FORK_REFUSED:
-                self.state = "refusing"
-                raise ZygoteTrouble(f"refuses to fork: {body.get('reason')}")
-            if msg[0] != wire.FORKED or not isinstance(body.get("pid"), int):
-                raise ZygoteTrouble(f"fork failed: {body.get('error', 'bad answer')}")
-            return body
+    def exited(self) -> None:
+        """It has been reaped: no deadline is left to enforce."""
+        self.state = "exited"
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
 
 def start_zygote(generation: int, settings: dict, env: dict) -> Zygote:

@@ -292,9 +292,10 @@ async def run_system(name: str, port: int, args, tmp: str) -> dict:
         out["crash_seconds"] = crashes
         out["crash_failed"] = lost
         st = system.status()
-        if st and st.get("zygote"):  # boot: 4 at once; reload: one after another; crashes: one alone
+        if st and st.get("zygote"):  # boot: N at once; reload: one after another; crashes: one alone
             forks = st["zygote"]["boot_seconds"]["fork"]
-            out["fork_to_ready"] = {"boot+reload": forks[:forks_before_crashes], "crash": forks[forks_before_crashes:]}
+            out["fork_to_ready"] = {"boot": forks[:args.workers], "reload": forks[args.workers:forks_before_crashes],
+                                    "crash": forks[forks_before_crashes:]}
     finally:
         system.stop()
     return out
@@ -347,12 +348,12 @@ def targets(by: dict[str, list[dict]]) -> None:
             ratio = statistics.median(reloads[0]) / statistics.median(reloads[1])
             line(ratio <= 0.4, f"rolling reload: {statistics.median(reloads[0]):.2f}s vs spawn mode "
                                f"{statistics.median(reloads[1]):.2f}s = {ratio:.2f}x (target <= 0.4x)")
-    for when in ("crash", "boot+reload"):
+    for when in ("boot", "reload", "crash"):
         boots = [t for r in pre for t in r.get("fork_to_ready", {}).get(when, ())]
         if boots:
             p50 = statistics.median(boots)
             line(p50 <= 0.025, f"spawn request -> READY p50, forks at {when}: {p50 * 1000:.1f} ms of {len(boots)} "
-                               "(target <= 25 ms)")
+                               f"(max {max(boots) * 1000:.1f} ms; target <= 25 ms)")
     crashes = [c for r in pre for c in r["crash_seconds"] if c is not None]
     if crashes:
         p50 = statistics.median(crashes)
@@ -374,12 +375,16 @@ def main() -> int:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     args = parser.parse_args()
     results = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="balancer-preload-") as tmp:
         for rnd in range(args.rounds):
             for i, name in enumerate(args.systems):  # interleaved: a busy spell hits every system alike
                 print(f"[round {rnd + 1}/{args.rounds}] {name}", file=sys.stderr, flush=True)
                 results.append(asyncio.run(run_system(name, args.port + i, args, tmp)))
     report(results)
+    # The targets are for a quiet machine: a busy one (other benchmarks, test suites) slows every fork and boot.
+    print("load average (1, 5, 15 min): before {:.2f} {:.2f} {:.2f}, after {:.2f} {:.2f} {:.2f} on {} CPUs".format(
+        *load_before, *os.getloadavg(), os.cpu_count()))
     return 0
 
 

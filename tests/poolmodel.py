@@ -7,7 +7,10 @@ promises: one connection, one worker; no record for a reaped process and no proc
 rolling reload drains no worker before its replacement is ready, and reports done only once every slot serves the
 newest generation asked for; counters never go backwards and match what the workers published; no callback or
 reconcile pass raises; once faults stop the pool converges to its target on the newest code; shutdown ends within
-the graceful timeout plus a small bound and leaves nothing open.
+the graceful timeout plus a small bound and leaves nothing open. With `preload`, the real Zygotes forks the
+workers through fake zygotes (tests/fakezygote.py), and the zygotes' promises join in: a failed import touches no
+worker, a worker forked but never answered for is no one's only with its channel closed, no zygote outlives its
+generation, and the pool converges with a ready zygote of the newest code.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import types
 from collections import Counter
 
 from balancer import dispatch, wire
+from balancer import zygote as zygotes_module
 from balancer.config import Config
 from balancer.dispatch import Dispatcher
 from balancer.master import STALL_AFTER, TICK
 from balancer.process import Phase
 from balancer.supervisor import KILL_GRACE, Supervisor
+from balancer.zygote import Zygotes
+from balancer.zygote_process import STOP_GRACE
 from tests.fakeworker import FakeClock, FakeTimeLoop, FakeWorker, make_worker, step
+from tests.fakezygote import FakeZygote
 
 WORKERS = 2
 CAP = 8  # --worker-connections: small, so backpressure and homeless fds happen, and above what a channel holds
@@ -61,6 +68,8 @@ class RaisedErrors(logging.Handler):
 class PoolModel:
     """A master's supervisor and dispatcher against fake workers; its check_* methods assert the promises."""
 
+    preload = False  # True: the real Zygotes forks the workers through fake zygotes (--preload), as master.py wires it
+
     def __init__(self) -> None:
         super().__init__()
         self.done = False  # shut down: every rule is over
@@ -75,21 +84,35 @@ class PoolModel:
         self.spawn_failures = 0
         self.conns: dict[int, Conn] = {}  # inode of the server end -> connection
         self.violations: list[str] = []
-        self.reloads: list[tuple[int, asyncio.Future]] = []
+        self.reloads: list[tuple[int, asyncio.Future]] = []  # (the generation it reaches at least, its answer)
+        self.failed_imports_before: dict[int, int] = {}  # id(answer) -> reload imports that had failed when asked
         self.seen: dict[str, int] = {}
         self.restarts_seen: Counter = Counter()
         self.gap_checked: set[int] = set()
         self.config = Config(workers=WORKERS, worker_connections=CAP, graceful_timeout=GRACEFUL, timeout=TIMEOUT,
                              boot_timeout=BOOT_TIMEOUT)
         self.dispatcher = Dispatcher(CAP, on_blocked=self._on_blocked)
+        self.zygote_fakes: list[FakeZygote] = []
+        self.import_failures = 0
+        self.zygotes: Zygotes | None = None
+        spawn = self._spawn
+        if self.preload:
+            self._real_is_subreaper = zygotes_module.is_subreaper
+            zygotes_module.is_subreaper = lambda: True  # the fakes are "adopted" without the test being a subreaper
+            self.zygotes = self.call(lambda: Zygotes(lambda: {"backend": "app:handler"}, {}, lambda: BOOT_TIMEOUT,
+                                                     start=self._start_zygote, spawn=self._spawn, clock=self.clock))
+            spawn = self.zygotes.spawn
         self.sup: Supervisor = self.call(lambda: Supervisor(self.config, self.dispatcher, self._on_capacity,
-                                                            spawn=self._spawn, clock=self.clock))
+                                                            spawn=spawn, clock=self.clock))
         self.sup.on_reload_hooks.append(self.check_reload_done)  # as the master's READY=1 for systemd
+        if self.zygotes is not None:
+            self.zygotes.bind(self.sup)
+            self.zygotes.on_import_failed.append(self.check_import_failed)
         self._log_errors = RaisedErrors(self.violations)
         logging.getLogger("balancer").addHandler(self._log_errors)
         try:
             self.auto = True
-            boot = self.loop.create_task(self.sup.start())
+            boot = self.loop.create_task(self._boot())
             for _ in range(10):
                 if boot.done():
                     break
@@ -101,6 +124,24 @@ class PoolModel:
             raise
 
     # ---- the master's side, as balancer/master.py wires it -------------------------------------
+
+    async def _boot(self) -> None:
+        """Master._start_pool: the zygote's import first, then the workers."""
+        if self.zygotes is not None:
+            await self.zygotes.boot()
+        await self.sup.start()
+
+    def _start_zygote(self, generation: int, settings: dict, env: dict):
+        fake = FakeZygote(generation, self._new_pid(), self._new_pid, self._on_fork, self._on_serve)
+        self.zygote_fakes.append(fake)
+        return fake.handle
+
+    def _new_pid(self) -> int:
+        self.next_pid += 1
+        return self.next_pid - 1
+
+    def _on_fork(self, fake: FakeWorker) -> None:
+        self.fakes[fake.pid] = fake
 
     def call(self, fn, *args):
         """Run fn inside the loop (the supervisor asks for the running loop)."""
@@ -131,8 +172,7 @@ class PoolModel:
         if self.spawn_failures:
             self.spawn_failures -= 1
             raise OSError(errno.EMFILE, "Too many open files")
-        pid = self.next_pid
-        self.next_pid += 1
+        pid = self._new_pid()
         record, fake = make_worker(slot, generation, pid, self.clock(), self._on_serve)
         self.fakes[pid] = fake
         return record
@@ -158,12 +198,16 @@ class PoolModel:
                     fake.behave()
                 else:
                     fake.react()
+            for zygote in self.zygote_fakes:
+                zygote.behave(import_ok=self.auto)  # a running zygote answers forks at once
             step(self.loop)
         self.check_no_gap()
 
     def master_tick(self) -> None:
         """The master's periodic steps (Master._schedule_tick)."""
         self.call(self.sup.tick)
+        if self.zygotes is not None:
+            self.call(self.zygotes.tick)
         self.check_no_gap()
         self.call(self.dispatcher.collect_all)
         self.call(self.dispatcher.mark_overdue, self.clock(), STALL_AFTER)
@@ -208,17 +252,65 @@ class PoolModel:
 
     # ---- promises -----------------------------------------------------------------------------
 
+    def ask_reload(self) -> None:
+        """SIGHUP: through the zygotes with --preload (a new one imports first), else straight to the supervisor."""
+        if self.zygotes is None:
+            future = self.call(self.sup.request_reload)
+            self.reloads.append((self.sup.generation, future))
+        else:
+            future = self.call(self.zygotes.reload)
+            self.reloads.append((self.sup.generation + 1, future))
+            self.failed_imports_before[id(future)] = self.import_failures
+
     def check_table(self) -> None:
-        """No record for a reaped process; the dispatcher sees exactly the table's workers."""
+        """No record for a reaped process, and none for a live one; the dispatcher sees exactly the table's workers.
+
+        A fork the zygote has not answered yet has a record with its pid pending; its worker may already live
+        (the answer is on its way).
+        """
+        pending = {-w.pid: w for w in self.sup.table.values() if w.pending}
         for pid, w in self.sup.table.items():
+            if w.pending:
+                continue
             fake = self.fakes[pid]
             assert fake.alive, f"record for pid={pid} (slot {w.slot}, {w.phase.value}) whose process exited " \
                                f"and was reaped: {fake.events}"
+            assert fake.generation == w.generation, f"pid={pid} runs generation {fake.generation}, its record " \
+                                                    f"says {w.generation}"
         for fake in self.live():
-            assert fake.pid in self.sup.table, f"live worker pid={fake.pid} has no record: {fake}"
+            assert fake.pid in self.sup.table or getattr(fake, "token", 0) in pending, \
+                f"live worker pid={fake.pid} has no record: {fake} {fake.events}"
         links = {id(w.link) for w in self.sup.table.values()}
         stray = [link.slot for link in self.dispatcher.links if id(link) not in links]
         assert not stray, f"dispatcher links for slots {stray} belong to no record"
+
+    def check_zygotes(self) -> None:
+        """--preload: the pool wants the current zygote's generation; no zygote outlives its generation or is lost."""
+        zg = self.zygotes
+        if zg is None:
+            return
+        assert zg.current is not None and self.sup.generation == zg.current.generation, \
+            f"the pool wants generation {self.sup.generation}, the current zygote is {zg.current}"
+        live = {w.generation for w in self.sup.table.values()}
+        for z in zg.retired:
+            assert z.state != "ready" or z.generation in live, \
+                f"zygote pid={z.pid} of generation {z.generation} lives on, no worker of it left: {z.fake}"
+        for fake in self.zygote_fakes:
+            assert fake.alive or fake.handle.state != "exited" or not fake.handle.pending, \
+                f"forks {sorted(fake.handle.pending)} of the dead zygote pid={fake.pid} wait out their deadline"
+            if fake.alive and fake.handle not in (zg.current, zg.next, *zg.retired):
+                assert fake.handle.state in ("stopping", "refusing", "hung"), \
+                    f"zygote pid={fake.pid} is no one's and was not told to go: {fake}"
+
+    def check_import_failed(self) -> None:
+        """Where a reload's import fails: the pool still wants the generation it had, no worker was touched."""
+        self.import_failures += 1
+        zg = self.zygotes
+        if self.sup.generation != zg.current.generation:
+            self.violations.append(f"a failed import moved the pool to generation {self.sup.generation}")
+        for w in self.sup.table.values():
+            if w.generation > zg.current.generation:
+                self.violations.append(f"worker slot={w.slot} runs generation {w.generation} of a failed import")
 
     def master_held(self) -> dict[int, list[str]]:
         """inode -> where the master holds a copy: 'homeless' or 'pid=N'."""
@@ -274,6 +366,14 @@ class PoolModel:
             if behind:
                 self.violations.append(f"reload reported done while generation {sup.generation} is wanted and "
                                        f"slots {behind} serve older code: {sup.records()}")
+        if self.zygotes is None:
+            self.check_answered(done)
+        elif self.zygotes.next is None:  # else the reloads asked since are waiting for its import, rightly
+            # A --preload reload's answer follows the supervisor's by a callback, which is scheduled only once
+            # request_reload() returns when the supervisor answers at once (it is stopping): check after that.
+            self.loop.call_soon(self.loop.call_soon, self.check_answered, done)
+
+    def check_answered(self, done: bool) -> None:
         unanswered = [generation for generation, future in self.reloads if not future.done()]
         if unanswered:
             self.violations.append(f"a reload was answered {done} but the requests for generations {unanswered} "
@@ -299,6 +399,8 @@ class PoolModel:
     def check_counts(self) -> None:
         """Right after a collect, each link's figures are exactly what its worker published."""
         for w in self.sup.table.values():
+            if w.pending:
+                continue
             fake = self.fakes[w.pid]
             if fake.alive and fake.channel_open and not fake.outbox and not w.link.channel_lost:
                 assert w.link.acked_total == fake.acked, \
@@ -333,6 +435,16 @@ class PoolModel:
         unacked = sum(len(w.link.unacked) for w in records)
         if unacked:
             return f"{unacked} connections not acked"
+        zg = self.zygotes
+        if zg is not None:
+            refused = zg.current.error.startswith("refuses")  # spawned until the next reload, by design
+            if zg.current.state != "ready" and not refused:
+                return f"the current zygote is {zg.current.state}"
+            kept = {z for z in zg.retired if z.generation in {w.generation for w in records}}  # a failed reload's
+            extra = [fake for fake in self.zygote_fakes
+                     if fake.alive and fake.handle is not zg.current and fake.handle not in kept]
+            if extra:
+                return f"zygotes other than the current one live on: {extra}"
         return ""
 
     def converge(self) -> None:
@@ -358,8 +470,9 @@ class PoolModel:
         failed = self.sup.failed_generation
         for generation, future in self.reloads:
             assert future.done(), f"reload to generation {generation} never answered"
-            # True once every slot ran it; False only when it (or a later one) failed to boot.
-            assert future.result() or generation <= failed, \
+            # True once every slot ran it; False only when it (or a later one) failed to boot, or an import failed.
+            failed_import = self.import_failures > self.failed_imports_before.get(id(future), self.import_failures)
+            assert future.result() or generation <= failed or failed_import, \
                 f"reload to generation {generation} answered False, yet no generation from it on failed ({failed})"
         self.check_monotonic()
         assert not self.violations, self.violations
@@ -371,6 +484,8 @@ class PoolModel:
 
         async def master_shutdown():
             await self.sup.shutdown()
+            if self.zygotes is not None:
+                await self.zygotes.close()
             self.dispatcher.close_homeless()
 
         task = self.loop.create_task(master_shutdown())
@@ -378,7 +493,7 @@ class PoolModel:
             self.pump()
             if task.done():
                 break
-            assert self.clock() - start <= SHUTDOWN_BOUND, \
+            assert self.clock() - start <= SHUTDOWN_BOUND + (STOP_GRACE + TICK if self.zygotes else 0), \
                 f"shutdown still running after {self.clock() - start:.2f}s: {self.sup.records()} {self.live()}"
             self.clock.advance(TICK)
             self.call(self.sup.tick)
@@ -388,6 +503,7 @@ class PoolModel:
         self.done = True
         assert not self.sup.table, f"records left after shutdown: {self.sup.records()}"
         assert not self.live(), f"workers alive after shutdown: {self.live()}"
+        assert not [z for z in self.zygote_fakes if z.alive], f"zygotes alive after shutdown: {self.zygote_fakes}"
         assert not self.dispatcher.homeless
         assert not any(link.unacked for link in self.dispatcher.links)
         for generation, future in self.reloads:
@@ -404,19 +520,30 @@ class PoolModel:
     def cleanup(self) -> None:
         """Close everything an example opened, whether it passed or not."""
         dispatch.time = self._real_time
+        if self.preload:
+            zygotes_module.is_subreaper = self._real_is_subreaper
+            for z in self.zygotes.zygotes():  # never reaped (a failed example)
+                self.loop.remove_reader(z.pidfd)
+                os.close(z.pidfd)
+                z.close_channel()
+        for fake in self.zygote_fakes:
+            fake.release()
         logging.getLogger("balancer").removeHandler(self._log_errors)
         held = [fd for fd, _ in self.dispatcher.homeless]
         for w in list(self.sup.table.values()):  # records the supervisor never reaped (a failed example)
             held += [fd for fd, _ in w.link.unacked.values()]
-            try:
-                self.loop.remove_reader(w.exit_fd)
-                os.close(w.exit_fd)
-            except OSError:
-                pass
+            if not w.pending:
+                try:
+                    self.loop.remove_reader(w.exit_fd)
+                    os.close(w.exit_fd)
+                except OSError:
+                    pass
             w.channel.close()
         wire.close_all(held)
         for fake in self.fakes.values():
             fake.release()
+            if getattr(fake, "exit_r", -1) >= 0 and not getattr(fake, "adopted", False):
+                os.close(fake.exit_r)  # forked, never adopted: no record ever held its exit
         for conn in self.conns.values():
             conn.client.close()
         self.loop.close()

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from balancer.master import TICK
+from tests.fakezygote import FakeZygote
 from tests.poolmodel import PoolModel
 
 # A passing run takes about 15 s; a failing one may shrink for up to hypothesis's own 5-minute limit, which
@@ -159,8 +160,7 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
     @guarded
     def reload(self):
         """SIGHUP (also during a reload)."""
-        future = self.call(self.sup.request_reload)
-        self.reloads.append((self.sup.generation, future))
+        self.ask_reload()
         self.pump()
 
     @rule(n=st.integers(1, 3))
@@ -197,6 +197,7 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
         self.check_no_gap()
         self.check_reloads()
         self.check_monotonic()
+        self.check_zygotes()
 
     def teardown(self) -> None:
         """Faults stop: the pool must converge, then shut down in time; always close what the example opened."""
@@ -208,21 +209,74 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
             self.cleanup()
 
 
-def test_supervisor_keeps_its_promises_under_faults():
-    # No example database: a failure prints its reproduce_failure blob instead of leaving state in the tree.
-    # BALANCER_MODEL_SHRINK=0 reports the first failing sequence unshrunk (quick checks against mutations).
+def run_model(machine_class, examples: int) -> None:
+    """Run a state machine; no example database: a failure prints its reproduce_failure blob instead of leaving
+    state in the tree. BALANCER_MODEL_SHRINK=0 reports the first failing sequence unshrunk (quick checks against
+    mutations)."""
     phases = tuple(settings.default.phases)
     if os.environ.get("BALANCER_MODEL_SHRINK") == "0":
         phases = tuple(p for p in phases if p is not HypothesisPhase.shrink)
-    run_state_machine_as_test(SupervisorModel, settings=settings(
-        max_examples=300, stateful_step_count=50, deadline=None, database=None, print_blob=True, phases=phases,
+    run_state_machine_as_test(machine_class, settings=settings(
+        max_examples=examples, stateful_step_count=50, deadline=None, database=None, print_blob=True, phases=phases,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
 
 
+def test_supervisor_keeps_its_promises_under_faults():
+    run_model(SupervisorModel, 300)
+
+
+class PreloadModel(SupervisorModel):
+    """The same, with --preload: the real Zygotes forks every worker through fake zygotes, which fail too."""
+
+    preload = True
+
+    def zygote(self, i: int) -> FakeZygote | None:
+        alive = [z for z in self.zygote_fakes if z.alive]
+        return alive[i % len(alive)] if alive else None
+
+    @rule(outcome=st.sampled_from(["ready", "ready", "error", "die", "hang"]))
+    @precondition(lambda self: not self.done)
+    @guarded
+    def zygote_imports(self, outcome):
+        """The importing zygote (boot, reload or restart) finishes: ready, the code does not import, a crash, a hang."""
+        for z in self.zygote_fakes:
+            if z.alive and z.state == "importing":
+                z.imported(outcome)
+        self.pump()
+
+    @rule(i=st.integers(0, 7), what=st.sampled_from(["die", "die", "stop", "stop", "resume", "refuse", "fail_next",
+                                                     "die_before_handoff"]))
+    @precondition(lambda self: not self.done)
+    @guarded
+    def zygote_fault(self, i, what):
+        """A zygote dies (kill -9, OOM), hangs (SIGSTOP) or resumes, refuses to fork, fails a fork, or dies between
+        answering a fork and handing the request to its worker."""
+        z = self.zygote(i)
+        if z is None:
+            return
+        if what == "die":
+            z.die(-signal.SIGKILL)
+        elif what == "stop":
+            z.stopped = True
+        elif what == "resume":
+            z.stopped = False
+        elif what == "refuse":
+            z.refuse = True
+        elif what == "fail_next":
+            z.fail_next += 1
+        else:
+            z.die_before_handoff = True
+        self.pump()
+
+
+def test_preload_keeps_its_promises_under_zygote_faults():
+    run_model(PreloadModel, 200)  # zygote faults among the worker faults; a run takes about as long as the above
+
+
 @contextlib.contextmanager
-def model():
+def model(machine_class=None):
     """A fresh model for a replayed sequence; its end phase (convergence, shutdown) runs unless a step failed."""
-    machine = SupervisorModel()
+    machine = (machine_class or SupervisorModel)()
     try:
         yield machine
     except BaseException:
@@ -277,3 +331,71 @@ def test_a_reload_asked_while_the_last_replacement_boots_is_done_only_on_the_new
         m.promises()
         assert [w.generation for w in m.sup.slots] == [2, 2]
         assert all(future.done() and future.result() for _, future in m.reloads)
+
+
+def test_preload_a_hung_zygote_is_killed_and_the_workers_asked_of_it_are_spawned():
+    """A worker dies while its zygote is SIGSTOPped: FORK_TIMEOUT later the zygote is killed, the worker spawned."""
+    with model(PreloadModel) as m:
+        hung = m.zygote(0)
+        hung.stopped = True
+        m.crash(i=1)
+        m.time_passes(dt=TICK, boots=True, arrivals=[])  # the slot's back-off (0.1 s) is over: a fork is asked
+        asked = [w for w in m.sup.records() if w.pending]
+        assert len(asked) == 1, m.sup.records()
+        m.time_passes(dt=0.5, boots=True, arrivals=[])
+        assert asked[0] in m.sup.records() and hung.alive, "given up on before FORK_TIMEOUT"
+        m.time_passes(dt=0.6, boots=True, arrivals=[])
+        m.promises()
+        assert not hung.alive and asked[0] not in m.sup.records() and m.zygotes.spawned == 1
+        m.time_passes(dt=0.05, boots=True, arrivals=[])
+        assert m.sup.serving(asked[0].slot) is not None
+        m.time_passes(dt=TICK, boots=True, arrivals=[])  # its back-off (0.1 s): a new zygote imports
+        m.zygote_imports(outcome="ready")
+        assert m.zygotes.current is not hung.handle and m.zygotes.current.state == "ready", "not restarted"
+
+
+def test_preload_a_reload_whose_code_does_not_import_touches_no_worker():
+    """SIGHUP, and the new zygote's import fails: the reload answers False, and the pool is as it was."""
+    with model(PreloadModel) as m:
+        before = {w.pid: (w.phase, w.generation) for w in m.sup.records()}
+        m.reload()
+        m.time_passes(dt=TICK, boots=True, arrivals=[1])
+        m.zygote_imports(outcome="error")
+        m.promises()
+        assert {w.pid: (w.phase, w.generation) for w in m.sup.records()} == before
+        (_, answer), = m.reloads
+        assert answer.done() and answer.result() is False and m.zygotes.reload_error
+        assert m.sup.generation == 0 and m.zygotes.current.generation == 0
+
+
+def test_preload_a_reload_during_an_import_drops_it_and_the_old_zygote_goes_with_its_generation():
+    """SIGHUP twice while the first new zygote imports: only the second forks; then the first zygote exits."""
+    with model(PreloadModel) as m:
+        old = m.zygote(0)
+        m.reload()
+        first = m.zygote_fakes[-1]
+        m.reload()
+        m.promises()
+        assert not first.alive, "the dropped import's zygote lives on"
+        m.zygote_imports(outcome="ready")
+        for _ in range(8):
+            m.time_passes(dt=TICK, boots=True, arrivals=[1])
+        m.promises()
+        assert [w.generation for w in m.sup.slots] == [1, 1] and not old.alive
+        assert all(answer.result() for _, answer in m.reloads)
+
+
+def test_preload_a_zygote_dying_between_answering_a_fork_and_handing_it_over_leaves_no_phantom():
+    """The zygote said the worker's pid, then died before handing it its channel: that worker is tracked, exits
+    with the zygote, and its slot is filled again (spawned, while the zygote is down)."""
+    with model(PreloadModel) as m:
+        z = m.zygote(0)
+        z.die_before_handoff = True
+        m.crash(i=1)
+        m.time_passes(dt=TICK, boots=False, arrivals=[])  # the fork is asked once the slot's back-off is over
+        m.promises()
+        assert not z.alive and all(f.pid in m.sup.table for f in m.live())
+        for _ in range(4):
+            m.time_passes(dt=TICK, boots=True, arrivals=[])
+        m.promises()
+        assert m.zygotes.spawned == 1 and all(w is not None for w in m.sup.slots)
