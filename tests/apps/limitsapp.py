@@ -1,4 +1,5 @@
-"""Backends for the limit tests: body readers of each kind, a handler that answers before reading, slow ones."""
+"""Backends for the limit tests: body readers of each kind, a handler that answers before reading, slow ones,
+a streamed response that waits for the drain."""
 
 from __future__ import annotations
 
@@ -30,8 +31,29 @@ async def lazy_echo(request: web.Request) -> web.Response:
     return web.Response(text=f"{total}\n", headers=_ident())
 
 
+DRAINING = web.AppKey("draining", asyncio.Event)
+
+
+async def stream_across_drain(request: web.Request) -> web.StreamResponse:
+    """A streamed response whose headers go out at once, and whose end waits for the worker's drain to begin."""
+    response = web.StreamResponse(headers=_ident())
+    await response.prepare(request)
+    await response.write(b"first\n")
+    await asyncio.wait_for(request.app[DRAINING].wait(), 60)  # set by on_shutdown: the drain has begun
+    await response.write(b"last\n")
+    await response.write_eof()
+    return response
+
+
+async def note_drain(app: web.Application) -> None:
+    app[DRAINING].set()
+
+
 def create_app() -> web.Application:
     app = _base_app()
+    app[DRAINING] = asyncio.Event()
+    app.on_shutdown.append(note_drain)
+    app.router.add_get("/stream", stream_across_drain)
     app.router.add_post("/read", read_all)
     app.router.add_post("/reject", reject)
     app.router.add_post("/lazy", lazy_echo)
