@@ -91,6 +91,62 @@ def test_client_max_size_governs_application_and_factory_backends(backend):
         assert status_of(exchange(b.port, post("/read", close=True) + chunked(body + b"x", 65536))) == 413
 
 
+MiB = 1024 ** 2
+
+
+def read_all_of(port: int, size: int, chunk: int | None = None) -> bytes:
+    """POST /read with a body of size bytes, declared, or chunked in pieces of chunk bytes; the whole answer."""
+    body = b"x" * size
+    return exchange(port, post("/read", size, close=True) + body if chunk is None else
+                    post("/read", close=True) + chunked(body, chunk), timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["limitsapp:big_app", "limitsapp:create_big_app"])
+def test_an_application_keeps_its_own_client_max_size_when_the_option_is_not_given(backend):
+    """As under run_app and gunicorn: Application(client_max_size=5 MiB) takes a 2 MiB body."""
+    with Balancer("--workers", "1", "--backend", backend) as b:
+        for chunk in (None, 65536):  # declared, then streamed
+            reply = read_all_of(b.port, 2 * MiB, chunk)
+            assert status_of(reply) == 200 and reply.endswith(b"\r\n\r\n%d\n" % (2 * MiB)), reply[:300]
+            reply = read_all_of(b.port, 5 * MiB + 1, chunk)
+            assert status_of(reply) == 413, reply[:300]
+            assert b"size 5242880 exceeded" in reply and b"(the limit is the Application's client_max_size)" in reply
+
+
+def test_an_application_asking_for_no_body_limit_gets_none():
+    """client_max_size=0 is aiohttp's "no limit": the worker enforces none either (the body deadline holds)."""
+    with Balancer("--workers", "1", "--backend", "limitsapp:no_limit_app") as b:
+        for chunk in (None, 65536):
+            reply = read_all_of(b.port, 3 * MiB, chunk)
+            assert status_of(reply) == 200 and reply.endswith(b"\r\n\r\n%d\n" % (3 * MiB)), reply[:300]
+
+
+@pytest.mark.parametrize("source", ["cli", "env", "file"])
+def test_client_max_size_given_anywhere_replaces_the_applications_own(source, tmp_path):
+    """--client-max-size, BALANCER_CLIENT_MAX_SIZE or the config file's key: given, it wins, and the 413 says so."""
+    args, env = {"cli": (("--client-max-size", str(MiB)), {}),
+                 "env": ((), {"BALANCER_CLIENT_MAX_SIZE": str(MiB)}),
+                 "file": (("--config", str(tmp_path / "balancer.toml")), {})}[source]
+    (tmp_path / "balancer.toml").write_text(f"client_max_size = {MiB}\n")
+    with Balancer("--workers", "1", "--backend", "limitsapp:big_app", *args, env=env) as b:
+        for chunk in (None, 65536):
+            assert status_of(read_all_of(b.port, MiB, chunk)) == 200
+            reply = read_all_of(b.port, 2 * MiB, chunk)  # under the Application's own 5 MiB, past the option's
+            assert status_of(reply) == 413, reply[:300]
+            assert b"size 1048576 exceeded" in reply and b"(the limit is --client-max-size)" in reply, reply[:300]
+
+
+def test_a_bare_handler_gets_1_mib_unless_the_option_says_otherwise():
+    body = b"x" * (2 * MiB)
+    with Balancer("--workers", "1", "--backend", "testapp:request_info") as b:
+        reply = exchange(b.port, post("/", len(body), close=True) + body, timeout=30)
+        assert status_of(reply) == 413 and b"size 1048576 exceeded" in reply, reply[:300]
+        assert b"balancer's default for a bare handler; --client-max-size sets another" in reply, reply[:300]
+    with Balancer("--workers", "1", "--backend", "testapp:request_info", "--client-max-size", str(3 * MiB)) as b:
+        reply = exchange(b.port, post("/", len(body), close=True) + body, timeout=30)
+        assert status_of(reply) == 200 and b'"body": 2097152' in reply, reply[:300]
+
+
 # ---- body size: no second reader ------------------------------------------------------------------
 
 def test_handler_answering_before_reading_a_chunked_body_keeps_the_connection():

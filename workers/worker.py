@@ -84,7 +84,8 @@ class Worker:
             return self._boot_failed(str(exc))
         try:
             backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
-                                     client_max_size=self.settings["client_max_size"])
+                                     client_max_size=self.settings.get("client_max_size", 0))
+            self.limits.size_origin = backend.size_origin
             self.runner = WorkerRunner(
                 backend.app,
                 handle_signals=False,
