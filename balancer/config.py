@@ -124,8 +124,10 @@ class Config:
                               metavar="SECONDS")
     keepalive_timeout: float = opt(5.0, "seconds an idle keep-alive connection is kept open", metavar="SECONDS")
     header_timeout: float = opt(10.0, "seconds a client gets to send complete request headers", metavar="SECONDS")
-    client_max_size: int = opt(1024 ** 2, "largest request body in bytes, streamed or not; it replaces an "
-                               "Application's own client_max_size", metavar="BYTES")
+    # 0 is "not given": an Application (or a factory's) keeps its own client_max_size, as under run_app.
+    client_max_size: int = opt(0, "largest request body in bytes, streamed or not (413 beyond); it replaces an "
+                               "Application's own client_max_size. 0, the default: an Application keeps its own "
+                               "(aiohttp's 1 MiB unless it sets one), a bare handler gets 1 MiB", metavar="BYTES")
     body_timeout: float = opt(10.0, "window in which a request body must bring --body-min-rate x SECONDS bytes, "
                               "or get 408 and lose its connection (slow POST); 0: no deadline", metavar="SECONDS")
     body_min_rate: int = opt(500, "bytes per second a request body must average over each --body-timeout window; "
@@ -212,14 +214,14 @@ class Config:
                 raise ConfigError(f"--metrics-bind: {exc}") from None
             if b.family != "tcp":
                 raise ConfigError("--metrics-bind must be HOST:PORT or none")
-        for name in ("workers", "worker_connections", "backlog", "client_max_size"):
+        for name in ("workers", "worker_connections", "backlog"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.workers > MAX_WORKERS:
             raise ConfigError(f"--workers must be at most {MAX_WORKERS} ({WORKERS_PER_CPU} per usable CPU), "
                               f"got {self.workers}")
         for name in ("max_requests", "max_requests_jitter", "max_memory", "body_timeout", "body_min_rate",
-                     "shutdown_delay"):
+                     "shutdown_delay", "client_max_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         for name in ("graceful_timeout", "timeout", "boot_timeout", "keepalive_timeout", "header_timeout"):

@@ -7,6 +7,8 @@ import re
 import select
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -87,6 +89,62 @@ def test_client_max_size_governs_application_and_factory_backends(backend):
         assert status_of(exchange(b.port, post("/echo", close=True) + chunked(body, 65536))) == 200
         assert status_of(exchange(b.port, post("/read", limit + 1, close=True) + body + b"x")) == 413
         assert status_of(exchange(b.port, post("/read", close=True) + chunked(body + b"x", 65536))) == 413
+
+
+MiB = 1024 ** 2
+
+
+def read_all_of(port: int, size: int, chunk: int | None = None) -> bytes:
+    """POST /read with a body of size bytes, declared, or chunked in pieces of chunk bytes; the whole answer."""
+    body = b"x" * size
+    return exchange(port, post("/read", size, close=True) + body if chunk is None else
+                    post("/read", close=True) + chunked(body, chunk), timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["limitsapp:big_app", "limitsapp:create_big_app"])
+def test_an_application_keeps_its_own_client_max_size_when_the_option_is_not_given(backend):
+    """As under run_app and gunicorn: Application(client_max_size=5 MiB) takes a 2 MiB body."""
+    with Balancer("--workers", "1", "--backend", backend) as b:
+        for chunk in (None, 65536):  # declared, then streamed
+            reply = read_all_of(b.port, 2 * MiB, chunk)
+            assert status_of(reply) == 200 and reply.endswith(b"\r\n\r\n%d\n" % (2 * MiB)), reply[:300]
+            reply = read_all_of(b.port, 5 * MiB + 1, chunk)
+            assert status_of(reply) == 413, reply[:300]
+            assert b"size 5242880 exceeded" in reply and b"(the limit is the Application's client_max_size)" in reply
+
+
+def test_an_application_asking_for_no_body_limit_gets_none():
+    """client_max_size=0 is aiohttp's "no limit": the worker enforces none either (the body deadline holds)."""
+    with Balancer("--workers", "1", "--backend", "limitsapp:no_limit_app") as b:
+        for chunk in (None, 65536):
+            reply = read_all_of(b.port, 3 * MiB, chunk)
+            assert status_of(reply) == 200 and reply.endswith(b"\r\n\r\n%d\n" % (3 * MiB)), reply[:300]
+
+
+@pytest.mark.parametrize("source", ["cli", "env", "file"])
+def test_client_max_size_given_anywhere_replaces_the_applications_own(source, tmp_path):
+    """--client-max-size, BALANCER_CLIENT_MAX_SIZE or the config file's key: given, it wins, and the 413 says so."""
+    args, env = {"cli": (("--client-max-size", str(MiB)), {}),
+                 "env": ((), {"BALANCER_CLIENT_MAX_SIZE": str(MiB)}),
+                 "file": (("--config", str(tmp_path / "balancer.toml")), {})}[source]
+    (tmp_path / "balancer.toml").write_text(f"client_max_size = {MiB}\n")
+    with Balancer("--workers", "1", "--backend", "limitsapp:big_app", *args, env=env) as b:
+        for chunk in (None, 65536):
+            assert status_of(read_all_of(b.port, MiB, chunk)) == 200
+            reply = read_all_of(b.port, 2 * MiB, chunk)  # under the Application's own 5 MiB, past the option's
+            assert status_of(reply) == 413, reply[:300]
+            assert b"size 1048576 exceeded" in reply and b"(the limit is --client-max-size)" in reply, reply[:300]
+
+
+def test_a_bare_handler_gets_1_mib_unless_the_option_says_otherwise():
+    body = b"x" * (2 * MiB)
+    with Balancer("--workers", "1", "--backend", "testapp:request_info") as b:
+        reply = exchange(b.port, post("/", len(body), close=True) + body, timeout=30)
+        assert status_of(reply) == 413 and b"size 1048576 exceeded" in reply, reply[:300]
+        assert b"balancer's default for a bare handler; --client-max-size sets another" in reply, reply[:300]
+    with Balancer("--workers", "1", "--backend", "testapp:request_info", "--client-max-size", str(3 * MiB)) as b:
+        reply = exchange(b.port, post("/", len(body), close=True) + body, timeout=30)
+        assert status_of(reply) == 200 and b'"body": 2097152' in reply, reply[:300]
 
 
 # ---- body size: no second reader ------------------------------------------------------------------
@@ -273,3 +331,95 @@ def test_keepalive_client_mid_drain_gets_connection_close_on_its_next_response()
             assert f.read() == b""
         assert b.wait(15) == 0
         assert time.monotonic() - started < 10, "the drain waited for the kept-alive connection to time out"
+
+
+def read_head(f) -> tuple[int, dict]:
+    """A response's status and lower-cased headers, (0, {}) on EOF or reset."""
+    try:
+        line = f.readline()
+    except ConnectionResetError:
+        return 0, {}
+    if not line:
+        return 0, {}
+    headers = {}
+    while (h := f.readline()) not in (b"\r\n", b""):
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(line.split()[1]), headers
+
+
+def read_chunk(f) -> bytes:
+    """One chunk of a chunked body; b"" for the last (its trailer read too)."""
+    size = int(f.readline().split(b";")[0], 16)
+    data = f.read(size)
+    f.readline()  # the CRLF after the chunk, or after the (empty) trailer
+    return data
+
+
+def streamed_response_straddling(b: Balancer, s: socket.socket, f, begin_drain) -> None:
+    """GET /stream on s: its headers and first chunk arrive, then the drain begins, then the stream ends."""
+    s.sendall(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, headers = read_head(f)
+    assert status == 200 and headers.get("transfer-encoding") == "chunked", (status, headers)
+    assert headers.get("connection") != "close", headers  # out keep-alive, before the drain began
+    assert read_chunk(f) == b"first\n"
+    begin_drain()
+    assert read_chunk(f) == b"last\n"  # the handler saw the drain begin (its on_shutdown) and finished
+    assert read_chunk(f) == b""
+
+
+def connection_to_slot(b: Balancer, slot: str) -> tuple[socket.socket, object]:
+    """A keep-alive connection served by the worker in slot, and its reader; the others opened are closed."""
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", b.port), timeout=30)
+        f = s.makefile("rb")
+        s.sendall(KEEP)
+        status, headers, _ = read_response(f)
+        assert status == 200, status
+        if headers.get("x-worker-slot") == slot:
+            return s, f
+        f.close()
+        s.close()
+    raise AssertionError(f"no connection reached slot {slot}")
+
+
+@pytest.mark.parametrize("drain", ["SIGHUP", "scale 1", "stop"])
+def test_keepalive_request_after_a_stream_that_straddled_the_drain_is_answered(drain, tmp_path):
+    """A streamed response's headers went out keep-alive before the drain: the next request on its connection
+    is answered, with Connection: close, not dropped."""
+    sock = str(tmp_path / "ctl.sock")
+    workers = "2" if drain == "scale 1" else "1"
+    with Balancer("--workers", workers, "--control-socket", sock, "--graceful-timeout", "20", *LIMITS_APP) as b:
+        s, f = connection_to_slot(b, "1" if drain == "scale 1" else "0")  # scale 1 drains slot 1
+        with s, f:
+            def begin_drain() -> None:
+                if drain == "SIGHUP":
+                    b.signal(signal.SIGHUP)
+                elif drain == "stop":
+                    b.signal(signal.SIGTERM)
+                else:
+                    done = subprocess.run([sys.executable, "-m", "balancer", "scale", "1", "--control-socket", sock],
+                                          capture_output=True, text=True, timeout=60)
+                    assert done.returncode == 0, done.stderr
+
+            streamed_response_straddling(b, s, f, begin_drain)
+            s.sendall(KEEP)
+            status, headers, body = read_response(f)
+            assert status == 200 and body, "the request after the stream was dropped"
+            assert headers.get("connection") == "close", headers
+            assert f.read() == b""
+        if drain == "stop":
+            assert b.wait(30) == 0
+
+
+def test_idle_connection_after_a_stream_that_straddled_the_drain_closes_at_the_keepalive_timeout():
+    keepalive = 2.0
+    with Balancer("--workers", "1", "--keepalive-timeout", str(keepalive), "--graceful-timeout", "20",
+                  *LIMITS_APP) as b:
+        with socket.create_connection(("127.0.0.1", b.port), timeout=30) as s, s.makefile("rb") as f:
+            streamed_response_straddling(b, s, f, lambda: b.signal(signal.SIGTERM))
+            ended = time.monotonic()
+            assert f.read() == b""  # the server's close
+            idle = time.monotonic() - ended
+        assert keepalive - 0.5 <= idle < keepalive + 5, f"closed after {idle:.2f} s idle"
+        assert b.wait(30) == 0

@@ -94,18 +94,25 @@ def _is_async(fn) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
+# A bare handler's body size limit when --client-max-size is not given: aiohttp's own default for an Application.
+HANDLER_MAX_SIZE = 1024 ** 2
+EXPLICIT = "--client-max-size"  # where the limit comes from when the option is given
+
+
 @dataclass(frozen=True)
 class Backend:
     """What the worker serves: an Application, and for a bare handler the one route that takes everything."""
     app: web.Application
     route: web.AbstractRoute | None = None
+    size_origin: str = "the Application's client_max_size"  # where its body size limit comes from, for a 413
 
 
-def handler_app(handler, client_max_size: int = 1024 ** 2) -> Backend:
+def handler_app(handler, client_max_size: int = 0) -> Backend:
     """Wrap a bare request handler in an Application whose one route takes every method and path."""
-    app = web.Application(client_max_size=client_max_size)
+    app = web.Application(client_max_size=client_max_size or HANDLER_MAX_SIZE)
     route = app.router.add_route("*", "/{tail:.*}", handler)
-    return Backend(app, route)
+    origin = EXPLICIT if client_max_size else f"balancer's default for a bare handler; {EXPLICIT} sets another"
+    return Backend(app, route, origin)
 
 
 def skip_router(backend: Backend):
@@ -139,24 +146,31 @@ async def _expect_then_handle(request: web.Request, expect, handler):
     return await handler(request)
 
 
-def limit_body(app: web.Application, client_max_size: int) -> web.Application:
-    """Give app --client-max-size, which aiohttp's request.read() and post() check: one limit for every backend."""
-    # It replaces what the Application set (aiohttp's default is 1 MiB). The worker turns larger bodies away
-    # before any handler runs, so a larger value here could never apply and a smaller one would contradict the
-    # option; a route that wants less checks request.content_length itself.
+def limit_body(app: web.Application, client_max_size: int) -> Backend:
+    """app, given --client-max-size when the option was given; else it keeps its own client_max_size.
+
+    As under run_app and gunicorn, an Application (or a factory's) keeps the client_max_size it was made
+    with (aiohttp's default is 1 MiB), and the worker enforces that one, declared or chunked; the option, when
+    given, replaces it, so one value holds for every backend.
+    """
+    if not client_max_size:
+        return Backend(app)
     app._client_max_size = client_max_size  # no public setter; aiohttp reads it for every request it makes
-    return app
+    return Backend(app, size_origin=EXPLICIT)
 
 
-async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 2) -> Backend:
-    """Resolve spec to a Backend: an Application given directly, built by a (sync or async) factory, or a handler."""
+async def load_app(spec: str, app_dir: str = "", client_max_size: int = 0) -> Backend:
+    """Resolve spec to a Backend: an Application given directly, built by a (sync or async) factory, or a handler.
+
+    client_max_size: --client-max-size, 0 when not given (each kind keeps its own limit then).
+    """
     obj, call = import_target(spec, app_dir)
     if call is not None:  # module:factory(...): called as written, whatever its signature says
         if not callable(obj) or isinstance(obj, web.Application):
             raise BackendError(f"{spec!r}: {call[0]!r} is {_kind(obj)}, which cannot be called")
         return await build(spec, obj, *call[1:], client_max_size)
     if isinstance(obj, web.Application):
-        return Backend(limit_body(obj, client_max_size))
+        return limit_body(obj, client_max_size)
     if not callable(obj) or isinstance(obj, type):
         raise BackendError(f"{spec!r} is {_kind(obj)}; expected an async handler (request) -> Response, "
                            "an aiohttp.web.Application, or a factory returning one")
@@ -174,7 +188,7 @@ async def load_app(spec: str, app_dir: str = "", client_max_size: int = 1024 ** 
     return await build(spec, obj, (), {}, client_max_size)
 
 
-async def build(spec: str, factory, args: tuple, kwargs: dict, client_max_size: int = 1024 ** 2,
+async def build(spec: str, factory, args: tuple, kwargs: dict, client_max_size: int = 0,
                 hint: str = "") -> Backend:
     """Call a (sync or async) factory; its Application, or a BackendError naming what went wrong."""
     try:
@@ -186,7 +200,7 @@ async def build(spec: str, factory, args: tuple, kwargs: dict, client_max_size: 
     if not isinstance(result, web.Application):
         raise BackendError(f"factory {spec!r} returned {_kind(result)}; expected an aiohttp.web.Application"
                            f"{hint}")
-    return Backend(limit_body(result, client_max_size))
+    return limit_body(result, client_max_size)
 
 
 def _first_parameter(fn) -> str | None:

@@ -23,7 +23,9 @@ class Limits:
         self.stats = stats
         self.loop = loop
         self.header_timeout = settings["header_timeout"]
-        self.max_size = settings["client_max_size"]
+        # Where the body size limit comes from, for the 413's text: each request carries its limit
+        # (request.client_max_size, the Application's), which --client-max-size sets when given (backend.py).
+        self.size_origin = "the Application's client_max_size"
         self.body_timeout = settings.get("body_timeout", 0.0)
         # The least a body must bring per window; with a rate of 0 the window is an idle timeout (1 byte).
         self.body_window_bytes = max(1, int(settings.get("body_min_rate", 0) * self.body_timeout))
@@ -47,26 +49,32 @@ class Limits:
     # ---- per request with a body ---------------------------------------------------------------
 
     def watch_body(self, request: web.Request):
-        """Enforce --client-max-size and the body deadline on request's body; the stream to release, or None."""
-        limit = self.max_size
+        """Enforce the body size limit and deadline on request's body; the stream to release, or None."""
+        limit = request.client_max_size  # 0: the app asked for no limit, as aiohttp's read() takes it
         length = request.content_length
-        if length is not None and length > limit:
-            raise closing(web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length))
+        if limit and length is not None and length > limit:
+            raise closing(self.too_large(limit, length))
         stream = request._payload
-        if length is None:  # chunked: only counting what arrives can tell
+        if limit and length is None:  # chunked: only counting what arrives can tell
             if stream.total_bytes > limit:
                 if not stream.is_eof():
                     self._refuse(stream)
-                raise closing(web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=stream.total_bytes))
+                raise closing(self.too_large(limit, stream.total_bytes))
             if not stream.is_eof():
                 # Counted where aiohttp's parser feeds the stream, not by a second reader of it: aiohttp reads
                 # what a handler left unread after answering, and two readers of one stream collide.
-                stream._buffer = SizeLimit(stream, limit)
+                stream._buffer = SizeLimit(stream, limit, self)
         if stream.is_eof():
             return None  # all here already: nothing to wait for
         if self.body_timeout:
             self.bodies[stream] = (self.loop.time() + self.body_timeout, stream.total_bytes)
         return stream
+
+    def too_large(self, limit: int, size: int) -> web.HTTPRequestEntityTooLarge:
+        """The 413 for a body of size bytes, naming the limit and where it was set."""
+        return web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=size,
+            text=f"Maximum request body size {limit} exceeded (the limit is {self.size_origin}).")
 
     def release_body(self, stream) -> None:
         """The request ended: stop watching its body, and end a body cut off at the size limit."""
@@ -130,12 +138,13 @@ class SizeLimit(deque):
     """A body stream's buffer that fails the stream with 413 once more than limit bytes are fed to it."""
 
     # aiohttp's StreamReader.feed_data appends each piece to its _buffer, then adds it to total_bytes.
-    __slots__ = ("stream", "limit", "passed")
+    __slots__ = ("stream", "limit", "limits", "passed")
 
-    def __init__(self, stream, limit: int) -> None:
+    def __init__(self, stream, limit: int, limits: Limits) -> None:
         super().__init__(stream._buffer)  # what arrived with the headers, not read yet
         self.stream = stream
         self.limit = limit
+        self.limits = limits
         self.passed = False
 
     def append(self, data: bytes) -> None:
@@ -148,7 +157,7 @@ class SizeLimit(deque):
                 # The parser is still feeding this stream: stop its connection reading (it closes after the
                 # answer); EOF comes later, in Limits.release_body, because feeding a stream after its EOF fails.
                 stream._protocol.close()
-                stream.set_exception(closing(web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=total)))
+                stream.set_exception(closing(self.limits.too_large(self.limit, total)))
                 return
             super().append(data)
 

@@ -105,8 +105,6 @@ class Observer:
         seconds = end - started[0] if started is not None else 0.0
         stats = self.stats
         stats.observe(request._method, response._status, seconds)
-        if self.closing(protocol):  # prepared before the drain began, so it went out keep-alive: end it now
-            response.force_close()
         if self.access is not None:
             self.access.log(request, response, seconds)
         if self.request_limit and stats.count >= self.request_limit:
@@ -135,7 +133,8 @@ async def guarded(handler, observer: Observer, protocol):
     in a handler) goes up through the event loop and ends the worker with every request it is serving, and
     another BaseException drops the connection unanswered. A cancellation stays one: it is how aiohttp
     stops a handler whose client left. While the worker drains, the response (or the HTTP error raised)
-    is made to end its connection when nothing is queued behind it (Observer.drain).
+    is made to end its connection when nothing is queued behind it and its headers are still to go out
+    (Observer.drain, end_after).
     """
     try:
         response = await handler
@@ -148,7 +147,17 @@ async def guarded(handler, observer: Observer, protocol):
     except BaseException as exc:
         raise HandlerExit(f"the handler raised {type(exc).__name__}: {exc}") from exc
     if observer.draining and observer.closing(protocol):  # draining first: every request passes here
-        close = getattr(response, "force_close", None)  # not a response: aiohttp reports that as it would
-        if close is not None:
-            close()
+        end_after(response)
     return response
+
+
+def end_after(response) -> None:
+    """While draining: make response end its connection, unless its headers went out already.
+
+    A streamed response whose headers went out keep-alive (prepared before the drain began) is left as it
+    went: the client may send its next request on the connection, which is then answered with Connection:
+    close, or the connection closes idle at --keepalive-timeout. Closing it after the response would drop
+    that next request.
+    """
+    if not getattr(response, "prepared", True):  # not a response at all: aiohttp reports that as it would
+        response.force_close()

@@ -86,7 +86,8 @@ class Worker:
         try:
             with refusing_run_app():  # a module that ends in web.run_app(app) gets told to guard that call
                 backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
-                                         client_max_size=self.settings["client_max_size"])
+                                         client_max_size=self.settings.get("client_max_size", 0))
+            self.limits.size_origin = backend.size_origin
             self.runner = WorkerRunner(
                 backend.app,
                 handle_signals=False,

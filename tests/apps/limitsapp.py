@@ -1,4 +1,5 @@
-"""Backends for the limit tests: body readers of each kind, a handler that answers before reading, slow ones."""
+"""Backends for the limit tests: body readers of each kind, a handler that answers before reading, slow ones,
+a streamed response that waits for the drain, apps with a body limit of their own."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 from aiohttp import web
 
-from testapp import _ident, create_app as _base_app
+from testapp import _ident, crash, echo, slow, whoami
 
 
 async def read_all(request: web.Request) -> web.Response:
@@ -30,12 +31,43 @@ async def lazy_echo(request: web.Request) -> web.Response:
     return web.Response(text=f"{total}\n", headers=_ident())
 
 
-def create_app() -> web.Application:
-    app = _base_app()
+DRAINING = web.AppKey("draining", asyncio.Event)
+
+
+async def stream_across_drain(request: web.Request) -> web.StreamResponse:
+    """A streamed response whose headers go out at once, and whose end waits for the worker's drain to begin."""
+    response = web.StreamResponse(headers=_ident())
+    await response.prepare(request)
+    await response.write(b"first\n")
+    await asyncio.wait_for(request.app[DRAINING].wait(), 60)  # set by on_shutdown: the drain has begun
+    await response.write(b"last\n")
+    await response.write_eof()
+    return response
+
+
+async def note_drain(app: web.Application) -> None:
+    app[DRAINING].set()
+
+
+def create_app(client_max_size: int = 1024 ** 2) -> web.Application:
+    app = web.Application(client_max_size=client_max_size)
+    app[DRAINING] = asyncio.Event()
+    app.on_shutdown.append(note_drain)
+    app.router.add_get("/", whoami)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/crash", crash)
+    app.router.add_post("/echo", echo)
     app.router.add_post("/read", read_all)
     app.router.add_post("/reject", reject)
     app.router.add_post("/lazy", lazy_echo)
+    app.router.add_get("/stream", stream_across_drain)
     return app
 
 
 app = create_app()  # an Application instance, not a factory
+big_app = create_app(5 * 1024 ** 2)  # its own client_max_size, 5 MiB
+no_limit_app = create_app(0)  # aiohttp's "no limit"
+
+
+def create_big_app() -> web.Application:
+    return create_app(5 * 1024 ** 2)
