@@ -98,13 +98,18 @@ class Supervisor:
     def spawn_worker(self, slot: int) -> WorkerProcess:
         """Start a worker for slot at the wanted generation; watch its channel and its exit."""
         w = self._spawn(slot, self.generation)
-        self.table[w.pid] = w
-        self._all_gone.clear()
-        self.loop.add_reader(w.channel.fileno(), self._on_channel, w)
-        self.loop.add_reader(w.exit_fd, self._on_exit, w)
-        self.dispatcher.set_links([r.link for r in self.records()])
+        self.adopt(w)
         log.debug("spawned worker slot=%d pid=%d generation=%d", slot, w.pid, w.generation)
         return w
+
+    def adopt(self, w: WorkerProcess) -> None:
+        """Put a started worker in the table; watch its channel and its exit (also one a master upgrade carried)."""
+        self.table[w.pid] = w
+        self._all_gone.clear()
+        if w.channel.fileno() >= 0:
+            self.loop.add_reader(w.channel.fileno(), self._on_channel, w)
+        self.loop.add_reader(w.exit_fd, self._on_exit, w)
+        self.dispatcher.set_links([r.link for r in self.records()])
 
     def _read_channel(self, w: WorkerProcess) -> bool:
         """Act on every message waiting on w's channel; False once the channel has ended.
@@ -198,6 +203,9 @@ class Supervisor:
             return
         self.loop.remove_reader(w.exit_fd)
         os.close(w.exit_fd)
+        if w.board_fd >= 0:  # the master's mapping of its board stays for the figures it folds
+            os.close(w.board_fd)
+            w.board_fd = -1
         self._read_channel(w)  # its last refusals and final heartbeat, before evicting and folding
         self._close_channel(w)
         was, code, slot = w.phase, w.proc.returncode, w.slot
