@@ -45,7 +45,7 @@ def capture(master, upgrader, paused_at: float, pending_signals: list[int], repl
         from balancer.upgrade_metrics import dump_bases
 
         detail["metrics"] = dump_bases(metrics)
-    return {"version": upgrade_state.VERSION, "balancer": __version__, "pid": os.getpid(),
+    return {"version": upgrade_state.written_version(), "balancer": __version__, "pid": os.getpid(),
             "paused_at": paused_at, "carried": carried, "detail": detail}
 
 

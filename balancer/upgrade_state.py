@@ -13,6 +13,8 @@ import json
 import os
 
 VERSION = 1  # raise on any change to the meaning of a field outside `carried`
+# For tests: the version an old image writes, to play an image of another release (the reader keeps VERSION).
+WRITE_VERSION_ENV = "BALANCER_UPGRADE_WRITE_VERSION"
 ENV = "BALANCER_UPGRADE_STATE"  # names the memfd for the new image; taken out of the environment at once
 MAX_SIZE = 16 << 20  # a state bigger than this is not ours
 
@@ -41,6 +43,14 @@ def decode(data: bytes) -> dict:
             or not isinstance(carried.get("workers"), list):
         raise StateError("not a state: no listeners or workers")
     return state
+
+
+def written_version() -> int:
+    """The version this image writes: VERSION, unless a test plays another release."""
+    try:
+        return int(os.environ.get(WRITE_VERSION_ENV, VERSION))
+    except ValueError:
+        return VERSION
 
 
 def compatible(state: dict) -> bool:
