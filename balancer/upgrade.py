@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 from balancer import upgrade_state
@@ -75,6 +74,7 @@ class Upgrader:
         self.state: dict | None = None  # what the previous image handed over, until adopted
         self.metrics_bases: dict | None = None  # the exited workers' counters, for the metrics endpoint once it runs
         self.paused_ms = 0.0  # how long the upgrade that started this image kept accepting paused
+        self.paused_cpu_ms = 0.0  # and the CPU time this process spent meanwhile (exec, imports, adoption)
 
     # ---- the new image --------------------------------------------------------------------------
 
@@ -84,8 +84,9 @@ class Upgrader:
         if state is None:
             return None
         self.state = state
-        log.debug("upgrade: new image reading its state %.1f ms after accepting paused",
-                  (time.monotonic() - state.get("paused_at", time.monotonic())) * 1000)
+        log.debug("upgrade: new image reading its state %.1f ms (%.1f ms of CPU) after accepting paused",
+                  (time.monotonic() - state.get("paused_at", time.monotonic())) * 1000,
+                  (cpu_seconds() - state.get("paused_cpu", cpu_seconds())) * 1000)
         self.children.update(w["pid"] for w in state["carried"]["workers"])
         return state
 
@@ -133,6 +134,8 @@ class Upgrader:
         master.booted = True
         sup.changed()
         self.paused_ms = (time.monotonic() - state["paused_at"]) * 1000 if "paused_at" in state else 0.0
+        # CPU time goes on across execve: what the pause cost this process, whatever else the machine runs.
+        self.paused_cpu_ms = (cpu_seconds() - state["paused_cpu"]) * 1000 if "paused_cpu" in state else 0.0
 
     def _continue_counters(self, detail: dict) -> None:
         """The previous image's counters, so that no counter goes back across the exec."""
@@ -165,10 +168,11 @@ class Upgrader:
         self.metrics_bases = None
         paused_ms = self.paused_ms
         self.upgrades += 1
-        log.info("upgrade: master re-executed in place (pid %d, upgrade %d); accepting paused %.1f ms",
-                 os.getpid(), self.upgrades, paused_ms)
+        log.info("upgrade: master re-executed in place (pid %d, upgrade %d); accepting paused %.1f ms "
+                 "(%.1f ms of CPU)", os.getpid(), self.upgrades, paused_ms, self.paused_cpu_ms)
         for fd in state["carried"].get("replies", ()):
-            reply = {"ok": True, "pid": os.getpid(), "upgrades": self.upgrades, "paused_ms": round(paused_ms, 1)}
+            reply = {"ok": True, "pid": os.getpid(), "upgrades": self.upgrades, "paused_ms": round(paused_ms, 1),
+                     "paused_cpu_ms": round(self.paused_cpu_ms, 1)}
             try:
                 os.write(fd, json.dumps(reply).encode() + b"\n")
             except OSError:
@@ -245,6 +249,8 @@ class Upgrader:
 
     async def preflight(self) -> str:
         """Run `python -m balancer.upgrade_check ARGV` in a child; '' when the new code imports and the options parse."""
+        import tempfile  # here: the new image has no use for it before it accepts again
+
         cmd = [sys.executable, "-m", "balancer.upgrade_check", *sys.argv[1:]]
         loop = asyncio.get_running_loop()
         with tempfile.TemporaryFile() as errors:
@@ -359,6 +365,12 @@ def adopt_worker(item: dict, detail: dict, generation: int | None) -> WorkerProc
     if not w.ready.done():
         w.ready.set_result(True)
     return w
+
+
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process so far (they go on across execve)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def survivors(state: dict) -> list[int]:

@@ -46,7 +46,14 @@ def capture(master, upgrader, paused_at: float, pending_signals: list[int], repl
 
         detail["metrics"] = dump_bases(metrics)
     return {"version": upgrade_state.written_version(), "balancer": __version__, "pid": os.getpid(),
-            "paused_at": paused_at, "carried": carried, "detail": detail}
+            "paused_at": paused_at, "paused_cpu": upgrader_cpu(), "carried": carried, "detail": detail}
+
+
+def upgrader_cpu() -> float:
+    """This process's CPU seconds as the state is written (the new image subtracts it from its own)."""
+    from balancer.upgrade import cpu_seconds
+
+    return cpu_seconds()
 
 
 def services(master) -> dict:
