@@ -84,6 +84,10 @@ class Master(AcceptPath, MasterCommands):
             self.listeners = open_listeners(self.config.binds, self.config.backlog, self.config.tcp_keepalive,
                                             parse_octal(self.config.socket_mode, "--socket-mode"),
                                             privileges.socket_owner(self.config, self.run_as))
+            # TCP listeners we bound go to systemd's fd store (when the unit keeps one): the next start gets
+            # them back as LISTEN_FDS. Not unix ones: their path is removed at exit.
+            self.notifier.store_fds([listener.sock.fileno() for listener in self.listeners
+                                     if listener.systemd_fd is None and not listener.unlink], "listener")
         proctitle.title_master(self.config.name, [listener.label for listener in self.listeners])
         await self._keep_signals_off_other_threads(loop)
         for sig in HANDLED_SIGNALS:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import re
 import signal
+import socket
 import urllib.request
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from tests.harness import Balancer
 from tests.test_control import ctl
 from tests.test_integration import APP, fetch, run_load, wait_until
+from tests.test_systemd import NotifySocket
 
 pytestmark = pytest.mark.timeout(240)
 PAUSED = re.compile(r"upgrade: master re-executed in place \(pid (\d+), upgrade (\d+)\); accepting paused "
@@ -178,3 +181,48 @@ def test_state_of_another_version_rolls_the_workers_and_loses_nothing(tmp_path):
         t.join(30)
         assert all(ok for ok, _ in results), f"{sum(not ok for ok, _ in results)} requests failed"
         assert "died" not in b.log()
+
+
+def test_systemd_hears_reloading_then_ready_from_the_same_pid_and_gets_the_listener_stored(tmp_path):
+    notify = NotifySocket()
+    try:
+        with Balancer("--workers", "1", "--control-socket", str(tmp_path / "ctl.sock"), *APP,
+                      env={"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "400000"}) as b:
+            stored, fds = notify_with_fds(notify)
+            try:
+                assert stored["FDSTORE"] == "1" and stored["FDNAME"] == "listener" and len(fds) == 1
+                kept = socket.socket(fileno=os.dup(fds[0]))
+                assert kept.getsockname()[1] == b.port  # the very listener: systemd would hand it back
+                kept.close()
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            assert notify.wait_for("READY")["MAINPID"] == str(b.pid)
+            assert upgrade(tmp_path / "ctl.sock", "--wait").returncode == 0
+            assert notify.wait_for("RELOADING")["RELOADING"] == "1"
+            ready = notify.wait_for("READY")
+            assert ready["MAINPID"] == str(b.pid) and ready["STATUS"].startswith("1 workers serving on")
+            notify.messages.clear()
+            notify.wait_for("WATCHDOG", 2)  # the new image pings the watchdog on: it kept NOTIFY_SOCKET
+            assert not [m for m in notify.messages if "FDSTORE" in m]  # stored once, not at every upgrade
+    finally:
+        notify.sock.close()
+
+
+def notify_with_fds(notify: NotifySocket) -> tuple[dict[str, str], list[int]]:
+    """The first datagram, with the fds it carries (FDSTORE=1 comes before READY=1)."""
+    notify.sock.settimeout(20)
+    data, ancdata, _, _ = notify.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return dict(line.split("=", 1) for line in data.decode().splitlines()), list(fds)
+
+
+def test_preload_refuses_with_its_reason(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with Balancer("--workers", "1", "--preload", "--control-socket", str(sock), *APP) as b:
+        r = upgrade(sock, "--wait")
+        assert r.returncode == 1 and "not with --preload" in json.loads(r.stdout)["error"], r.stdout + r.stderr
+        assert fetch(b).status == 200 and "re-executed" not in b.log()
