@@ -113,47 +113,29 @@ class Upgrader:
     def adopt_pool(self) -> None:
         """Put the previous image's workers in the table and continue its counters; a foreign state rolls them."""
         master, state = self.master, self.state
-        sup = master.supervisor
-        same = upgrade_state.compatible(state)
-        detail = state.get("detail", {}) if same else {}
-        per_pid = {w["pid"]: w for w in detail.get("workers", ())}
-        for item in state["carried"]["workers"]:
-            w = adopt_worker(item, per_pid.get(item["pid"], {}), -1 if not same else None)
-            sup.adopt(w)
-            self.children.discard(w.pid)
-        if same:
-            self._continue_counters(detail)
-            self.metrics_bases = detail.get("metrics")
+        if adopt_pool(master.supervisor, state):
+            self._continue_counters(state["detail"])
+            self.metrics_bases = state["detail"].get("metrics")
         else:
-            sup.generation = 0  # the adopted workers are generation -1: the pool rolls them as a reload does
             log.warning("upgrade: state version %s from the previous image, this one reads %d: listeners "
                         "adopted, its %d workers rolled as the previous generation", state.get("version"),
                         upgrade_state.VERSION, len(state["carried"]["workers"]))
-        sup.started_up = True
         self.children.clear()
         master.booted = True
-        sup.changed()
+        master.supervisor.changed()
         self.paused_ms = (time.monotonic() - state["paused_at"]) * 1000 if "paused_at" in state else 0.0
         # CPU time goes on across execve: what the pause cost this process, whatever else the machine runs.
         self.paused_cpu_ms = (cpu_seconds() - state["paused_cpu"]) * 1000 if "paused_cpu" in state else 0.0
 
     def _continue_counters(self, detail: dict) -> None:
         """The previous image's counters, so that no counter goes back across the exec."""
-        master, sup = self.master, self.master.supervisor
+        master = self.master
         m = detail["master"]
         master.accepted, master.accept_errors = m["accepted"], m["accept_errors"]
         master.paused_seconds, master.coalesced, master.started = m["paused_seconds"], m["coalesced"], m["started"]
-        master.dispatcher.redispatched = m["redispatched"]
         master.reaper.reaped = m["reaped"]
         master.reopen_pending.update(m["reopen_pending"])
         self.upgrades = m["upgrades"]
-        s = detail["supervisor"]
-        sup.generation, sup.failed_generation, sup.target = s["generation"], s["failed_generation"], s["target"]
-        for slot, reason, n in s["restarts"]:
-            sup.restarts[(slot, reason)] = n
-        for slot, failures in s["backoffs"]:
-            sup.backoffs.setdefault(slot, Backoff()).failures = failures
-        sup.not_before.update({slot: at for slot, at in s["not_before"]})
         for sig in m["signals"]:  # asked for while the previous image was upgrading: acted on now
             master.signals.put_nowait(sig)
 
@@ -335,8 +317,36 @@ class Upgrader:
         return why
 
 
-def adopt_worker(item: dict, detail: dict, generation: int | None) -> WorkerProcess:
-    """A worker record for a carried worker: its channel and board fds as they were, a new pidfd."""
+def adopt_pool(sup, state: dict, process=AdoptedProcess, exit_fd=os.pidfd_open) -> bool:
+    """Put a state's workers in a new supervisor's table and continue its counters; False for a foreign state.
+
+    A foreign state's workers are adopted as generation -1 under generation 0: the pool rolls them as a reload
+    does, each slot's old worker serving until its replacement is ready. process and exit_fd make a worker's
+    process object and exit fd from its pid (tests/poolmodel.py passes its fakes').
+    """
+    same = upgrade_state.compatible(state)
+    detail = state.get("detail", {}) if same else {}
+    per_pid = {w["pid"]: w for w in detail.get("workers", ())}
+    for item in state["carried"]["workers"]:
+        pid = item["pid"]
+        sup.adopt(adopt_worker(item, per_pid.get(pid, {}), None if same else -1, process(pid), exit_fd(pid)))
+    if same:
+        s = detail["supervisor"]
+        sup.generation, sup.failed_generation, sup.target = s["generation"], s["failed_generation"], s["target"]
+        for slot, reason, n in s["restarts"]:
+            sup.restarts[(slot, reason)] = n
+        for slot, failures in s["backoffs"]:
+            sup.backoffs.setdefault(slot, Backoff()).failures = failures
+        sup.not_before.update({slot: at for slot, at in s["not_before"]})
+        sup.dispatcher.redispatched = s["redispatched"]
+    else:
+        sup.generation = 0
+    sup.started_up = True
+    return same
+
+
+def adopt_worker(item: dict, detail: dict, generation: int | None, proc, exit_fd: int) -> WorkerProcess:
+    """A worker record for a carried worker: its channel and board fds as they were, a new exit fd (pidfd)."""
     if item.get("channel_fd") is not None:
         channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, item["channel_fd"])
         os.set_inheritable(item["channel_fd"], False)
@@ -354,8 +364,7 @@ def adopt_worker(item: dict, detail: dict, generation: int | None) -> WorkerProc
     link.acked_total = item.get("acked_total", 0)
     link.dispatched = detail.get("dispatched", 0)
     w = WorkerProcess(item["slot"], detail.get("generation", generation if generation is not None else 0),
-                      AdoptedProcess(item["pid"]), channel, link, os.pidfd_open(item["pid"]),
-                      now=detail.get("started", time.monotonic()))
+                      proc, channel, link, exit_fd, now=detail.get("started", time.monotonic()))
     w.board_fd = board_fd
     w.started_wall = detail.get("started_wall", w.started_wall)
     w.beat = detail.get("beat", {})

@@ -12,33 +12,23 @@ from balancer.process import Phase
 
 def capture(master, upgrader, paused_at: float, pending_signals: list[int], replies: list[int]) -> dict:
     """The state of a master whose accepting is paused and whose handed-out fds are all acked."""
-    sup = master.supervisor
-    workers = [w for w in sup.records() if w.phase in (Phase.READY, Phase.DRAINING)]
+    workers, pool = capture_pool(master.supervisor)
     carried = {
         "argv": sys.argv[1:],
         "listeners": [{"fd": listener.sock.fileno(), "family": int(listener.family), "label": listener.label,
                        "unlink": listener.unlink, "identity": listener.identity, "systemd_fd": listener.systemd_fd}
                       for listener in master.listeners],
-        "workers": [{"pid": w.pid, "slot": w.slot, "phase": w.phase.value,
-                     "channel_fd": w.channel.fileno() if w.channel.fileno() >= 0 else None,
-                     "board_fd": w.board_fd, "acked_total": w.link.acked_total} for w in workers],
+        "workers": workers,
         "services": services(master),
         "replies": replies,
     }
     detail = {
         "master": {"accepted": master.accepted, "accept_errors": master.accept_errors,
                    "paused_seconds": master.paused_seconds, "coalesced": master.coalesced,
-                   "started": master.started, "redispatched": master.dispatcher.redispatched,
+                   "started": master.started,
                    "reaped": master.reaper.reaped, "reopen_pending": sorted(master.reopen_pending),
                    "upgrades": upgrader.upgrades, "signals": [int(sig) for sig in pending_signals]},
-        "supervisor": {"generation": sup.generation, "failed_generation": sup.failed_generation,
-                       "target": sup.target,
-                       "restarts": [[slot, reason, n] for (slot, reason), n in sup.restarts.items()],
-                       "backoffs": [[slot, b.failures] for slot, b in sup.backoffs.items()],
-                       "not_before": [[slot, at] for slot, at in sup.not_before.items()]},
-        "workers": [{"pid": w.pid, "generation": w.generation, "started": w.started, "started_wall": w.started_wall,
-                     "beat": w.beat, "reason": w.reason, "recycle": w.recycle, "kill_at": w.kill_at,
-                     "dispatched": w.link.dispatched} for w in workers],
+        **pool,
     }
     metrics = next((svc for svc in master.services if hasattr(svc, "bases")), None)
     if metrics is not None:
@@ -47,6 +37,25 @@ def capture(master, upgrader, paused_at: float, pending_signals: list[int], repl
         detail["metrics"] = dump_bases(metrics)
     return {"version": upgrade_state.written_version(), "balancer": __version__, "pid": os.getpid(),
             "paused_at": paused_at, "paused_cpu": upgrader_cpu(), "carried": carried, "detail": detail}
+
+
+def capture_pool(sup) -> tuple[list[dict], dict]:
+    """The carried part of each ready or draining worker, and the supervisor's and workers' detail."""
+    workers = [w for w in sup.records() if w.phase in (Phase.READY, Phase.DRAINING)]
+    carried = [{"pid": w.pid, "slot": w.slot, "phase": w.phase.value,
+                "channel_fd": w.channel.fileno() if w.channel.fileno() >= 0 else None,
+                "board_fd": w.board_fd, "acked_total": w.link.acked_total} for w in workers]
+    detail = {
+        "supervisor": {"generation": sup.generation, "failed_generation": sup.failed_generation, "target": sup.target,
+                       "restarts": [[slot, reason, n] for (slot, reason), n in sup.restarts.items()],
+                       "backoffs": [[slot, b.failures] for slot, b in sup.backoffs.items()],
+                       "not_before": [[slot, at] for slot, at in sup.not_before.items()],
+                       "redispatched": sup.dispatcher.redispatched},
+        "workers": [{"pid": w.pid, "generation": w.generation, "started": w.started, "started_wall": w.started_wall,
+                     "beat": w.beat, "reason": w.reason, "recycle": w.recycle, "kill_at": w.kill_at,
+                     "dispatched": w.link.dispatched} for w in workers],
+    }
+    return carried, detail
 
 
 def upgrader_cpu() -> float:

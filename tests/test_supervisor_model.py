@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from balancer.master import TICK
+from balancer.process import Phase
 from tests.poolmodel import PoolModel
+from tests.upgrademodel import upgrade_pool
 
 # A passing run takes about 15 s; a failing one may shrink for up to hypothesis's own 5-minute limit, which
 # must end before this one or the minimal failing sequence is never printed.
@@ -169,6 +171,15 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
     def scale(self, n):
         """SIGTTIN/SIGTTOU or `balancer scale N` (also during a reload)."""
         self.call(self.sup.scale, n)
+        self.pump()
+
+    @rule()
+    @precondition(lambda self: not self.done and not self.sup._reload_waiters
+                  and not any(w.phase is Phase.BOOTING for w in self.sup.table.values()))
+    @guarded
+    def upgrade(self):
+        """SIGUSR2 or `balancer upgrade` (refused while a worker boots): the table crosses an exec as JSON."""
+        upgrade_pool(self)
         self.pump()
 
     @rule()
