@@ -26,6 +26,8 @@ from balancer.dispatch import Link
 from balancer.listeners import Listener
 from balancer.process import Phase, WorkerProcess
 from balancer.signals import HANDLED_SIGNALS
+# A carried worker has no Popen, but it is still our child: waitpid tells its end exactly, as for a forked one.
+from balancer.zygote_process import ForkedChild
 
 log = logging.getLogger("balancer")
 
@@ -33,33 +35,6 @@ QUIESCE_TIMEOUT = 1.0  # seconds to wait for the acks of the batch in flight bef
 PREFLIGHT_TIMEOUT = 60.0  # seconds the preflight child has to import the new code and parse the options
 # The interpreter the master re-execs (default: its own): for tests, a path whose exec fails.
 EXECUTABLE_ENV = "BALANCER_UPGRADE_EXECUTABLE"
-
-
-class AdoptedProcess:
-    """A worker inherited across an exec: no Popen, but still our child, so waitpid tells its end exactly."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        """Its exit code (negative: killed by that signal) once exited, reaping it; None while it runs."""
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere: as Popen does, an unknown end reads as 0
-                self.returncode = 0
-            else:
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
 
 class Upgrader:
@@ -317,7 +292,7 @@ class Upgrader:
         return why
 
 
-def adopt_pool(sup, state: dict, process=AdoptedProcess, exit_fd=os.pidfd_open) -> bool:
+def adopt_pool(sup, state: dict, process=ForkedChild, exit_fd=os.pidfd_open) -> bool:
     """Put a state's workers in a new supervisor's table and continue its counters; False for a foreign state.
 
     A foreign state's workers are adopted as generation -1 under generation 0: the pool rolls them as a reload
@@ -329,7 +304,8 @@ def adopt_pool(sup, state: dict, process=AdoptedProcess, exit_fd=os.pidfd_open) 
     per_pid = {w["pid"]: w for w in detail.get("workers", ())}
     for item in state["carried"]["workers"]:
         pid = item["pid"]
-        sup.adopt(adopt_worker(item, per_pid.get(pid, {}), None if same else -1, process(pid), exit_fd(pid)))
+        sup.adopt(adopt_worker(item, per_pid.get(pid, {}), None if same else -1, process(pid), exit_fd(pid),
+                               sup.clock()))
     if same:
         s = detail["supervisor"]
         sup.generation, sup.failed_generation, sup.target = s["generation"], s["failed_generation"], s["target"]
@@ -345,8 +321,12 @@ def adopt_pool(sup, state: dict, process=AdoptedProcess, exit_fd=os.pidfd_open) 
     return same
 
 
-def adopt_worker(item: dict, detail: dict, generation: int | None, proc, exit_fd: int) -> WorkerProcess:
-    """A worker record for a carried worker: its channel and board fds as they were, a new exit fd (pidfd)."""
+def adopt_worker(item: dict, detail: dict, generation: int | None, proc, exit_fd: int, now: float) -> WorkerProcess:
+    """A worker record for a carried worker: its channel and board fds as they were, a new exit fd (pidfd).
+
+    Its times are the supervisor's clock (CLOCK_MONOTONIC goes on across execve): a worker whose heartbeat
+    stopped before the exec still times out when it would have.
+    """
     if item.get("channel_fd") is not None:
         channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, item["channel_fd"])
         os.set_inheritable(item["channel_fd"], False)
@@ -364,12 +344,12 @@ def adopt_worker(item: dict, detail: dict, generation: int | None, proc, exit_fd
     link.acked_total = item.get("acked_total", 0)
     link.dispatched = detail.get("dispatched", 0)
     w = WorkerProcess(item["slot"], detail.get("generation", generation if generation is not None else 0),
-                      proc, channel, link, exit_fd, now=detail.get("started", time.monotonic()))
+                      proc, channel, link, exit_fd, now=detail.get("started", now))
     w.board_fd = board_fd
     w.started_wall = detail.get("started_wall", w.started_wall)
     w.beat = detail.get("beat", {})
     w.reason, w.recycle, w.kill_at = detail.get("reason", ""), detail.get("recycle", False), detail.get("kill_at", 0.0)
-    w.last_beat = time.monotonic()  # its next heartbeat is due from now: the exec took no time of its own
+    w.last_beat = detail.get("last_beat", now)
     w.phase = Phase.DRAINING if item.get("phase") == "draining" else Phase.READY
     if not w.ready.done():
         w.ready.set_result(True)

@@ -52,7 +52,7 @@ def capture_pool(sup) -> tuple[list[dict], dict]:
                        "not_before": [[slot, at] for slot, at in sup.not_before.items()],
                        "redispatched": sup.dispatcher.redispatched},
         "workers": [{"pid": w.pid, "generation": w.generation, "started": w.started, "started_wall": w.started_wall,
-                     "beat": w.beat, "reason": w.reason, "recycle": w.recycle, "kill_at": w.kill_at,
+                     "beat": w.beat, "last_beat": w.last_beat, "reason": w.reason, "recycle": w.recycle, "kill_at": w.kill_at,
                      "dispatched": w.link.dispatched} for w in workers],
     }
     return carried, detail

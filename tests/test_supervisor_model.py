@@ -288,3 +288,13 @@ def test_a_reload_asked_while_the_last_replacement_boots_is_done_only_on_the_new
         m.promises()
         assert [w.generation for w in m.sup.slots] == [2, 2]
         assert all(future.done() and future.result() for _, future in m.reloads)
+
+
+def test_a_worker_whose_loop_blocks_after_an_upgrade_still_times_out():
+    """Found by the upgrade rule: adopted records took their heartbeat time from another clock than the
+    supervisor's, so a worker blocked after the upgrade never reached --timeout and the pool never converged."""
+    with model() as m:
+        m.upgrade()
+        m.promises()
+        m.misbehave(i=0, what="blocked")
+        m.promises()
