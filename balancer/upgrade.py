@@ -175,6 +175,16 @@ class Upgrader:
 
     async def _upgrade(self, reply: socket.socket | None, on_checked) -> str:
         """Preflight, quiesce, exec; the reason it failed (the old image serves on)."""
+        try:
+            return await self._try_upgrade(reply, on_checked)
+        except Exception as exc:  # out of fds, processes or memory on the way: nothing was handed over
+            log.exception("upgrade failed, the old image serves on")
+            self.master.notifier.ready(self.master.serving_status())
+            self.master._on_capacity()
+            return f"{type(exc).__name__}: {exc}"
+
+    async def _try_upgrade(self, reply: socket.socket | None, on_checked) -> str:
+        """_upgrade's steps; an exception means nothing was handed over."""
         master = self.master
         log.info("upgrade: checking the new code and configuration in a child process")
         why = await self.preflight()
@@ -187,9 +197,12 @@ class Upgrader:
             on_checked()
         master.notifier.reloading("upgrading the master in place")
         paused_at = time.monotonic()
-        if not await self.quiesce():
+        quiet = await self.quiesce()
+        # The loop kept acting on signals meanwhile: a stop or a reload that began wins over the upgrade.
+        if not quiet or master.stopping or self.refusal_after_preflight():
             master._on_capacity()
-            why = f"the workers did not acknowledge the connections in flight within {QUIESCE_TIMEOUT:g}s"
+            why = (f"the workers did not acknowledge the connections in flight within {QUIESCE_TIMEOUT:g}s"
+                   if not quiet else "the master began stopping or reloading meanwhile")
             log.error("upgrade failed, nothing changed: %s", why)
             master.notifier.ready(master.serving_status())
             return why
@@ -240,15 +253,16 @@ class Upgrader:
     async def quiesce(self) -> bool:
         """Stop accepting; wait until every fd handed out is acked and none waits for a worker (True)."""
         master = self.master
-        master._pause()
-        for name in ("_coalesce_timer", "_capacity_poll"):
-            timer = getattr(master, name)
-            if timer is not None:
-                timer.cancel()
-                setattr(master, name, None)
         dispatcher = master.dispatcher
         deadline = time.monotonic() + QUIESCE_TIMEOUT
         while True:
+            # Again at every turn: a worker's READY, or the tick, resumes accepting when there is room.
+            master._pause()
+            for name in ("_coalesce_timer", "_capacity_poll"):
+                timer = getattr(master, name)
+                if timer is not None:
+                    timer.cancel()
+                    setattr(master, name, None)
             dispatcher.collect_all()
             dispatcher.retry_homeless()
             if not dispatcher.homeless and all(not link.unacked and not link.sent for link in dispatcher.links):
