@@ -322,10 +322,14 @@ def wrk_connections(b: Balancer, n: int, tmp_path, max_seconds: int) -> str:
 def test_100k_connections_leave_master_and_worker_fds_at_baseline(tmp_path):
     n = int(os.environ.get("BALANCER_TEST_CONNECTIONS", "100000"))
     with Balancer("--workers", "2", *APP) as b:
+        listeners = _tcp_sockets(b.pid)  # the binds and the metrics endpoint, before any connection
         wrk_connections(b, 2000, tmp_path, 30)  # warm up: whatever is opened lazily is open now
         pids = b.worker_pids()
         settled = lambda: {p: fd_count(p) for p in [b.pid, *pids]}
-        wait_until(lambda: not any(_tcp_sockets(p) for p in pids), 15, "warm-up connections to close")
+        # The master closes its copies once it reads the workers' acks: on a loaded machine that can lag the
+        # workers' own closes, and a baseline taken before would hold them.
+        wait_until(lambda: not any(_tcp_sockets(p) for p in pids) and _tcp_sockets(b.pid) == listeners, 15,
+                   "warm-up connections to close")
         baseline = settled()
         t0 = time.monotonic()
         report = wrk_connections(b, n, tmp_path, 150)

@@ -238,7 +238,7 @@ def setuptools_major() -> int:
 
 
 @pytest.mark.timeout(120)
-def test_sdist_carries_tests_dashboards_deploy_and_bench(tree, tmp_path):
+def test_sdist_carries_tests_docs_dashboards_deploy_and_bench(tree, tmp_path):
     # The dev extra brings the setuptools pyproject.toml asks for: then no isolated build env is downloaded.
     isolation = [] if setuptools_major() < 77 else ["--no-isolation"]
     r = subprocess.run([sys.executable, "-m", "build", "--sdist", *isolation, "--outdir", str(tmp_path), str(tree)],
@@ -247,7 +247,7 @@ def test_sdist_carries_tests_dashboards_deploy_and_bench(tree, tmp_path):
     (sdist,) = tmp_path.glob("balancer-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    wanted = {str(p.relative_to(tree)) for top in ("tests", "grafana", "deploy", "bench")
+    wanted = {str(p.relative_to(tree)) for top in ("tests", "docs", "grafana", "deploy", "bench")
               for p in (tree / top).rglob("*") if p.is_file()}
     wanted |= {"LICENSE", "README.md", "pyproject.toml", "setup.py", "balancer/_speedups.c",
                "workers/__main__.py", "workers/examples/templates/page.html"}

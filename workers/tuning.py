@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 
 log = logging.getLogger("balancer.worker")
 
-CPYTHON_DEFAULT_THRESHOLD = (700, 10, 10)
+# CPython's own thresholds: 3.13 raised the young generation's from 700 to 2,000. Anything else is a choice.
+CPYTHON_DEFAULT_THRESHOLD = (700, 10, 10) if sys.version_info < (3, 13) else (2000, 10, 10)
 # A connection's objects (its protocol, transport, request, response, parser, timers) live across a few loop
-# turns, so at CPython's 700 the young generation fills with objects that are still in use: every collection
-# walks them and finds nothing (the worker's own path makes no reference cycles), then walks them again in the
-# older generations. 10,000 is far above what 64 to a few hundred open connections keep alive between turns;
+# turns, so at CPython's 700 (or 2,000) the young generation fills with objects that are still in use: every
+# collection walks them and finds nothing (the worker's own path makes no reference cycles), then walks them again
+# in the older generations. 10,000 is far above what 64 to a few hundred open connections keep alive between turns;
 # an app that does make cyclic garbage still has it collected, a few MB later at most.
 GEN0_THRESHOLD = 10_000
 
