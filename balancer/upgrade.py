@@ -356,6 +356,8 @@ def adopt_worker(item: dict, detail: dict, generation: int | None, proc, exit_fd
     handled, refused = unpack(word)
     link.seen_word, link.sent_msgs, link.refused_seen = word, handled, refused
     link.acked_total = item.get("acked_total", 0)
+    # Its channel ended (or a send found it gone) before the exec: nothing may be sent to it; its reap follows.
+    link.channel_lost = bool(item.get("channel_lost")) or item.get("channel_fd") is None
     link.dispatched = detail.get("dispatched", 0)
     w = WorkerProcess(item["slot"], detail.get("generation", generation if generation is not None else 0),
                       proc, channel, link, exit_fd, now=detail.get("started", now))

@@ -44,7 +44,8 @@ def capture_pool(sup) -> tuple[list[dict], dict]:
     workers = [w for w in sup.records() if w.phase in (Phase.READY, Phase.DRAINING)]
     carried = [{"pid": w.pid, "slot": w.slot, "phase": w.phase.value,
                 "channel_fd": w.channel.fileno() if w.channel.fileno() >= 0 else None,
-                "board_fd": w.board_fd, "acked_total": w.link.acked_total} for w in workers]
+                "board_fd": w.board_fd, "acked_total": w.link.acked_total, "channel_lost": w.link.channel_lost}
+               for w in workers]
     detail = {
         "supervisor": {"generation": sup.generation, "failed_generation": sup.failed_generation, "target": sup.target,
                        "restarts": [[slot, reason, n] for (slot, reason), n in sup.restarts.items()],

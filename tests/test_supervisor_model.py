@@ -298,3 +298,15 @@ def test_a_worker_whose_loop_blocks_after_an_upgrade_still_times_out():
         m.promises()
         m.misbehave(i=0, what="blocked")
         m.promises()
+
+
+def test_a_worker_whose_channel_ended_before_an_upgrade_gets_nothing_after_it():
+    """Found by the upgrade rule: a live worker whose channel had ended was adopted as sendable, and the next
+    hand-off went to a closed socket."""
+    with model() as m:
+        m.misbehave(i=0, what="lose_channel")
+        m.promises()
+        m.upgrade()
+        m.promises()
+        m.accept(sizes=[1])
+        m.promises()
