@@ -17,7 +17,7 @@ from balancer.logs import LogSetupError, StartupHold, setup_master_logging
 from balancer.signals import HANDLED_SIGNALS
 from balancer.sources import Resolved, config_file_of, default_of, describe, flag_of, resolve
 
-CONTROL_COMMANDS = ("reload", "scale", "stop", "status", "ls")
+CONTROL_COMMANDS = ("reload", "scale", "stop", "status", "ls", "upgrade")
 COMMANDS = ("run", *CONTROL_COMMANDS, "config")
 SHORT_FLAGS = {"workers": "-w", "bind": "-b", "timeout": "-t"}  # the ones gunicorn users type; -c is --config
 HELP = {
@@ -27,6 +27,7 @@ HELP = {
     "stop": "graceful shutdown of a running master",
     "status": "a running master's workers and figures (several running: the list, as ls)",
     "ls": "list this user's running masters: name, pid, workers, generation, uptime, addresses",
+    "upgrade": "re-execute a running master in place (SIGUSR2): new balancer code, same pid, listeners and workers",
     "config": "print the effective configuration and where each value came from",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ READ_TIMEOUT = 10.0  # seconds a client has to send its request line
 MAX_INTERVAL = 10.0  # seconds: a status request cannot make the master hold its connection longer
 JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# The writer of the connection a request came on: `upgrade` answers on it itself (see upgrade_master).
+CONNECTION: contextvars.ContextVar = contextvars.ContextVar("control_connection", default=None)
 
 
 class ForeignPeer(Exception):
@@ -120,7 +123,7 @@ class ControlServer:
         self.pid_identity: tuple[int, int] | None = None
         self.link_identity: tuple[int, int] | None = None
         self.handlers = {"status": self.report_status, "stop": self.stop_master, "reload": self.reload_workers,
-                         "scale": self.scale_workers}
+                         "scale": self.scale_workers, "upgrade": self.upgrade_master}
 
     @property
     def files(self) -> list[tuple[str, tuple[int, int] | None]]:
@@ -130,6 +133,10 @@ class ControlServer:
 
     async def start(self) -> None:
         """Create the socket 0600 (no window where others could connect) and the pid file."""
+        carried = self.master.upgrader.carried_service("control")
+        if carried is not None:  # re-executed by an upgrade: the same socket and files, still ours
+            await self._adopt(*carried)
+            return
         if not self.master.config.control_socket:
             private_runtime_dir(self.owner)
         self._clear_stale_socket()
@@ -148,6 +155,13 @@ class ControlServer:
         if self.link:
             self._register()
         log.info("control socket at %s", self.path)
+
+    async def _adopt(self, sock: socket.socket, kept: dict) -> None:
+        """Serve on the socket the previous image listened on; its files stay, removed at the final exit."""
+        self.server = await asyncio.start_unix_server(self._handle, sock=sock, limit=MAX_REQUEST)
+        self.path, self.link = kept["path"], kept["link"]
+        self.identity, self.pid_identity, self.link_identity = (
+            tuple(kept[key]) if kept[key] else None for key in ("identity", "pid_identity", "link_identity"))
 
     def _register(self) -> None:
         """Link the runtime directory to our --control-socket; without it we still run, just not discoverable."""
@@ -195,6 +209,7 @@ class ControlServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer one request, after checking the peer runs as our user; if the master stops first, say so."""
+        CONNECTION.set(writer)
         try:
             reply = await self._answer(reader, writer)
         except asyncio.CancelledError:
@@ -282,6 +297,28 @@ class ControlServer:
                                           f"({WORKERS_PER_CPU} per usable CPU), got {n!r}"}
         self.master.supervisor.scale(n)
         return {"ok": True, "target": self.master.supervisor.target}
+
+    async def upgrade_master(self, request: dict) -> dict:
+        """Re-exec the master in place, as SIGUSR2 does.
+
+        Answered once the preflight passed (a broken release is still reported, exit 1), written before the exec
+        can begin; with request["wait"], by the new image once it accepts again: this connection goes across the
+        exec. A failure after the preflight is answered here, unless the answer went out already (None).
+        """
+        upgrader, writer = self.master.upgrader, CONNECTION.get()
+        answered = []
+
+        def answer() -> None:
+            reply = {"ok": True, "pid": os.getpid(), "upgrades": upgrader.upgrades, "started": True}
+            writer.write(json.dumps(reply).encode() + b"\n")  # a few bytes into an empty socket buffer: sent now
+            answered.append(True)
+
+        wait = bool(request.get("wait"))
+        why = await asyncio.shield(upgrader.start(writer.get_extra_info("socket") if wait else None,
+                                                  None if wait else answer))
+        if answered:
+            return None
+        return {"ok": False, "error": f"upgrade failed: {why}", "pid": os.getpid()}
 
     def unless_serving(self) -> dict | None:
         """The refusal of a command that changes the pool while the master boots or stops; None when it serves."""

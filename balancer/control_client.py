@@ -17,7 +17,7 @@ from balancer.config import WORKERS_PER_CPU, ConfigError, parse_bind
 from balancer.control import _CRED, MAX_INTERVAL, ForeignPeer, check_private_dir, runtime_dir
 from balancer.control_show import duration, format_status, list_masters
 
-COMMANDS = ("reload", "scale", "stop", "status", "ls")
+COMMANDS = ("reload", "scale", "stop", "status", "ls", "upgrade")
 PROBE_TIMEOUT = 5.0  # seconds a master gets to say who it is while the client looks for masters
 YOUNG_SOCKET = 2.0  # seconds: a refusing socket file this new may be a master between bind() and listen()
 
@@ -216,8 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--interval", type=interval_seconds, default=1.0, metavar="SECONDS",
                             help=f"measure CPU %% and requests/s over this long (0: skip them; at most "
                                  f"{MAX_INTERVAL:g})")
-    if command in ("stop", "reload"):
-        waits = {"stop": "until the master has exited", "reload": "until every worker runs the new code"}[command]
+    if command in ("stop", "reload", "upgrade"):
+        waits = {"stop": "until the master has exited", "reload": "until every worker runs the new code",
+                 "upgrade": "once the re-executed master accepts again"}[command]
         parser.add_argument("--wait", action="store_true", help=f"return only {waits}")
         parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                             help="give up waiting after this long, exit 1 (default: 60; 0: wait for ever)")
@@ -276,9 +277,11 @@ def talk(command: str, args: argparse.Namespace) -> int:
     elif command == "status":
         body["interval"] = args.interval
         timeout += body["interval"]
-    elif command == "reload" and args.wait:
+    elif command in ("reload", "upgrade") and args.wait:
         body["wait"] = True
         timeout = args.timeout or None
+    elif command == "upgrade":
+        timeout = args.timeout or None  # the answer comes after the preflight, which imports the new code
     started, master = time.monotonic(), ExitWatch()
     try:
         reply = request(path, body, timeout, master.watch if command == "stop" and args.wait else None)
@@ -320,6 +323,9 @@ def report(command: str, args: argparse.Namespace, reply: dict, started: float, 
         print(f"{'reloaded' if args.wait else 'reload started'} (generation {reply.get('generation')})")
     elif command == "stop":
         print(("stopped" if code == 0 else "stopping") if args.wait else "stopping")
+    elif command == "upgrade":
+        print(f"upgraded in place (pid {reply.get('pid')}, upgrade {reply.get('upgrades')}, accepting paused "
+              f"{reply.get('paused_ms')} ms)" if args.wait else f"upgrade started (pid {reply.get('pid')})")
     else:
         print(f"scaling to {reply.get('target')}")
     sys.stdout.flush()  # here, where a reader that left shows as BrokenPipeError

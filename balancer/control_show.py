@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def duration(seconds: float) -> str:
@@ -56,12 +57,19 @@ def zygote_lines(z: dict) -> list[str]:
     return lines
 
 
+def upgraded(reply: dict) -> str:
+    """', upgraded N times, this image up T' for a master re-executed in place; '' for one never upgraded."""
+    if not reply.get("upgrades"):
+        return ""
+    return f"; upgraded {reply['upgrades']} times, this image up {duration(time.time() - reply['exec_started'])}"
+
+
 def format_status(reply: dict) -> str:
     """The status reply as a header, a table of workers and a line per slot that needs attention."""
     master = reply.get("master", {})
     lines = [f"{reply['name']}: master pid {reply['pid']}, up {duration(reply['uptime'])}, "
              f"{reply['ready']}/{reply['target']} workers ready, {generations(reply)}, "
-             f"listening on {', '.join(reply['listening'])}",
+             f"listening on {', '.join(reply['listening'])}{upgraded(reply)}",
              f"{reply['accepted']} connections accepted; master RSS {figure(mebibytes(master.get('rss')))} MiB, "
              f"CPU {figure(master.get('cpu_percent'))}%",
              f"{'slot':>4} {'pid':>7}  {'state':<9}{'gen':>4} {'up':>7} {'restarts':>8} {'RSS MiB':>8} {'CPU %':>6} "

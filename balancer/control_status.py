@@ -24,6 +24,7 @@ def summary(master) -> dict:
     sup = master.supervisor
     return {"name": instance_name(master), "pid": os.getpid(), "version": __version__,
             "started": master.started, "uptime": round(time.time() - master.started, 3),
+            "upgrades": master.upgrader.upgrades, "exec_started": master.upgrader.exec_started,
             "listening": [listener.label for listener in master.listeners],
             "target": sup.target if sup else 0, "generation": sup.generation if sup else 0,
             "serving_generation": serving_generation(sup),

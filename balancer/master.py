@@ -21,8 +21,10 @@ from balancer.eventloop import loop_factory
 from balancer.listeners import Listener, open_listeners
 from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
-from balancer.signals import HANDLED_SIGNALS, IGNORED_SIGNALS, STOP_SIGNALS, why_ignored
+from balancer.signals import HANDLED_SIGNALS, IGNORED_SIGNALS, STOP_SIGNALS, UPGRADE_SIGNAL, why_ignored
 from balancer.supervisor import Supervisor
+from balancer.upgrade import Upgrader
+from balancer.upgrade_state import StateError
 
 log = logging.getLogger("balancer")
 
@@ -64,6 +66,7 @@ class Master(AcceptPath, MasterCommands):
         self.reaper = OrphanReaper(self._is_worker)
         self.reopen_pending: set[int] = set()  # booting workers owed a SIGUSR1 (log reopen) once they are ready
         self.notifier = systemd.Notifier()  # takes NOTIFY_SOCKET out of the environment the workers inherit
+        self.upgrader = Upgrader(self)  # SIGUSR2, `balancer upgrade`: re-exec in place (balancer/upgrade.py)
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -71,9 +74,20 @@ class Master(AcceptPath, MasterCommands):
         """Serve until SIGTERM/SIGINT; return the exit code."""
         loop = asyncio.get_running_loop()
         self.run_as = privileges.prepare(self.config)
-        self.listeners = open_listeners(self.config.binds, self.config.backlog, self.config.tcp_keepalive,
-                                        parse_octal(self.config.socket_mode, "--socket-mode"),
-                                        privileges.socket_owner(self.config, self.run_as))
+        try:
+            upgraded = self.upgrader.take() is not None  # re-executed by an upgrade: the previous image's state
+        except StateError as exc:
+            raise ConfigError(f"upgrade: {exc}") from None
+        if upgraded:
+            self.listeners = self.upgrader.adopt_listeners()
+        else:
+            self.listeners = open_listeners(self.config.binds, self.config.backlog, self.config.tcp_keepalive,
+                                            parse_octal(self.config.socket_mode, "--socket-mode"),
+                                            privileges.socket_owner(self.config, self.run_as))
+            # TCP listeners we bound go to systemd's fd store (when the unit keeps one): the next start gets
+            # them back as LISTEN_FDS. Not unix ones: their path is removed at exit.
+            self.notifier.store_fds([listener.sock.fileno() for listener in self.listeners
+                                     if listener.systemd_fd is None and not listener.unlink], "listener")
         proctitle.title_master(self.config.name, [listener.label for listener in self.listeners])
         await self._keep_signals_off_other_threads(loop)
         for sig in HANDLED_SIGNALS:
@@ -98,10 +112,18 @@ class Master(AcceptPath, MasterCommands):
             # A reload whose code does not import never reaches the supervisor: its READY=1 comes from here.
             self.zygotes.on_import_failed.append(lambda: self.reload_over(False))
         try:
+            if upgraded:  # accepting again first: the control and metrics sockets' backlogs hold their clients
+                self.upgrader.adopt_pool()  # its workers, same pids, ready; counters continued
+                self._on_capacity()
             await self._start_services()
             if self.run_as is not None:
                 await self._drop_privileges()
-            if await self._boot():
+            if upgraded:
+                self.upgrader.resumed()  # the metrics' folded counters, the log line, `upgrade --wait` answered
+                if self.startup is not None:
+                    self.startup.release()
+                self.notifier.ready(self.serving_status())
+            elif await self._boot():
                 self.booted = True
                 if self.startup is not None:
                     self.startup.release()
@@ -120,7 +142,9 @@ class Master(AcceptPath, MasterCommands):
                     log.info("%s: graceful shutdown", signal.Signals(sig).name)
                     await self._shutdown_unless_hurried()
                     return 0
-                if sig in IGNORED_SIGNALS:
+                if sig == UPGRADE_SIGNAL:
+                    self.upgrader.start()
+                elif sig in IGNORED_SIGNALS:
                     self._log_ignored(sig)
                 else:
                     self.handle_signal(sig)
@@ -261,7 +285,7 @@ class Master(AcceptPath, MasterCommands):
     def _is_worker(self, pid: int) -> bool:
         """True for a worker (or zygote) process the supervisor (or the zygote keeper) still has to reap itself."""
         return self.supervisor is not None and pid in self.supervisor.table or (
-            self.zygotes is not None and self.zygotes.owns(pid))
+            self.zygotes is not None and self.zygotes.owns(pid)) or pid in self.upgrader.children
 
     async def _drop_privileges(self) -> None:
         """Bound and set up as root: become --user for good; workers, all started after this, are that user too."""

@@ -161,7 +161,9 @@ class MetricsServer:
         self.server = ScrapeServer({"/metrics": self.handle_metrics, "/healthz": self.handle_healthz,
                                     "/readyz": self.handle_readyz})
         bind = parse_bind(self.master.config.metrics_bind)
-        host, port = self.address = await self.server.start(bind.host, bind.port)
+        carried = self.master.upgrader.carried_service("metrics")  # re-executed by an upgrade: the same socket
+        sock = carried[0] if carried is not None else None
+        host, port = self.address = await self.server.start(bind.host, bind.port, sock)
         shown = f"[{host}]" if ":" in host else host
         log.info("metrics on http://%s:%d/metrics", shown, port)
 
@@ -260,6 +262,11 @@ class MetricsServer:
         yield info
         yield gauge("balancer_workers_desired", "Worker slots the master keeps filled.", sup.target)
         yield gauge("balancer_start_time_seconds", "Unix time the master started.", master.started)
+        yield gauge("balancer_master_start_time_seconds",
+                    "Unix time the master's current image started: its start, or its latest in-place upgrade.",
+                    master.upgrader.exec_started)
+        yield counter("balancer_master_upgrades", "In-place upgrades of the master (SIGUSR2, balancer upgrade).",
+                      master.upgrader.upgrades)
 
         def per_slot(kind, name, doc, value, wanted_only=False):
             fam = kind(name, doc, labels=["worker"])

@@ -44,6 +44,7 @@ class WorkerProcess:
         self.channel = channel
         self.link = link
         self.exit_fd = exit_fd  # readable once the process has exited: a pidfd (-1 until a fork's pid is known)
+        self.board_fd = -1  # the ack board's memfd, kept for a master upgrade to carry (closed when reaped)
         self.started = time.monotonic() if now is None else now
         self.started_wall = time.time()
         self.last_beat = self.started
@@ -134,18 +135,21 @@ def spawn_process(slot: int, generation: int, settings: dict, env: dict) -> Work
         proc = subprocess.Popen(cmd, pass_fds=(worker_end.fileno(), board_fd), env=env)
     except BaseException:
         master_end.close()
+        os.close(board_fd)
         raise
     finally:
         worker_end.close()
-        os.close(board_fd)  # the mapping outlives it
     try:
         pidfd = os.pidfd_open(proc.pid)
     except BaseException:  # pidfd_open failed (out of fds): a worker we cannot watch must not live on
         proc.kill()
         proc.wait()
         master_end.close()
+        os.close(board_fd)
         raise
-    return WorkerProcess(slot, generation, proc, master_end, Link(slot, master_end, board), pidfd)
+    w = WorkerProcess(slot, generation, proc, master_end, Link(slot, master_end, board), pidfd)
+    w.board_fd = board_fd  # the mapping would outlive it; a master upgrade needs it to map the board again
+    return w
 
 
 def worker_env() -> dict:

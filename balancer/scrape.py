@@ -65,9 +65,12 @@ class ScrapeServer:
         # the one idle longest, ended when a new connection needs its place.
         self.idle: dict[asyncio.Task, None] = {}
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on host:port (every address host resolves to); returns the first bound address."""
-        self.server = await asyncio.start_server(self.serve, host, port, limit=READ_SIZE)
+    async def start(self, host: str, port: int, sock=None) -> tuple[str, int]:
+        """Listen on host:port (every address host resolves to), or on sock; returns the first bound address."""
+        if sock is not None:  # the one a master upgrade carried across its exec
+            self.server = await asyncio.start_server(self.serve, sock=sock, limit=READ_SIZE)
+        else:
+            self.server = await asyncio.start_server(self.serve, host, port, limit=READ_SIZE)
         return self.server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:

@@ -102,18 +102,15 @@ class Supervisor:
         the master never waits for it. It is watched from forked() on; until then its channel keeps what it sends.
         """
         w = self._spawn(slot, self.generation)
-        self.table[w.pid] = w
-        self._all_gone.clear()
-        if not w.pending:
-            self._watch(w)
-        self.dispatcher.set_links([r.link for r in self.records()])
+        self.adopt(w)
+        log.debug("spawned worker slot=%d pid=%d generation=%d", slot, w.pid, w.generation)
         return w
 
     def _watch(self, w: WorkerProcess) -> None:
-        """Read its channel and see its exit."""
-        self.loop.add_reader(w.channel.fileno(), self._on_channel, w)
+        """Read its channel (unless it has ended) and see its exit."""
+        if w.channel.fileno() >= 0:
+            self.loop.add_reader(w.channel.fileno(), self._on_channel, w)
         self.loop.add_reader(w.exit_fd, self._on_exit, w)
-        log.debug("spawned worker slot=%d pid=%d generation=%d", w.slot, w.pid, w.generation)
 
     def forked(self, w: WorkerProcess, proc, exit_fd: int) -> None:
         """The zygote said which process it forked for w: key the record by its pid and watch it."""
@@ -148,6 +145,17 @@ class Supervisor:
             w.ready.set_exception(BootError("its fork did not happen"))
             w.ready.exception()  # retrieved: nobody may be waiting
         self._gone(w, None)
+
+    def adopt(self, w: WorkerProcess) -> None:
+        """Put a started worker in the table and watch it (also one a master upgrade carried).
+
+        A worker forked by a zygote whose pid is still pending is watched from forked() on.
+        """
+        self.table[w.pid] = w
+        self._all_gone.clear()
+        if not w.pending:
+            self._watch(w)
+        self.dispatcher.set_links([r.link for r in self.records()])
 
     def _read_channel(self, w: WorkerProcess) -> bool:
         """Act on every message waiting on w's channel; False once the channel has ended.
@@ -241,6 +249,9 @@ class Supervisor:
             return
         self.loop.remove_reader(w.exit_fd)
         os.close(w.exit_fd)
+        if w.board_fd >= 0:  # the master's mapping of its board stays for the figures it folds
+            os.close(w.board_fd)
+            w.board_fd = -1
         self._read_channel(w)  # its last refusals and final heartbeat, before evicting and folding
         code = w.proc.returncode
         if not w.ready.done():

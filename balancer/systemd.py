@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -50,18 +51,30 @@ class Notifier:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             log.debug("systemd notify socket %s, watchdog every %gs", address, self.watchdog_every)
 
-    def send(self, *fields: str) -> bool:
-        """One datagram of KEY=VALUE lines; a failure is logged, never raised: serving matters more."""
+    def send(self, *fields: str, fds: list[int] = ()) -> bool:
+        """One datagram of KEY=VALUE lines (and fds); a failure is logged, never raised: serving matters more."""
         if self.sock is None:
             return False
         try:
-            self.sock.sendto("\n".join(fields).encode(), self.address)
+            if fds:
+                self.sock.sendmsg(["\n".join(fields).encode()],
+                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], 0, self.address)
+            else:
+                self.sock.sendto("\n".join(fields).encode(), self.address)
         except OSError as exc:
             log.log(logging.DEBUG if self._failed else logging.WARNING, "systemd notify %s failed: %s",
                     fields[0], exc)
             self._failed = True
             return False
         return True
+
+    def store_fds(self, fds: list[int], name: str) -> bool:
+        """FDSTORE=1: systemd keeps copies of fds and hands them back (LISTEN_FDS) to the service's next start.
+
+        Only with FileDescriptorStoreMax= in the unit (systemd ignores them otherwise): a listener kept there
+        outlives a crash and an automatic restart, so connections queue in its backlog instead of being refused.
+        """
+        return bool(fds) and self.send("FDSTORE=1", f"FDNAME={name}", fds=fds)
 
     def ready(self, status: str) -> None:
         """Started, or a reload finished: systemd considers the service up from now on."""

@@ -330,10 +330,12 @@ def make_worker(slot: int, generation: int, pid: int, now: float,
     board_fd, master_board = board.create(f"fake-board-slot-{slot}")
     try:
         worker_board = board.attach(board_fd)  # its own mapping of the same memfd, as a worker process has
-    finally:
+    except BaseException:
         os.close(board_fd)
+        raise
     exit_r, exit_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     fake = FakeWorker(slot, generation, pid, worker_end, worker_board, exit_w, on_serve)
     record = WorkerProcess(slot, generation, FakeProc(pid, fake), master_end, Link(slot, master_end, master_board),
                            exit_r, now=now)
+    record.board_fd = board_fd  # kept as spawn_process keeps it: a master upgrade maps the board again from it
     return record, fake

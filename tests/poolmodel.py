@@ -388,7 +388,8 @@ class PoolModel:
 
     def check_monotonic(self) -> None:
         """Counters never go backwards."""
-        for key, value in self.sup.restarts.items():
+        for key in set(self.restarts_seen) | set(self.sup.restarts):  # a key that vanished went back to 0
+            value = self.sup.restarts[key]
             assert value >= self.restarts_seen[key], f"restarts{key} went from {self.restarts_seen[key]} to {value}"
         self.restarts_seen = Counter(self.sup.restarts)
         for name, value in (("generation", self.sup.generation), ("failed_generation", self.sup.failed_generation),

@@ -235,6 +235,8 @@ class FakeMaster:
         self.config = type("Config", (), {"metrics_bind": "127.0.0.1:0"})()
         self.accepted, self.accept_errors, self.stopping, self.started = 0, {}, False, time.time()
         self.coalesced, self.draining = 0, False
+        self.upgrader = type("Upgrader", (), {"upgrades": 0, "exec_started": self.started,
+                                              "carried_service": staticmethod(lambda name: None)})()
         self.dispatcher = type("Dispatcher", (), {"redispatched": 0})()
         sup = self.supervisor = type("Supervisor", (), {})()
         sup.slots, sup.target, sup.live, sup.restarts = [None, None], 2, [], collections.Counter()

@@ -25,8 +25,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from balancer.master import TICK
+from balancer.process import Phase
 from tests.fakezygote import FakeZygote
 from tests.poolmodel import PoolModel
+from tests.upgrademodel import upgrade_pool
 
 # A passing run takes about 15 s; a failing one may shrink for up to hypothesis's own 5-minute limit, which
 # must end before this one or the minimal failing sequence is never printed.
@@ -169,6 +171,15 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
     def scale(self, n):
         """SIGTTIN/SIGTTOU or `balancer scale N` (also during a reload)."""
         self.call(self.sup.scale, n)
+        self.pump()
+
+    @rule()
+    @precondition(lambda self: not self.done and not self.sup._reload_waiters
+                  and not any(w.phase is Phase.BOOTING for w in self.sup.table.values()))
+    @guarded
+    def upgrade(self):
+        """SIGUSR2 or `balancer upgrade` (refused while a worker boots): the table crosses an exec as JSON."""
+        upgrade_pool(self)
         self.pump()
 
     @rule()
@@ -399,3 +410,23 @@ def test_preload_a_zygote_dying_between_answering_a_fork_and_handing_it_over_lea
             m.time_passes(dt=TICK, boots=True, arrivals=[])
         m.promises()
         assert m.zygotes.spawned == 1 and all(w is not None for w in m.sup.slots)
+def test_a_worker_whose_loop_blocks_after_an_upgrade_still_times_out():
+    """Found by the upgrade rule: adopted records took their heartbeat time from another clock than the
+    supervisor's, so a worker blocked after the upgrade never reached --timeout and the pool never converged."""
+    with model() as m:
+        m.upgrade()
+        m.promises()
+        m.misbehave(i=0, what="blocked")
+        m.promises()
+
+
+def test_a_worker_whose_channel_ended_before_an_upgrade_gets_nothing_after_it():
+    """Found by the upgrade rule: a live worker whose channel had ended was adopted as sendable, and the next
+    hand-off went to a closed socket."""
+    with model() as m:
+        m.misbehave(i=0, what="lose_channel")
+        m.promises()
+        m.upgrade()
+        m.promises()
+        m.accept(sizes=[1])
+        m.promises()

@@ -1,0 +1,401 @@
+"""Upgrading the master in place (SIGUSR2, `balancer upgrade`): preflight, quiesce, execve itself, adopt.
+
+The master owns every listener, worker channel and ack board as an fd, so it can re-exec its own pid with
+them: its workers stay its children (waitpid and pidfds stay exact), the kernel backlog holds new connections
+for the few milliseconds accepting is paused, and the counters continue from the state it hands itself
+(balancer/upgrade_state.py). A preflight child imports the new code and parses the configuration first: when
+that fails, nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from balancer import upgrade_state
+from balancer.backoff import Backoff
+from balancer.board import HANDLED, attach, unpack
+from balancer.dispatch import Link
+from balancer.listeners import Listener
+from balancer.process import Phase, WorkerProcess
+from balancer.signals import HANDLED_SIGNALS
+# A carried worker has no Popen, but it is still our child: waitpid tells its end exactly, as for a forked one.
+from balancer.zygote_process import ForkedChild
+
+log = logging.getLogger("balancer")
+
+QUIESCE_TIMEOUT = 1.0  # seconds to wait for the acks of the batch in flight before giving the upgrade up
+PREFLIGHT_TIMEOUT = 60.0  # seconds the preflight child has to import the new code and parse the options
+# The interpreter the master re-execs (default: its own): for tests, a path whose exec fails.
+EXECUTABLE_ENV = "BALANCER_UPGRADE_EXECUTABLE"
+
+
+class Upgrader:
+    """The master's upgrade: refuses, runs the preflight, quiesces, execs; and, in the new image, adopts."""
+
+    def __init__(self, master) -> None:
+        self.master = master
+        self.upgrades = 0  # balancer_master_upgrades_total: execs of this master since it started
+        self.exec_started = time.time()  # balancer_master_start_time_seconds: this image's exec
+        self.children: set[int] = set()  # preflight children and carried workers not yet in the table
+        self.running: asyncio.Future | None = None
+        self.state: dict | None = None  # what the previous image handed over, until adopted
+        self.metrics_bases: dict | None = None  # the exited workers' counters, for the metrics endpoint once it runs
+        self.paused_ms = 0.0  # how long the upgrade that started this image kept accepting paused
+        self.paused_cpu_ms = 0.0  # and the CPU time this process spent meanwhile (exec, imports, adoption)
+
+    # ---- the new image --------------------------------------------------------------------------
+
+    def take(self) -> dict | None:
+        """The state the previous image left in $BALANCER_UPGRADE_STATE, or None at a plain start."""
+        state = upgrade_state.take_from_environ()
+        if state is None:
+            return None
+        self.state = state
+        log.debug("upgrade: new image reading its state %.1f ms (%.1f ms of CPU) after accepting paused",
+                  (time.monotonic() - state.get("paused_at", time.monotonic())) * 1000,
+                  (cpu_seconds() - state.get("paused_cpu", cpu_seconds())) * 1000)
+        self.children.update(w["pid"] for w in state["carried"]["workers"])
+        return state
+
+    def adopt_listeners(self) -> list[Listener]:
+        """The listening sockets the previous image had, same fds, nothing bound again."""
+        out = []
+        for item in self.state["carried"]["listeners"]:
+            sock = socket.socket(item["family"], socket.SOCK_STREAM, 0, item["fd"])
+            os.set_inheritable(item["fd"], False)
+            identity = tuple(item["identity"]) if item.get("identity") else None
+            out.append(Listener(sock, item["label"], item.get("unlink", ""), identity, item.get("systemd_fd")))
+        return out
+
+    def carried_service(self, name: str) -> tuple[socket.socket, dict] | None:
+        """The control socket or metrics endpoint the previous image listened on (once), with what it kept."""
+        if self.state is None:
+            return None
+        item = self.state["carried"].get("services", {}).pop(name, None)
+        if item is None:
+            return None
+        os.set_inheritable(item["fd"], False)
+        return socket.socket(item["family"], socket.SOCK_STREAM, 0, item["fd"]), item
+
+    def adopt_pool(self) -> None:
+        """Put the previous image's workers in the table and continue its counters; a foreign state rolls them."""
+        master, state = self.master, self.state
+        if adopt_pool(master.supervisor, state):
+            self._continue_counters(state["detail"])
+            self.metrics_bases = state["detail"].get("metrics")
+        else:
+            log.warning("upgrade: state version %s from the previous image, this one reads %d: listeners "
+                        "adopted, its %d workers rolled as the previous generation", state.get("version"),
+                        upgrade_state.VERSION, len(state["carried"]["workers"]))
+        self.children.clear()
+        master.booted = True
+        master.supervisor.changed()
+        self.paused_ms = (time.monotonic() - state["paused_at"]) * 1000 if "paused_at" in state else 0.0
+        # CPU time goes on across execve: what the pause cost this process, whatever else the machine runs.
+        self.paused_cpu_ms = (cpu_seconds() - state["paused_cpu"]) * 1000 if "paused_cpu" in state else 0.0
+
+    def _continue_counters(self, detail: dict) -> None:
+        """The previous image's counters, so that no counter goes back across the exec."""
+        master = self.master
+        m = detail["master"]
+        master.accepted, master.accept_errors = m["accepted"], m["accept_errors"]
+        master.paused_seconds, master.coalesced, master.started = m["paused_seconds"], m["coalesced"], m["started"]
+        master.reaper.reaped = m["reaped"]
+        master.reopen_pending.update(m["reopen_pending"])
+        self.upgrades = m["upgrades"]
+        for sig in m["signals"]:  # asked for while the previous image was upgrading: acted on now
+            master.signals.put_nowait(sig)
+
+    def resumed(self) -> None:
+        """Accepting again in the new image: say how long it was paused; answer a waiting `balancer upgrade`."""
+        state, self.state = self.state, None
+        metrics = next((svc for svc in self.master.services if hasattr(svc, "bases")), None)
+        if metrics is not None and self.metrics_bases:
+            from balancer.upgrade_metrics import load_bases
+
+            load_bases(metrics, self.metrics_bases)
+        self.metrics_bases = None
+        paused_ms = self.paused_ms
+        self.upgrades += 1
+        log.info("upgrade: master re-executed in place (pid %d, upgrade %d); accepting paused %.1f ms "
+                 "(%.1f ms of CPU)", os.getpid(), self.upgrades, paused_ms, self.paused_cpu_ms)
+        for fd in state["carried"].get("replies", ()):
+            reply = {"ok": True, "pid": os.getpid(), "upgrades": self.upgrades, "paused_ms": round(paused_ms, 1),
+                     "paused_cpu_ms": round(self.paused_cpu_ms, 1)}
+            try:
+                os.write(fd, json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass  # the client gave up waiting
+            finally:
+                os.close(fd)
+
+    # ---- the old image --------------------------------------------------------------------------
+
+    def refusal(self) -> str:
+        """Why the master cannot upgrade now ('' when it can)."""
+        master = self.master
+        if master.zygotes is not None:
+            return "not with --preload: its zygotes cannot be carried across the exec yet; restart the service"
+        if master.run_as is not None:
+            return "not with --user: the re-executed master could not become that user again; restart the service"
+        if not master.booted or master.stopping or master.supervisor is None:
+            return "the master is starting or stopping"
+        sup = master.supervisor
+        if sup._reload_waiters or any(w.phase is Phase.BOOTING for w in sup.table.values()):
+            return "a worker is booting (reload, respawn or scale under way): try again once it is ready"
+        if self.running is not None and not self.running.done():
+            return "an upgrade is under way already"
+        return ""
+
+    def start(self, reply: socket.socket | None = None, on_checked=None) -> asyncio.Future:
+        """Begin an upgrade; the future ends with the one line saying why it did not happen.
+
+        It never ends in this image when the upgrade succeeds: the exec replaces it (the new image answers reply).
+        on_checked is called once the preflight passed, before anything else happens.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        why = self.refusal()
+        if why:
+            log.warning("upgrade refused: %s", why)
+            future.set_result(why)
+            return future
+        self.running = asyncio.ensure_future(self._upgrade(reply, on_checked))
+        self.running.add_done_callback(lambda task: future.set_result(
+            task.result() if not task.cancelled() else "cancelled"))
+        return future
+
+    async def _upgrade(self, reply: socket.socket | None, on_checked) -> str:
+        """Preflight, quiesce, exec; the reason it failed (the old image serves on)."""
+        try:
+            return await self._try_upgrade(reply, on_checked)
+        except Exception as exc:  # out of fds, processes or memory on the way: nothing was handed over
+            log.exception("upgrade failed, the old image serves on")
+            self.master.notifier.ready(self.master.serving_status())
+            self.master._on_capacity()
+            return f"{type(exc).__name__}: {exc}"
+
+    async def _try_upgrade(self, reply: socket.socket | None, on_checked) -> str:
+        """_upgrade's steps; an exception means nothing was handed over."""
+        master = self.master
+        log.info("upgrade: checking the new code and configuration in a child process")
+        why = await self.preflight()
+        if not why and (master.stopping or self.refusal_after_preflight()):
+            why = "the master began stopping or reloading meanwhile"
+        if why:
+            log.error("upgrade failed, nothing changed: %s", why)
+            return why
+        if on_checked is not None:
+            on_checked()
+        master.notifier.reloading("upgrading the master in place")
+        paused_at = time.monotonic()
+        quiet = await self.quiesce()
+        # The loop kept acting on signals meanwhile: a stop or a reload that began wins over the upgrade.
+        if not quiet or master.stopping or self.refusal_after_preflight():
+            master._on_capacity()
+            why = (f"the workers did not acknowledge the connections in flight within {QUIESCE_TIMEOUT:g}s"
+                   if not quiet else "the master began stopping or reloading meanwhile")
+            log.error("upgrade failed, nothing changed: %s", why)
+            master.notifier.ready(master.serving_status())
+            return why
+        why = self.exec_new_image(paused_at, reply)
+        log.error("upgrade failed, the old image serves on: %s", why)
+        master.notifier.ready(master.serving_status())
+        master._on_capacity()
+        return why
+
+    def refusal_after_preflight(self) -> bool:
+        """True when the pool changed shape during the preflight (a reload, a respawn)."""
+        sup = self.master.supervisor
+        return bool(sup._reload_waiters) or any(w.phase is Phase.BOOTING for w in sup.table.values())
+
+    async def preflight(self) -> str:
+        """Run `python -m balancer.upgrade_check ARGV` in a child; '' when the new code imports and the options parse."""
+        import tempfile  # here: the new image has no use for it before it accepts again
+
+        cmd = [sys.executable, "-m", "balancer.upgrade_check", *sys.argv[1:]]
+        loop = asyncio.get_running_loop()
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+            self.children.add(proc.pid)  # the orphan reaper must leave its exit status to us
+            try:
+                pidfd = os.pidfd_open(proc.pid)
+                exited = loop.create_future()
+                loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+                try:
+                    await asyncio.wait_for(exited, PREFLIGHT_TIMEOUT)
+                except asyncio.TimeoutError:
+                    proc.kill()
+                    return f"the preflight took longer than {PREFLIGHT_TIMEOUT:g}s"
+                finally:
+                    loop.remove_reader(pidfd)
+                    os.close(pidfd)
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                self.children.discard(proc.pid)
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+        if code == 0:
+            return ""
+        return f"the new code or configuration fails: {lines[-1] if lines else f'exit code {code}'}"
+
+    async def quiesce(self) -> bool:
+        """Stop accepting; wait until every fd handed out is acked and none waits for a worker (True)."""
+        master = self.master
+        dispatcher = master.dispatcher
+        deadline = time.monotonic() + QUIESCE_TIMEOUT
+        while True:
+            # Again at every turn: a worker's READY, or the tick, resumes accepting when there is room.
+            master._pause()
+            for name in ("_coalesce_timer", "_capacity_poll"):
+                timer = getattr(master, name)
+                if timer is not None:
+                    timer.cancel()
+                    setattr(master, name, None)
+            dispatcher.collect_all()
+            dispatcher.retry_homeless()
+            if not dispatcher.homeless and all(not link.unacked and not link.sent for link in dispatcher.links):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.001)
+
+    def exec_new_image(self, paused_at: float, reply: socket.socket | None) -> str:
+        """Hand the state over and execve; returns only if the exec failed (why), with everything as it was."""
+        from balancer.upgrade_capture import capture
+
+        master = self.master
+        pending = []
+        while not master.signals.empty():
+            pending.append(master.signals.get_nowait())
+        reply_fd = os.dup(reply.fileno()) if reply is not None else -1
+        state = capture(master, self, paused_at, pending, [reply_fd] if reply_fd >= 0 else [])
+        fds = survivors(state)
+        state_fd = upgrade_state.write_memfd(upgrade_state.encode(state))
+        env = dict(os.environ, **{upgrade_state.ENV: str(state_fd)}, **notify_env(master.notifier))
+        executable = os.environ.get(EXECUTABLE_ENV) or sys.executable
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        # Held across the exec: the new image's loop receives them once it handles them (balancer/launch.py).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        try:
+            os.execve(executable, sys.orig_argv, env)
+        except OSError as exc:
+            why = f"exec {executable}: {exc.strerror}"
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        os.close(state_fd)
+        if reply_fd >= 0:
+            os.close(reply_fd)
+        for sig in pending:
+            master.signals.put_nowait(sig)
+        return why
+
+
+def adopt_pool(sup, state: dict, process=ForkedChild, exit_fd=os.pidfd_open) -> bool:
+    """Put a state's workers in a new supervisor's table and continue its counters; False for a foreign state.
+
+    A foreign state's workers are adopted as generation -1 under generation 0: the pool rolls them as a reload
+    does, each slot's old worker serving until its replacement is ready. process and exit_fd make a worker's
+    process object and exit fd from its pid (tests/poolmodel.py passes its fakes').
+    """
+    same = upgrade_state.compatible(state)
+    detail = state.get("detail", {}) if same else {}
+    per_pid = {w["pid"]: w for w in detail.get("workers", ())}
+    for item in state["carried"]["workers"]:
+        pid = item["pid"]
+        sup.adopt(adopt_worker(item, per_pid.get(pid, {}), None if same else -1, process(pid), exit_fd(pid),
+                               sup.clock()))
+    if same:
+        s = detail["supervisor"]
+        sup.generation, sup.failed_generation, sup.target = s["generation"], s["failed_generation"], s["target"]
+        for slot, reason, n in s["restarts"]:
+            sup.restarts[(slot, reason)] = n
+        for slot, failures in s["backoffs"]:
+            sup.backoffs.setdefault(slot, Backoff()).failures = failures
+        sup.not_before.update({slot: at for slot, at in s["not_before"]})
+        sup.dispatcher.redispatched = s["redispatched"]
+    else:
+        sup.generation = 0
+    sup.started_up = True
+    return same
+
+
+def adopt_worker(item: dict, detail: dict, generation: int | None, proc, exit_fd: int, now: float) -> WorkerProcess:
+    """A worker record for a carried worker: its channel and board fds as they were, a new exit fd (pidfd).
+
+    Its times are the supervisor's clock (CLOCK_MONOTONIC goes on across execve): a worker whose heartbeat
+    stopped before the exec still times out when it would have.
+    """
+    if item.get("channel_fd") is not None:
+        channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, item["channel_fd"])
+        os.set_inheritable(item["channel_fd"], False)
+        channel.setblocking(False)
+    else:  # a draining worker whose channel had ended
+        channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        channel.close()
+    board_fd = item["board_fd"]
+    os.set_inheritable(board_fd, False)
+    board = attach(board_fd)
+    link = Link(item["slot"], channel, board)
+    word = board[HANDLED]  # every handoff sent was handled before the exec (quiesce): start from the board
+    handled, refused = unpack(word)
+    link.seen_word, link.sent_msgs, link.refused_seen = word, handled, refused
+    link.acked_total = item.get("acked_total", 0)
+    # Its channel ended (or a send found it gone) before the exec: nothing may be sent to it; its reap follows.
+    link.channel_lost = bool(item.get("channel_lost")) or item.get("channel_fd") is None
+    link.dispatched = detail.get("dispatched", 0)
+    w = WorkerProcess(item["slot"], detail.get("generation", generation if generation is not None else 0),
+                      proc, channel, link, exit_fd, now=detail.get("started", now))
+    w.board_fd = board_fd
+    w.started_wall = detail.get("started_wall", w.started_wall)
+    w.beat = detail.get("beat", {})
+    w.reason, w.recycle, w.kill_at = detail.get("reason", ""), detail.get("recycle", False), detail.get("kill_at", 0.0)
+    w.last_beat = detail.get("last_beat", now)
+    w.phase = Phase.DRAINING if item.get("phase") == "draining" else Phase.READY
+    if not w.ready.done():
+        w.ready.set_result(True)
+    return w
+
+
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process so far (they go on across execve)."""
+    times = os.times()
+    return times.user + times.system
+
+
+def survivors(state: dict) -> list[int]:
+    """Every fd the state names: these must survive the exec."""
+    carried = state["carried"]
+    fds = [item["fd"] for item in carried["listeners"]]
+    fds += [item["fd"] for item in carried.get("services", {}).values()]
+    for w in carried["workers"]:
+        fds.append(w["board_fd"])
+        if w.get("channel_fd") is not None:
+            fds.append(w["channel_fd"])
+    return fds + list(carried.get("replies", ()))
+
+
+def notify_env(notifier) -> dict:
+    """NOTIFY_SOCKET and the watchdog for the new image, which speaks for the same service (same MAINPID)."""
+    if not notifier.address:
+        return {}
+    address = notifier.address
+    out = {"NOTIFY_SOCKET": "@" + address[1:].decode() if isinstance(address, bytes) else address}
+    if notifier.watchdog_every:
+        out.update(WATCHDOG_USEC=str(int(notifier.watchdog_every * 2e6)), WATCHDOG_PID=str(os.getpid()))
+    return out
