@@ -174,11 +174,12 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
         self.pump()
 
     @rule()
-    @precondition(lambda self: not self.done and not self.sup._reload_waiters
+    @precondition(lambda self: not self.done and not self.preload and not self.sup._reload_waiters
                   and not any(w.phase is Phase.BOOTING for w in self.sup.table.values()))
     @guarded
     def upgrade(self):
-        """SIGUSR2 or `balancer upgrade` (refused while a worker boots): the table crosses an exec as JSON."""
+        """SIGUSR2 or `balancer upgrade` (refused while a worker boots, and under --preload, as the real master
+        refuses it): the table crosses an exec as JSON."""
         upgrade_pool(self)
         self.pump()
 
