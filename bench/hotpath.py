@@ -12,7 +12,7 @@ of start-up. The client's share (one send and a few receives per connection) is 
 
   plain    aiohttp's Server as gunicorn's aiohttp worker runs it (no access log)
   observe  the worker's request observation (workers/observe.py): start time, per-method counts, the latency
-           histogram, the in-flight gauge, via a RequestHandler whose log_access() is the observer's finish()
+           histogram, the in-flight gauge, via the worker's RequestHandler (serve_request() and log_access())
   proxy    the worker's proxy-header check in the request factory (workers/forwarded.py)
 
 Needs valgrind (apt-get install valgrind). Nothing here asserts a figure.
@@ -52,10 +52,10 @@ async def serve(variant: str, connections: int, per_connection: int) -> None:
         settings = {"header_timeout": 10, "body_timeout": 10, "body_min_rate": 500, "client_max_size": 1 << 20}
         stats = RequestStats()
         observer = Observer(stats, Limits(settings, stats, loop), lambda: None)
-        server.request_handler = observer.wrap(server.request_handler)
-        factory = observer.protocol_factory(server, loop)
     if "proxy" in variant:
         server.request_factory = ProxyHeaders("127.0.0.1").wrap(server.request_factory)
+    if "observe" in variant:  # the worker's connections: the request factory above is read as each one is made
+        factory = observer.protocol_factory(server, loop, request_factory=server.request_factory)
     for _ in range(connections):
         ours, theirs = socket.socketpair()
         ours.setblocking(False)

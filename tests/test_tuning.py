@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from tests.harness import Balancer
-from balancer_workers import tuning
+from balancer_workers import aiohttp_compat, tuning
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,8 +43,8 @@ def test_the_second_nodelay_is_skipped_only_for_uvloop_transports(monkeypatch):
 
     calls = []
     monkeypatch.setattr(base_protocol, "tcp_nodelay", lambda transport, value: calls.append(type(transport)))
-    tuning.skip_second_nodelay()
-    tuning.skip_second_nodelay()  # a second call must not wrap the wrapper
+    aiohttp_compat.skip_second_nodelay()
+    aiohttp_compat.skip_second_nodelay()  # a second call must not wrap the wrapper
 
     async def serve_one() -> None:
         loop = asyncio.get_running_loop()

@@ -9,8 +9,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from aiohttp import hdrs, web
-from aiohttp.web_urldispatcher import UrlMappingMatchInfo
+from aiohttp import web
+
+from balancer_workers.aiohttp_compat import routerless, set_client_max_size
 
 
 class BackendError(Exception):
@@ -116,34 +117,9 @@ def handler_app(handler, client_max_size: int = 0) -> Backend:
 
 
 def skip_router(backend: Backend):
-    """A request handler for a bare-handler backend that does Application._handle's work without the router.
-
-    The route takes every request, so resolving it only costs time: ~9% of a keep-alive request's worker CPU
-    (py-spy). The handler still gets a web.Request with match_info, app and Expect: 100-continue handled.
-    Returns the handler's coroutine rather than wrapping it in one of its own, which would cost a frame.
-    """
-    app, route = backend.app, backend.route
-    handler, expect = route.handler, route.handle_expect_header
-
-    def dispatch(request: web.Request):
-        match_info = UrlMappingMatchInfo({}, route)  # one per request: handlers may write to it
-        match_info.add_app(app)
-        match_info.freeze()
-        request._match_info = match_info
-        if request.headers.get(hdrs.EXPECT):
-            return _expect_then_handle(request, expect, handler)
-        return handler(request)
-
-    return dispatch
-
-
-async def _expect_then_handle(request: web.Request, expect, handler):
-    """Answer Expect: 100-continue the way aiohttp's Application does, then run the handler."""
-    response = await expect(request)
-    await request.writer.drain()
-    if response is not None:
-        return response
-    return await handler(request)
+    """A request handler for a bare-handler backend: Application._handle's work without the router (~9% of a
+    keep-alive request's worker CPU), from workers/aiohttp_compat.py."""
+    return routerless(backend.app, backend.route)
 
 
 def limit_body(app: web.Application, client_max_size: int) -> Backend:
@@ -155,7 +131,7 @@ def limit_body(app: web.Application, client_max_size: int) -> Backend:
     """
     if not client_max_size:
         return Backend(app)
-    app._client_max_size = client_max_size  # no public setter; aiohttp reads it for every request it makes
+    set_client_max_size(app, client_max_size)
     return Backend(app, size_origin=EXPLICIT)
 
 

@@ -32,15 +32,6 @@ class EdgeError(Exception):
     """The TLS files could not be loaded: this worker cannot serve (a boot error)."""
 
 
-def proxied(server, address: tuple[str, int]):
-    """aiohttp's protocol for one connection, reporting the PROXY header's client as its peer."""
-    handler = server()
-    # RequestHandler.peername is a cached property kept in _cache: request.remote and the access log read it.
-    # The transport still tells the real peer (the proxy): request.transport.get_extra_info("peername").
-    handler._cache["peername"] = address
-    return handler
-
-
 class Edge:
     """One worker's PROXY-protocol and TLS settings, and the connections going through them."""
 
@@ -86,7 +77,9 @@ class Edge:
     def attach(self, sock: socket.socket, deadline: float, address: tuple[str, int] | None = None) -> None:
         """Hand sock to aiohttp's protocol, through a TLS handshake bounded by what is left of the deadline."""
         server = self.connections.server
-        factory = server if address is None else functools.partial(proxied, server, address)
+        # With the PROXY header's client as the connection's peer: request.remote and the access log read it.
+        # The transport still tells the real peer (the proxy): request.transport.get_extra_info("peername").
+        factory = server if address is None else functools.partial(server, address)
         connect = self.loop.connect_accepted_socket
         if self.tls is None:
             self.connections.drive(connect(factory, sock), sock)

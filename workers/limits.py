@@ -9,6 +9,8 @@ from collections import deque
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from balancer_workers.aiohttp_compat import body_buffer, replace_body_buffer, unread_bytes
+
 SWEEP = 0.25  # seconds between deadline sweeps: every deadline is kept to within this
 LOG_WINDOW = 10.0  # seconds over which repeated error lines are counted against LOG_BURST
 LOG_BURST = 5  # lines of one kind per LOG_WINDOW; the rest become one summary line
@@ -29,46 +31,34 @@ class Limits:
         self.body_timeout = settings.get("body_timeout", 0.0)
         # The least a body must bring per window; with a rate of 0 the window is an idle timeout (1 byte).
         self.body_window_bytes = max(1, int(settings.get("body_min_rate", 0) * self.body_timeout))
-        # protocol -> monotonic deadline for its first request's headers. Insertion order is deadline order
-        # (one fixed timeout), so the sweep pops expired ones from the front.
+        # protocol -> monotonic deadline for its first request's headers, set as each connection is made
+        # (workers/observe.py). Insertion order is deadline order (one fixed timeout), so the sweep pops expired
+        # ones from the front.
         self.deadlines: dict = {}
-        # body stream -> (end of its current window, total_bytes at the window's start); ordered as above.
+        # body stream -> (end of its current window, total_bytes at the window's start, its connection's
+        # protocol); ordered as above.
         self.bodies: dict = {}
         self.server_log = ServerLog(stats, loop.time)
 
-    # ---- per connection ----------------------------------------------------------------------
-
-    def watch_headers(self, protocol) -> None:
-        """A connection opened: its first request's headers must arrive within --header-timeout."""
-        self.deadlines[protocol] = self.loop.time() + self.header_timeout
-        # aiohttp arms its keep-alive timer at connection start too, and that timer would cut these headers at
-        # --keepalive-timeout. With _keepalive off it does nothing when it fires; aiohttp sets _keepalive
-        # again from the first response, so the keep-alive timeout governs only the idle time between requests.
-        protocol._keepalive = False
-
     # ---- per request with a body ---------------------------------------------------------------
 
-    def watch_body(self, request: web.Request):
-        """Enforce the body size limit and deadline on request's body; the stream to release, or None."""
+    def watch_body(self, request: web.Request, protocol, stream) -> None:
+        """Enforce the body size limit and deadline on request's body, stream (released by release_body)."""
         limit = request.client_max_size  # 0: the app asked for no limit, as aiohttp's read() takes it
         length = request.content_length
         if limit and length is not None and length > limit:
             raise closing(self.too_large(limit, length))
-        stream = request._payload
         if limit and length is None:  # chunked: only counting what arrives can tell
             if stream.total_bytes > limit:
                 if not stream.is_eof():
-                    self._refuse(stream)
+                    refuse(stream, protocol)
                 raise closing(self.too_large(limit, stream.total_bytes))
             if not stream.is_eof():
                 # Counted where aiohttp's parser feeds the stream, not by a second reader of it: aiohttp reads
                 # what a handler left unread after answering, and two readers of one stream collide.
-                stream._buffer = SizeLimit(stream, limit, self)
-        if stream.is_eof():
-            return None  # all here already: nothing to wait for
-        if self.body_timeout:
-            self.bodies[stream] = (self.loop.time() + self.body_timeout, stream.total_bytes)
-        return stream
+                replace_body_buffer(stream, lambda buffer: SizeLimit(buffer, stream, protocol, limit, self))
+        if self.body_timeout and not stream.is_eof():  # all here already: nothing to wait for
+            self.bodies[stream] = (self.loop.time() + self.body_timeout, stream.total_bytes, protocol)
 
     def too_large(self, limit: int, size: int) -> web.HTTPRequestEntityTooLarge:
         """The 413 for a body of size bytes, naming the limit and where it was set."""
@@ -79,16 +69,11 @@ class Limits:
     def release_body(self, stream) -> None:
         """The request ended: stop watching its body, and end a body cut off at the size limit."""
         self.bodies.pop(stream, None)
-        buffer = stream._buffer
+        buffer = body_buffer(stream)
         if type(buffer) is SizeLimit and buffer.passed and not stream.is_eof():
             # Only now, outside aiohttp's parser: EOF tells aiohttp not to read the rest after the response
             # (a read would raise the 413 again, logged as an unhandled exception).
             stream.feed_eof()
-
-    def _refuse(self, stream) -> None:
-        """Read no more of this body: its connection parses nothing more and closes after the answer."""
-        stream._protocol.close()
-        stream.feed_eof()  # and aiohttp does not wait for the rest after the answer either
 
     # ---- the sweep -----------------------------------------------------------------------------
 
@@ -106,25 +91,25 @@ class Limits:
             protocol.force_close()
         bodies = self.bodies
         while bodies:
-            stream, (deadline, mark) = next(iter(bodies.items()))
+            stream, (deadline, mark, protocol) = next(iter(bodies.items()))
             if deadline > now:
                 break
             del bodies[stream]
-            if mark != CUT and (stream.is_eof() or stream._exception is not None):
+            if mark != CUT and (stream.is_eof() or stream.exception() is not None):
                 continue  # it all arrived, or it failed (413, client gone): nothing left to wait for
             if mark == CUT:  # answered 408 a window ago and still not finished: the handler ignored it
-                stream._protocol.force_close()
+                protocol.force_close()
                 continue
             # A stream with unread bytes is waiting for the handler, not for the client; one paused for the
             # same reason (aiohttp stops reading at its high-water mark) brings nothing in the meantime.
-            if stream.total_bytes - mark >= self.body_window_bytes or stream._size:
-                bodies[stream] = (now + self.body_timeout, stream.total_bytes)
+            if stream.total_bytes - mark >= self.body_window_bytes or unread_bytes(stream):
+                bodies[stream] = (now + self.body_timeout, stream.total_bytes, protocol)
                 continue
             self.stats.body_timeouts += 1
             # The exception before the EOF: a read woken by the EOF alone would see the body as complete.
             stream.set_exception(closing(web.HTTPRequestTimeout()))  # the handler's read raises it: a 408 answer
-            self._refuse(stream)
-            bodies[stream] = (now + self.body_timeout, CUT)
+            refuse(stream, protocol)
+            bodies[stream] = (now + self.body_timeout, CUT, protocol)
         self.server_log.flush(now)
 
 
@@ -134,15 +119,23 @@ def closing(answer: web.HTTPException) -> web.HTTPException:
     return answer
 
 
+def refuse(stream, protocol) -> None:
+    """Read no more of this body: its connection parses nothing more and closes after the answer."""
+    protocol.close()
+    stream.feed_eof()  # and aiohttp does not wait for the rest after the answer either
+
+
 class SizeLimit(deque):
     """A body stream's buffer that fails the stream with 413 once more than limit bytes are fed to it."""
 
-    # aiohttp's StreamReader.feed_data appends each piece to its _buffer, then adds it to total_bytes.
-    __slots__ = ("stream", "limit", "limits", "passed")
+    # aiohttp's StreamReader.feed_data appends each piece to its buffer, then adds it to total_bytes
+    # (workers/aiohttp_compat.py checks that).
+    __slots__ = ("stream", "protocol", "limit", "limits", "passed")
 
-    def __init__(self, stream, limit: int, limits: Limits) -> None:
-        super().__init__(stream._buffer)  # what arrived with the headers, not read yet
+    def __init__(self, buffer, stream, protocol, limit: int, limits: Limits) -> None:
+        super().__init__(buffer)  # what arrived with the headers, not read yet
         self.stream = stream
+        self.protocol = protocol
         self.limit = limit
         self.limits = limits
         self.passed = False
@@ -153,11 +146,10 @@ class SizeLimit(deque):
             total = self.stream.total_bytes + len(data)
             if total > self.limit:
                 self.passed = True
-                stream = self.stream
                 # The parser is still feeding this stream: stop its connection reading (it closes after the
                 # answer); EOF comes later, in Limits.release_body, because feeding a stream after its EOF fails.
-                stream._protocol.close()
-                stream.set_exception(closing(self.limits.too_large(self.limit, total)))
+                self.protocol.close()
+                self.stream.set_exception(closing(self.limits.too_large(self.limit, total)))
                 return
             super().append(data)
 

@@ -26,6 +26,12 @@ tally = speedups.MODULE.tally if speedups.MODULE is not None else tally_py  # C 
 
 FIRST_BUCKET = BUCKETS[0]
 BUCKET0 = board.BUCKET0
+
+
+def later_bucket(seconds: float) -> int:
+    """The board word of the latency bucket for seconds past the first bucket's bound."""
+    return BUCKET0 + bisect_left(BUCKETS, seconds)
+
 # A heartbeat is one datagram, and it must stay far below the channel's send buffer (~208 KiB by default):
 # a datagram past the buffer fails outright (EMSGSIZE), and a big one holds the room acks and refusals need.
 # The worker's own figures always go; the backend's metrics get what is left of this.
@@ -65,6 +71,7 @@ class RequestStats:
         # method -> status -> the board word counting it; a method outside METHODS counts under "other".
         # Per method, so no key tuple per request.
         self.pairs: dict[str, dict[int, int]] = {m: {} for m in METHODS}
+        self.other = self.pairs["other"]
         self.pairs_used = 0
         # protocol -> (start, method) of each request whose handler runs (workers/observe.py): the in-flight count.
         self.started: dict = {}
@@ -78,19 +85,17 @@ class RequestStats:
         return self.words[board.COUNT]
 
     def observe(self, method: str, status: int, seconds: float) -> None:
-        """Record one finished request."""
-        statuses = self.pairs.get(method)
-        if statuses is None:
-            statuses = self.pairs["other"]
+        """Record one finished request (workers/observe.py's log_access() does the same inline)."""
+        statuses = self.pairs.get(method, self.other)
         at = statuses.get(status)
         if at is None:
-            at = self._add_pair(method if method in self.pairs else "other", status, statuses)
+            at = self.add_pair(method, status, statuses)
         # Most requests finish within the first bucket: one comparison instead of a search.
-        tally(self.words, at, BUCKET0 if seconds <= FIRST_BUCKET else BUCKET0 + bisect_left(BUCKETS, seconds),
-              seconds)
+        tally(self.words, at, BUCKET0 if seconds <= FIRST_BUCKET else later_bucket(seconds), seconds)
 
-    def _add_pair(self, method: str, status: int, statuses: dict[int, int]) -> int:
+    def add_pair(self, method: str, status: int, statuses: dict[int, int]) -> int:
         """The board word that will count (method, status): a new pair, or the overflow once the table is full."""
+        method = method if method in self.pairs else "other"
         words = self.words
         if self.pairs_used < board.MAX_PAIRS:
             at = board.PAIR0 + 2 * self.pairs_used

@@ -1,4 +1,5 @@
-"""Per-connection costs the worker runtime removes from aiohttp and CPython once the backend has booted."""
+"""Per-connection costs the worker runtime removes from CPython once the backend has booted (aiohttp's: see
+aiohttp_compat.skip_second_nodelay)."""
 
 from __future__ import annotations
 
@@ -27,30 +28,3 @@ def tune_gc() -> None:
         gc.set_threshold(GEN0_THRESHOLD, *current[1:])
     else:  # an on_startup hook or a sitecustomize chose: theirs stands
         log.debug("gc threshold %s set by the app; kept", current)
-
-
-def skip_second_nodelay() -> None:
-    """Let aiohttp skip setting TCP_NODELAY on connections uvloop already set it on.
-
-    aiohttp's BaseProtocol.connection_made sets TCP_NODELAY on every connection through
-    transport.get_extra_info("socket"), which under uvloop builds a socket object for the fd (a getsockname,
-    a setsockopt and a detach). The fd has it already twice over: the master sets it on its TCP listeners
-    (Linux copies it to each accepted socket) and uvloop's TCPTransport sets it when it opens the fd. Any
-    other transport (asyncio's, with --loop asyncio) still gets aiohttp's call.
-    """
-    try:
-        import aiohttp.base_protocol as base_protocol
-        from uvloop.loop import TCPTransport
-    except ImportError:
-        return
-    original = getattr(base_protocol, "tcp_nodelay", None)
-    if original is None or getattr(original, "skips_uvloop", False):
-        return
-
-    def tcp_nodelay(transport, value: bool) -> None:
-        if value and type(transport) is TCPTransport:
-            return
-        original(transport, value)
-
-    tcp_nodelay.skips_uvloop = True
-    base_protocol.tcp_nodelay = tcp_nodelay

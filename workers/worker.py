@@ -14,17 +14,18 @@ from aiohttp import http_parser, web
 
 from balancer import wire
 from balancer.habits import refusing_run_app
+from balancer_workers import aiohttp_compat
 from balancer_workers.accesslog import AccessLog
 from balancer_workers.backend import BackendError, load_app, skip_router
 from balancer_workers.channel import Channel
-from balancer_workers.connections import Connections, shutdown_quietly
+from balancer_workers.connections import Connections
 from balancer_workers.edge import Edge, EdgeError
 from balancer_workers.forwarded import ProxyHeaders
 from balancer_workers.heartbeat import Heartbeat
 from balancer_workers.limits import Limits
 from balancer_workers.observe import Observer
 from balancer_workers.stats import RequestStats
-from balancer_workers.tuning import skip_second_nodelay, tune_gc
+from balancer_workers.tuning import tune_gc
 
 log = logging.getLogger("balancer.worker")
 
@@ -69,7 +70,6 @@ class Worker:
         self.stopped = self.loop.create_future()  # set when it is time to drain
         self.runner: web.AppRunner | None = None
         self.limits = Limits(settings, self.stats, self.loop)  # header and body deadlines, body size, bad requests
-        self._deadlines = self.limits.deadlines  # protocol -> its header deadline, lifted by its first request
         limit = settings.get("max_requests", 0)
         self.observer = Observer(self.stats, self.limits, self.heartbeat.ask_recycle,
                                  limit + random.randint(0, settings.get("max_requests_jitter", 0)) if limit else 0,
@@ -84,6 +84,7 @@ class Worker:
         except EdgeError as exc:
             return self._boot_failed(str(exc))
         try:
+            aiohttp_compat.require()  # an aiohttp whose internals moved: refused here, not served half-watched
             with refusing_run_app():  # a module that ends in web.run_app(app) gets told to guard that call
                 backend = await load_app(self.settings["backend"], self.settings.get("app_dir", ""),
                                          client_max_size=self.settings.get("client_max_size", 0))
@@ -100,7 +101,7 @@ class Worker:
                 logger=self.limits.server_log,  # bad requests counted, error tracebacks rate-limited
             )
             await self.runner.setup()
-        except BackendError as exc:
+        except (BackendError, aiohttp_compat.AiohttpChanged) as exc:
             return self._boot_failed(str(exc))
         except Exception as exc:  # on_startup hooks are the user's code too
             log.debug("backend startup failed", exc_info=True)
@@ -108,7 +109,7 @@ class Worker:
         self._hook_server(self.runner.server, skip_router(backend) if backend.route else None)
         if edge is not None:  # PROXY header and TLS handshake before aiohttp; without them the plain path
             self.channel.serve = edge.serve
-        skip_second_nodelay()
+        aiohttp_compat.skip_second_nodelay()
         tune_gc()  # last before serving: what booting made is frozen, and the app's own gc choice is seen
         self.channel.start()
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
@@ -131,41 +132,18 @@ class Worker:
         return BOOT_ERROR_EXIT
 
     def _hook_server(self, server, dispatch=None) -> None:
-        """Count connections in and out of aiohttp's Server (it has no public callbacks for this)."""
-        self.connections.server = self.observer.protocol_factory(server, self.loop)
+        """Serve aiohttp's Server's connections with the observer's protocol, counted in and out."""
         # Observe requests where aiohttp's Server calls the Application, outside every middleware: a
         # middleware of our own would cost aiohttp's per-middleware wrapping on every request.
         # dispatch, for a bare handler, replaces the Application's routing (workers/backend.py skip_router).
-        server.request_handler = self.observer.wrap(dispatch or server.request_handler)
+        request_factory = None
         if self.settings.get("proxy_headers"):
             # In the request factory, so the access log and error lines see the client as the handler does.
             # Off (--no-proxy-headers), nothing is added to the request path.
             proxy = ProxyHeaders(self.settings["forwarded_allow_ips"], self.settings.get("forwarded_host", False))
-            server.request_factory = proxy.wrap(server.request_factory)
-        made, lost = server.connection_made, server.connection_lost
-        watch_headers, deadlines = self.limits.watch_headers, self._deadlines
-        socks = self.connections.socks
-        count_closed = self.connections.count_closed
-        request_lost = self.observer.lost
-
-        def connection_made(handler, transport):
-            made(handler, transport)
-            watch_headers(handler)
-
-        def connection_lost(handler, exc=None):
-            sock = socks.pop(handler, None)
-            if sock is not None:
-                # The master may still hold its copy of this fd (its ack is not processed yet); the last
-                # close() does the TCP teardown, and on loopback that costs ~10 us. shutdown() here does it
-                # in this worker, where the connection lived, instead of in the master's hot loop.
-                shutdown_quietly(sock)
-            lost(handler, exc)
-            deadlines.pop(handler, None)
-            request_lost(handler)
-            count_closed()
-
-        server.connection_made = connection_made
-        server.connection_lost = connection_lost
+            request_factory = proxy.wrap(server.request_factory)
+        self.connections.server = self.observer.protocol_factory(server, self.loop, dispatch, request_factory,
+                                                                 self.connections)
 
     # ---- leaving -------------------------------------------------------------------------------
 
