@@ -40,7 +40,7 @@ class Connections:
     def __init__(self, loop, ack_board: memoryview) -> None:
         self.loop = loop
         self.board = ack_board  # the closed word; read by the master (balancer/board.py)
-        self.server = None  # makes each connection's protocol (workers/observe.py); set once the backend is loaded
+        self.protocol_factory = None  # makes each connection's protocol (workers/observe.py); set once the backend is loaded
         self.open = 0  # counted from the ack, so a drain never misses one still connecting
         self.closed = 0  # connections closed since start
         self.socks: dict = {}  # protocol -> our socket object for its fd, to shut it down on close
@@ -64,7 +64,7 @@ class Connections:
 
     def serve(self, fds: list[int], families: list[int]) -> None:
         """Wrap each fd and attach it to aiohttp's protocol."""
-        connect, server = self.loop.connect_accepted_socket, self.server
+        connect, server = self.loop.connect_accepted_socket, self.protocol_factory
         for sock in self.adopt(fds, families):
             self.drive(connect(server, sock), sock)
 

@@ -76,7 +76,7 @@ class Edge:
 
     def attach(self, sock: socket.socket, deadline: float, address: tuple[str, int] | None = None) -> None:
         """Hand sock to aiohttp's protocol, through a TLS handshake bounded by what is left of the deadline."""
-        server = self.connections.server
+        server = self.connections.protocol_factory
         # With the PROXY header's client as the connection's peer: request.remote and the access log read it.
         # The transport still tells the real peer (the proxy): request.transport.get_extra_info("peername").
         factory = server if address is None else functools.partial(server, address)

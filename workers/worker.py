@@ -142,7 +142,7 @@ class Worker:
             # Off (--no-proxy-headers), nothing is added to the request path.
             proxy = ProxyHeaders(self.settings["forwarded_allow_ips"], self.settings.get("forwarded_host", False))
             request_factory = proxy.wrap(server.request_factory)
-        self.connections.server = self.observer.protocol_factory(server, self.loop, dispatch, request_factory,
+        self.connections.protocol_factory = self.observer.protocol_factory(server, self.loop, dispatch, request_factory,
                                                                  self.connections)
 
     # ---- leaving -------------------------------------------------------------------------------
