@@ -5,8 +5,8 @@
   python -m bench.ab 'HEAD --accept-coalesce 0' 'HEAD BALANCER_NO_EXTENSIONS=1' HEAD   # options, environment
 
 Each revision is checked out in a temporary git worktree and started as its own balancer (own process group,
-own free port in 18000-18999 or --ports, the bench's Application `bench.apps:create_app` as every system in the full bench
-serves it, and balancer's defaults: metrics on, on a free port). Rounds alternate the order of the
+own free port in 18000-18999 or --ports, the bench's Application `bench.apps:create_app` as every system in the
+full bench serves it, and balancer's defaults: metrics on, on a free port). Rounds alternate the order of the
 revisions; each cell is one wrk run. Reported per revision, as medians over rounds: req/s (and the ratio to
 the first revision), the master's CPU per new connection, and the workers' CPU per request, both from
 /proc/<pid>/schedstat (nanoseconds, not clock ticks). Nothing here asserts a speed.
@@ -27,7 +27,8 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.procstat import group_cpu
-from bench.systems import HOST, PORTS, checkout, default_ports, free_port, http_get, parse_ports, remove_checkout, stop_group
+from bench.systems import (HOST, PORTS, checkout, default_ports, free_port, http_get, parse_ports, remove_checkout,
+                           stop_group)
 
 REPO = Path(__file__).resolve().parent.parent
 

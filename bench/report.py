@@ -86,7 +86,8 @@ def aggregate(data: dict) -> dict[tuple[str, str], dict]:
                 )
                 short = [c["short_latency_us"] for c in ok if "short_latency_us" in c]
                 if short:  # a tail cell: the short requests' percentiles, and how late the generator sent
-                    agg.update(p50_short=_median([x["p50"] for x in short]), p99_short=_median([x["p99"] for x in short]),
+                    agg.update(p50_short=_median([x["p50"] for x in short]),
+                               p99_short=_median([x["p99"] for x in short]),
                                p999_short=_median([x["p999"] for x in short]),
                                p99_short_list=[x["p99"] for x in short],
                                late_p99=_median([c["late_us"]["p99"] for c in ok if "late_us" in c]),
@@ -143,7 +144,8 @@ def targets(data: dict) -> list[dict]:
                 if figure == "worker_us":
                     row["detail"] = f"{row['value']:.3f}x ({SUBJECT} {mine:.1f} us vs {peer} {theirs:.1f} us)"
                 else:
-                    unit = " req/s" if figure == "rps" else " ms (short requests' p99)" if figure == "p99_short" else " ms"
+                    unit = (" req/s" if figure == "rps" else " ms (short requests' p99)" if figure == "p99_short"
+                            else " ms")
                     scale, places = (1, 0) if figure == "rps" else (1e-3, 2)
                     # 3 decimals: at 2, a 1.047x MISS would print as "1.05x" against a 1.05 target
                     row["detail"] = (f"{row['value']:.3f}x ({SUBJECT} {mine * scale:,.{places}f} vs "

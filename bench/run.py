@@ -7,7 +7,8 @@
 Each round starts every system (own process group, own free port in 18000-18999 or --ports), waits until each
 worker answers, warms up, then runs every workload on every system (system order rotated each round to spread
 noise), then stops them all. The tail workloads' rates come from gunicorn-uvloop's capacity for their mix,
-measured once before the first round (calibrate()). Progress goes to stderr; the table, chart and raw JSON to the output directory.
+measured once before the first round (calibrate()). Progress goes to stderr; the table, chart and raw JSON to the
+output directory.
 Targets are reported as PASS/MISS; nothing here asserts a speed.
 """
 
