@@ -421,11 +421,20 @@ runnable_ns(uint64_t *out)
     if (schedstat_fd >= 0) {
         char buf[96];
         ssize_t got = pread(schedstat_fd, buf, sizeof buf - 1, 0);
-        unsigned long long on_cpu, waiting;
-        if (got > 0) {
-            buf[got] = 0;
-            if (sscanf(buf, "%llu %llu", &on_cpu, &waiting) == 2) {
-                *out = on_cpu + waiting;
+        if (got > 0) { /* "<ns on a CPU> <ns waiting for one> <timeslices>\n": the sum of the first two */
+            uint64_t sum = 0, field = 0;
+            int fields = 0;
+            for (ssize_t i = 0; i < got && fields < 2; i++) {
+                if (buf[i] >= '0' && buf[i] <= '9') {
+                    field = field * 10 + (uint64_t)(buf[i] - '0');
+                } else if (i > 0 && buf[i - 1] >= '0' && buf[i - 1] <= '9') {
+                    sum += field;
+                    field = 0;
+                    fields++;
+                }
+            }
+            if (fields == 2) {
+                *out = sum;
                 return 0;
             }
         }

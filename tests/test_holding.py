@@ -208,8 +208,8 @@ def test_each_window_of_requests_says_how_long_they_took_and_how_much_on_or_wait
         request(0.0005, spin=True)
     assert words[board.SERVICE_NS] >= 500_000 and words[board.RUNNABLE_PER_MILLE] > 600
     for _ in range(board.WINDOW):
-        request(0.001, spin=False)
-    assert words[board.SERVICE_NS] >= 1_000_000 and words[board.RUNNABLE_PER_MILLE] < holding.HOLD_MIN_RUNNABLE * 1000
+        request(0.01, spin=False)  # long enough that waiting for a CPU after each wake-up is a small share
+    assert words[board.SERVICE_NS] >= 10_000_000 and words[board.RUNNABLE_PER_MILLE] < holding.HOLD_MIN_RUNNABLE * 1000
 
 
 def test_a_worker_maps_its_board_noting_its_channel_for_the_master_to_see():
