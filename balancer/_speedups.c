@@ -352,14 +352,17 @@ done:
 #define BOARD_STARTED_AT 498   /* board.STARTED_AT: CLOCK_MONOTONIC ns of the latest begin */
 #define BOARD_ANSWERED 499     /* board.ANSWERED: the last ASK answered */
 #define BOARD_SERVICE_NS 500   /* board.SERVICE_NS: mean request duration over the last window */
-#define BOARD_CHANNEL_FD 501   /* board.CHANNEL_FD: the worker's channel, where it says it is idle */
-#define IDLE 0x49              /* wire.IDLE */
+#define BOARD_FIRSTS 501       /* board.FIRSTS: requests begun that were the first on their connection */
 #define BOARD_RUNNABLE_PER_MILLE 502 /* board.RUNNABLE_PER_MILLE: ns on or waiting for a CPU per 1000 ns of
                                       * request duration, over the last window */
+#define BOARD_CPU_NS 503       /* board.CPU_NS: mean CPU time per request over the last window */
 #define BOARD_WINDOW 32        /* board.WINDOW: requests per window */
-#define BOARD_WINDOW_CPU 508   /* board.WINDOW_CPU, WINDOW_COUNT, WINDOW_SUM: where the window began */
+#define BOARD_WINDOW_WAITING 506 /* board.WINDOW_WAITING, _CPU, _COUNT, _SUM: where the window began */
+#define BOARD_WINDOW_CPU 508
 #define BOARD_WINDOW_COUNT 509
 #define BOARD_WINDOW_SUM 510
+#define BOARD_CHANNEL_FD 511   /* board.CHANNEL_FD: the worker's channel, where it says it is idle */
+#define IDLE 0x49              /* wire.IDLE */
 #define BOARD_ASK 504          /* board.ASK: master-written; asked while ASK != ANSWERED */
 #define BOARD_ASK_FINISHED 505 /* board.ASK_FINISHED: also answer once FINISHED reaches it (0: idle only) */
 #define BOARD_WORDS 512
@@ -411,30 +414,30 @@ answer_ask(uint64_t *w, long long inflight)
 
 static int schedstat_fd = -2; /* this thread's /proc/thread-self/schedstat, opened at the first window */
 
-/* Nanoseconds this thread has been on a CPU or waiting for one (runnable, preempted by a neighbour): the
+/* Nanoseconds this thread has been on a CPU, and waiting for one (runnable, preempted by a neighbour): the
  * kernel's schedstat, whose first two fields are those. Without it, the CPU time alone. */
 static int
-runnable_ns(uint64_t *out)
+runnable_ns(uint64_t *on_cpu, uint64_t *waiting)
 {
     if (schedstat_fd == -2)
         schedstat_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
     if (schedstat_fd >= 0) {
         char buf[96];
         ssize_t got = pread(schedstat_fd, buf, sizeof buf - 1, 0);
-        if (got > 0) { /* "<ns on a CPU> <ns waiting for one> <timeslices>\n": the sum of the first two */
-            uint64_t sum = 0, field = 0;
+        if (got > 0) { /* "<ns on a CPU> <ns waiting for one> <timeslices>\n" */
+            uint64_t value[2] = {0, 0}, field = 0;
             int fields = 0;
             for (ssize_t i = 0; i < got && fields < 2; i++) {
                 if (buf[i] >= '0' && buf[i] <= '9') {
                     field = field * 10 + (uint64_t)(buf[i] - '0');
                 } else if (i > 0 && buf[i - 1] >= '0' && buf[i - 1] <= '9') {
-                    sum += field;
+                    value[fields++] = field;
                     field = 0;
-                    fields++;
                 }
             }
             if (fields == 2) {
-                *out = sum;
+                *on_cpu = value[0];
+                *waiting = value[1];
                 return 0;
             }
         }
@@ -442,38 +445,49 @@ runnable_ns(uint64_t *out)
     struct timespec ts;
     if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0)
         return -1;
-    *out = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    *on_cpu = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    *waiting = 0;
     return 0;
 }
 
-/* Every BOARD_WINDOW requests (a file read: not per request): over the window, the mean duration and the time
- * runnable per second of duration. Handlers that await I/O are runnable a small share of it; CPU-bound ones all
- * of it, also when they share their CPU (the CPU time alone would look like awaiting then). */
+/* Every BOARD_WINDOW requests (a file read: not per request): over the window, the mean duration, the mean CPU
+ * time, and the time on or waiting for a CPU per 1000 of duration. Handlers that await I/O are runnable a small
+ * share of it; CPU-bound ones all of it, also when they share their CPU (the CPU time alone would look like
+ * awaiting then). The CPU time per request, not its duration, says how long a request keeps the worker: a
+ * preempted one takes longer without doing more. */
 static void
 close_window(uint64_t *w)
 {
-    uint64_t runnable;
-    if (runnable_ns(&runnable) != 0)
+    uint64_t on_cpu, waiting;
+    if (runnable_ns(&on_cpu, &waiting) != 0)
         return;
     uint64_t count = w[BOARD_COUNT], sum = w[BOARD_SUM_NS];
     uint64_t n = count - w[BOARD_WINDOW_COUNT], duration = sum - w[BOARD_WINDOW_SUM];
     if (w[BOARD_WINDOW_CPU] && n && duration) {
+        uint64_t cpu = on_cpu - w[BOARD_WINDOW_CPU];
         __atomic_store_n(&w[BOARD_SERVICE_NS], duration / n, __ATOMIC_RELAXED);
-        __atomic_store_n(&w[BOARD_RUNNABLE_PER_MILLE], (runnable - w[BOARD_WINDOW_CPU]) * 1000 / duration,
+        __atomic_store_n(&w[BOARD_CPU_NS], cpu / n, __ATOMIC_RELAXED);
+        __atomic_store_n(&w[BOARD_RUNNABLE_PER_MILLE], (cpu + waiting - w[BOARD_WINDOW_WAITING]) * 1000 / duration,
                          __ATOMIC_RELAXED);
     }
-    w[BOARD_WINDOW_CPU] = runnable;
+    w[BOARD_WINDOW_CPU] = on_cpu;
+    w[BOARD_WINDOW_WAITING] = waiting;
     w[BOARD_WINDOW_COUNT] = count;
     w[BOARD_WINDOW_SUM] = sum;
 }
 
-/* begin(board) -> seconds: a request's handler begins: count it on the board (STARTED, STARTED_AT) and return
- * the time, time.perf_counter()'s clock (CLOCK_MONOTONIC), as perf_counter() would. */
+/* begin(board, first=None) -> seconds: a request's handler begins: count it on the board (STARTED, STARTED_AT;
+ * FIRSTS too when first is not None: the first request on its connection) and return the time,
+ * time.perf_counter()'s clock (CLOCK_MONOTONIC), as perf_counter() would. */
 static PyObject *
-begin(PyObject *module, PyObject *arg)
+begin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs != 1 && nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "begin(board, first=None) takes 1 or 2 arguments");
+        return NULL;
+    }
     Py_ssize_t words;
-    uint64_t *w = board_words(arg, "begin", &words);
+    uint64_t *w = board_words(args[0], "begin", &words);
     if (w == NULL)
         return NULL;
     if (words < BOARD_WORDS) {
@@ -485,6 +499,8 @@ begin(PyObject *module, PyObject *arg)
     uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
     w[BOARD_STARTED] += 1; /* only this worker writes it; an aligned 8-byte store is whole to the master */
     w[BOARD_STARTED_AT] = ns;
+    if (nargs == 2 && args[1] != Py_None)
+        w[BOARD_FIRSTS] += 1;
     return PyFloat_FromDouble((double)ns / 1e9);
 }
 
@@ -583,7 +599,8 @@ static PyMethodDef methods[] = {
     {"close_fds", close_fds, METH_O, "close_fds(fds): close every fd, ignoring ones already gone."},
     {"tally", (PyCFunction)(void (*)(void))tally, METH_FASTCALL,
      "tally(board, pair_word, bucket_word, seconds, running=-1): count one finished request on a worker's board."},
-    {"begin", begin, METH_O, "begin(board) -> seconds: count a request's handler beginning; return the time."},
+    {"begin", (PyCFunction)(void (*)(void))begin, METH_FASTCALL,
+     "begin(board, first=None) -> seconds: count a request's handler beginning; return the time."},
     {"ask", (PyCFunction)(void (*)(void))ask, METH_FASTCALL,
      "ask(board, finished_at) -> (started, finished): ask a worker to wake the master when it is idle."},
     {"fill", (PyCFunction)(void (*)(void))fill, METH_FASTCALL,
@@ -607,7 +624,9 @@ PyInit__speedups(void)
                            || PyModule_AddIntConstant(module, "BOARD_CHANNEL_FD", BOARD_CHANNEL_FD) < 0
                            || PyModule_AddIntConstant(module, "IDLE", IDLE) < 0
                            || PyModule_AddIntConstant(module, "BOARD_WINDOW_SUM", BOARD_WINDOW_SUM) < 0
-                           || PyModule_AddIntConstant(module, "BOARD_RUNNABLE_PER_MILLE", BOARD_RUNNABLE_PER_MILLE) < 0)) {
+                           || PyModule_AddIntConstant(module, "BOARD_RUNNABLE_PER_MILLE", BOARD_RUNNABLE_PER_MILLE) < 0
+                           || PyModule_AddIntConstant(module, "BOARD_FIRSTS", BOARD_FIRSTS) < 0
+                           || PyModule_AddIntConstant(module, "BOARD_CPU_NS", BOARD_CPU_NS) < 0)) {
         Py_DECREF(module);
         return NULL;
     }

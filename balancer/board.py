@@ -19,8 +19,10 @@ no final heartbeat, but what it counted is here, in the master's own mapping of 
 
 The last 16 words: what the worker is doing, for the dispatcher (balancer/holding.py). STARTED counts the
 requests whose handler began, FINISHED those of them that ended (one store each per request), so
-STARTED - FINISHED requests are running; STARTED_AT is when the latest began; every WINDOW requests, how long
-they took and how much of that on a CPU or waiting for one (SERVICE_NS, RUNNABLE_PER_MILLE). While the master holds
+STARTED - FINISHED requests are running; STARTED_AT is when the latest began; FIRSTS counts the requests that
+were the first on their connection (so the master can tell a connection it handed over that has not begun);
+every WINDOW requests, how long they took, the CPU they cost, and how much of their time the worker was on a
+CPU or waiting for one (SERVICE_NS, CPU_NS, RUNNABLE_PER_MILLE). While the master holds
 connections because every worker is busy, it asks a worker to tell it when it goes idle: it bumps ASK (and may
 set ASK_FINISHED, a FINISHED count to tell it at too), and the worker, ending a request with nothing left
 running (or reaching that count), stores ASK into ANSWERED and sends an IDLE message on its channel (its number
@@ -61,21 +63,23 @@ STARTED = DISPATCH0  # requests whose handler began
 FINISHED = DISPATCH0 + 1  # of those, the ones that ended (answered, failed or cut off)
 STARTED_AT = DISPATCH0 + 2  # CLOCK_MONOTONIC nanoseconds when the latest began
 ANSWERED = DISPATCH0 + 3  # the last ASK it answered with an IDLE message
-# Every WINDOW requests the worker reads how long its thread was on a CPU or waiting for one (schedstat):
-# over those requests, their mean duration, and that time per 1000 of their durations (about 1000 for
-# CPU-bound handlers, also on a shared CPU; little for handlers that await I/O).
+FIRSTS = DISPATCH0 + 5  # of the requests begun, those that were the first on their connection
+# Every WINDOW requests the worker reads how long its thread was on a CPU and waiting for one (schedstat):
+# over those requests, their mean duration, their mean CPU time, and the time on or waiting for a CPU per 1000
+# of their durations (about 1000 for CPU-bound handlers, also on a shared CPU; little for ones awaiting I/O).
 SERVICE_NS = DISPATCH0 + 4
 RUNNABLE_PER_MILLE = DISPATCH0 + 6
+CPU_NS = DISPATCH0 + 7
 WINDOW = 32
-CHANNEL_FD = DISPATCH0 + 5  # its channel's fd number, where it says it is free when asked; 0 for none
 # Written by the master:
 ASK = DISPATCH0 + 8  # a new cache line: asked while ASK != ANSWERED
 ASK_FINISHED = DISPATCH0 + 9  # while asked, also answer once FINISHED reaches this (0: only when idle)
-# The worker's own, written once a window: where the current one began (runnable ns, COUNT, SUM_NS).
+# The worker's own, written once a window: where the current one began (ns waiting, ns on a CPU, COUNT, SUM_NS).
+WINDOW_WAITING = DISPATCH0 + 10
 WINDOW_CPU = DISPATCH0 + 12
 WINDOW_COUNT = DISPATCH0 + 13
 WINDOW_SUM = DISPATCH0 + 14
-
+CHANNEL_FD = DISPATCH0 + 15  # its channel's fd number, where it says it is free when asked (attach()); 0: none
 
 def create(name: str = "balancer-board") -> tuple[int, memoryview]:
     """A new board: (memfd for the worker to inherit, the master's mapping of it)."""

@@ -8,7 +8,8 @@ from collections import deque
 from typing import Callable
 
 from balancer import handoff, speedups, wire
-from balancer.board import CLOSED, FINISHED, HANDLED, HANDLED_MASK, REFUSED_MASK, STARTED, handled_by, unpack
+from balancer.board import (CLOSED, FINISHED, FIRSTS, HANDLED, HANDLED_MASK, REFUSED_MASK, STARTED, handled_by,
+                            unpack)
 from balancer.board import private as private_board
 from balancer.errnos import PEER_GONE_ERRNOS
 from balancer.holding import BUSY_COST, HOLD_DEPTH, PENDING_EXPIRY, Holding
@@ -82,24 +83,35 @@ class Link:
         self.channel_lost = False  # a send found its end closed: it is dying, the reap follows
         self.ack_progress = 0.0  # monotonic time of the last ack, or of the first fd sent since
         self.dispatched = 0  # connections handed to this worker, for metrics
-        # What it is doing, from its board (STARTED, FINISHED) at the last look:
-        self.started_seen = 0
+        # What it is doing, from its board (STARTED, FINISHED, FIRSTS) at the last look:
         self.finished_seen = 0
-        self.pending = 0  # connections handed over whose request the board has not shown beginning
+        self.handed = 0  # connections handed over (less those refused or taken back)
+        self.unbegun = 0  # of those, connections whose first request never began (closed first, or silent)
+        self.pending = 0  # handed over and no request begun yet: handed - FIRSTS - unbegun
         self.handed_at = 0.0  # monotonic time of the last hand-off
         self.queue = 0  # requests in hand: running, or handed over and not begun; 0 is a free worker
         self.asked = False  # asked to say when it is free (holding.Holding.ask_busy)
         self.asked_at = 0  # ... or once FINISHED reaches this
 
-    def note(self, started: int, finished: int) -> int:
-        """Take in the board's STARTED and FINISHED (FINISHED read first); the requests in hand."""
-        if started != self.started_seen:
-            if self.pending:
-                self.pending = max(0, self.pending - (started - self.started_seen))
-            self.started_seen = started
+    def note(self, started: int, finished: int, firsts: int) -> int:
+        """Take in the board's STARTED, FINISHED and FIRSTS (FINISHED read first); the requests in hand.
+
+        A connection waiting for its first request is open or unacked: past that, the rest never began (their
+        client closed first, or the worker cut them at the header deadline), and stop counting. One that stays
+        open and silent counts until PENDING_EXPIRY after the last hand-off.
+        """
+        pending = self.handed - firsts - self.unbegun
+        open_conns = self.open_conns + len(self.unacked)
+        if pending > open_conns:
+            self.unbegun += pending - open_conns
+            pending = open_conns
+        elif pending < 0:  # taken back after it began (refused, then served): never below nothing
+            self.unbegun += pending
+            pending = 0
+        self.pending = pending
         self.finished_seen = finished
         running = started - finished
-        self.queue = (running if running > 0 else 0) + self.pending
+        self.queue = (running if running > 0 else 0) + pending
         return self.queue
 
 
@@ -185,10 +197,9 @@ class Dispatcher:
                     link.open_conns = open_conns if open_conns > 0 else 0
                 finished = board[FINISHED]  # first: STARTED read after it is never behind it
                 started = board[STARTED]
-                if started != link.started_seen or finished != link.finished_seen or link.pending:
-                    if link.pending and time.monotonic() - link.handed_at > PENDING_EXPIRY:
-                        link.pending = 0  # a connection that sends nothing is idle, not queued
-                    link.note(started, finished)
+                if link.pending and time.monotonic() - link.handed_at > PENDING_EXPIRY:
+                    link.unbegun += link.pending  # open and silent: an idle connection, not a queued one
+                link.note(started, finished, board[FIRSTS])
             unacked = len(link.unacked)
             load = link.open_conns + unacked
             loads.append(load)
@@ -289,7 +300,8 @@ class Dispatcher:
             if not unacked:
                 link.ack_progress = now
             unacked.update(zip(ids, share))
-            link.pending += count  # busy until the board shows their requests begun
+            link.handed += count  # busy until the board shows their requests begun
+            link.pending += count
             link.queue += count
             link.handed_at = now
             if count <= per_msg:
@@ -307,6 +319,7 @@ class Dispatcher:
                 reclaimed.setdefault(link, []).extend(link.unacked.pop(i) for i in ids)
         if reclaimed:
             for link, share in reclaimed.items():
+                link.handed -= len(share)
                 link.pending = max(0, link.pending - len(share))
                 link.queue = max(0, link.queue - len(share))
             taken_back = [item for share in reclaimed.values() for item in share]
@@ -413,6 +426,7 @@ class Dispatcher:
         """The worker did not take these: give them to another worker."""
         link.refused_seen = (link.refused_seen + 1) & REFUSED_MASK
         reclaimed = [item for item in (link.unacked.pop(i, None) for i in ids) if item is not None]
+        link.handed -= len(reclaimed)
         link.pending = max(0, link.pending - len(reclaimed))
         link.queue = max(0, link.queue - len(reclaimed))
         # A READY worker refuses when the fds did not fit (MSG_CTRUNC: it is out of fds). Rest it until the

@@ -14,8 +14,9 @@ A connection is held only where holding pays:
 - the worker least-connections would pick has at most HOLD_DEPTH requests in hand: a deeper queue means the
   workers are saturated with short requests (hello with Connection: close), where each hand-off per wake-up
   would cost throughput and gain nothing;
-- its recent requests took HOLD_MIN_SERVICE or more each (the board's SERVICE_NS, over the worker's last
-  window of board.WINDOW requests): shorter ones end before a hold could help;
+- its recent requests cost it HOLD_MIN_SERVICE or more of CPU each (the board's CPU_NS, over the worker's
+  last window of board.WINDOW requests; CPU time, as a preempted request takes longer without keeping the
+  worker longer): shorter ones end before a hold could help;
 - its handlers spend their time on a CPU, not awaiting: over the same window the worker's thread was on a CPU
   or waiting for one (preempted) for at least HOLD_MIN_RUNNABLE of their duration (RUNNABLE_PER_MILLE). A
   worker whose handlers await I/O can start another request at once, and its requests end in no order, so
@@ -47,7 +48,7 @@ log = logging.getLogger("balancer")
 
 BUSY_COST = 2  # connections a worker's requests in hand weigh in the picks (dispatch.pick_key)
 HOLD_DEPTH = 1  # hold only while the worker least-connections would pick has at most this many requests in hand
-HOLD_MIN_SERVICE = 0.00025  # seconds: ... and its recent requests took at least this long on average
+HOLD_MIN_SERVICE = 0.00025  # seconds: ... and its recent requests cost at least this much CPU on average
 # ... on a CPU or waiting for one for at least this share of that time: CPU-bound handlers all of it, handlers that
 # await I/O a few percent (up to 10% measured on a 2-core machine with a load average of 10: the wake-ups wait).
 HOLD_MIN_RUNNABLE = 0.3
@@ -67,9 +68,9 @@ class Held(NamedTuple):
 
 
 def worth_holding_for(words: memoryview) -> bool:
-    """True when the worker's recent requests were long enough, and spent enough of it on a CPU, to hold for."""
-    return (words[board.SERVICE_NS] >= HOLD_MIN_SERVICE * 1e9
-            and words[board.RUNNABLE_PER_MILLE] >= HOLD_MIN_RUNNABLE * 1000)
+    """True when the worker's recent requests each kept it long enough (CPU time), and spent enough of their
+    time on a CPU or waiting for one, to hold for."""
+    return words[board.CPU_NS] >= HOLD_MIN_SERVICE * 1e9 and words[board.RUNNABLE_PER_MILLE] >= HOLD_MIN_RUNNABLE * 1000
 
 
 def ask_py(words: memoryview, finished_at: int) -> tuple[int, int]:
@@ -225,7 +226,7 @@ class Holding:
             started, finished = ask(link.board, target)
             link.asked, link.asked_at = True, target
             self.asking = True
-            if not link.note(started, finished) or (target and finished >= target):
+            if not link.note(started, finished, link.board[board.FIRSTS]) or (target and finished >= target):
                 freed = True
         return freed
 

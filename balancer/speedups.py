@@ -20,10 +20,10 @@ def load():
     except ImportError:
         return None, "missing"
     names = ("MAX_FDS", "BOARD_COUNT", "BOARD_SUM_NS", "BOARD_STARTED", "BOARD_ASK", "BOARD_CHANNEL_FD",
-             "BOARD_WINDOW_SUM", "BOARD_RUNNABLE_PER_MILLE", "IDLE")
+             "BOARD_WINDOW_SUM", "BOARD_RUNNABLE_PER_MILLE", "IDLE", "BOARD_FIRSTS", "BOARD_CPU_NS")
     built = tuple(getattr(_speedups, name, None) for name in names)
     if built != (wire.MAX_FDS_PER_MSG, board.COUNT, board.SUM_NS, board.STARTED, board.ASK, board.CHANNEL_FD,
-                 board.WINDOW_SUM, board.RUNNABLE_PER_MILLE, wire.IDLE):
+                 board.WINDOW_SUM, board.RUNNABLE_PER_MILLE, wire.IDLE, board.FIRSTS, board.CPU_NS):
         return None, "stale"
     return _speedups, ""
 

@@ -57,6 +57,7 @@ class Workers:
         words = link.board
         words[board.STARTED] += running
         words[board.SERVICE_NS] = int(service * 1e9)
+        words[board.CPU_NS] = int(service * cpu * 1e9)
         words[board.RUNNABLE_PER_MILLE] = int(cpu * 1000)
 
     def finish(self, link: Link, n: int = 1, still_running: int = 0) -> None:
@@ -231,10 +232,9 @@ def test_a_free_worker_goes_first_and_a_handed_over_connection_is_busy_until_it_
     two.busy(b, running=1)
     two.dispatch(two.new(1))
     assert len(two.sent(a)) == 1 and not two.sent(b)
-    first = two.new(1)
-    two.d.dispatch(first)  # a now has a connection whose request has not begun: busy, as b is
-    assert a.queue == 1 and b.queue == 1
-    a.board[board.STARTED] += 1  # its request began ...
+    two.d.survey()
+    assert a.queue == 1 and b.queue == 1  # a has a connection whose request has not begun: busy, as b is
+    stats.begin(a.board, "first")  # its (first) request began ...
     two.finish(a)  # ... and ended: free again
     two.d.survey()
     assert a.queue == 0 and b.queue == 1
@@ -249,6 +249,33 @@ def test_a_handed_over_connection_that_sends_nothing_stops_counting_after_a_whil
         link.handed_at -= holding.PENDING_EXPIRY + 1
     two.d.survey()
     assert [link.queue for link in two.links] == [0, 0]
+
+
+def test_connections_queued_at_a_worker_keep_it_busy_while_its_other_requests_run(two):
+    a, b = two.links
+    two.dispatch(two.new(3))  # free first: a and b one each, then one more
+    two.d.survey()
+    assert [link.pending for link in two.links] in ([2, 1], [1, 2])
+    many = a if a.pending == 2 else b
+    stats.begin(many.board, "first")
+    two.finish(many)
+    stats.begin(many.board)  # a second request on the same connection: the other connection still waits
+    two.finish(many)
+    two.d.survey()
+    assert many.pending == 1 and many.queue == 1
+
+
+def test_connections_closed_before_a_request_stop_counting_when_nothing_is_open(two):
+    a, _ = two.links
+    a.board[board.HANDLED] = 0
+    two.d.set_links([a])
+    two.dispatch(two.new(2))
+    two.d.collect(a)
+    assert a.pending == 2
+    a.board[board.HANDLED] = board.pack(len(a.sent), 0)  # acked, then both clients left before sending anything
+    a.board[board.CLOSED] = 2
+    two.d.survey()
+    assert a.pending == 0 and a.queue == 0
 
 
 # ---- the hold ------------------------------------------------------------------------------------------
@@ -282,7 +309,7 @@ def test_a_worker_going_free_gets_the_oldest_connection_held_for_it_then_the_old
     two.dispatch()
     assert two.sent(b) == [os.fstat(for_b[0]).st_ino] and not two.sent(a)  # its turn, as least-connections
     assert b.asked  # busy again: asked again, since connections are still held
-    b.board[board.STARTED] += 1
+    stats.begin(b.board, "first")  # the first request on the connection it got
     two.finish(b)  # free again, and nothing held for it: it takes the oldest held for a
     assert two.woke(b)
     two.dispatch()

@@ -76,9 +76,10 @@ class Observer:
 
         def make_request(message, payload, protocol, writer, task):
             """aiohttp's request factory: the request starts here, its method and body (or none) at hand."""
-            if deadlines:  # (empty while no connection waits for its first request)
-                deadlines.pop(protocol, None)  # its headers are in: the header deadline is lifted
-            started[protocol] = (begin(words), message.method, payload)  # perf_counter(), counted on the board
+            # Its headers are in: the header deadline is lifted (empty while no connection waits for its first
+            # request); begin(): perf_counter(), the start counted on the board, as a first one if it was.
+            first = deadlines.pop(protocol, None) if deadlines else None
+            started[protocol] = (begin(words, first), message.method, payload)
             if payload is not EMPTY_PAYLOAD:
                 unwatched[protocol] = payload
             return make(message, payload, protocol, writer, task)

@@ -36,8 +36,8 @@ def tally_py(words: memoryview, pair: int, bucket: int, seconds: float, running:
 _schedstat: list[int] = []  # this thread's /proc/thread-self/schedstat, opened at the first window (or -1)
 
 
-def runnable_ns() -> int:
-    """Nanoseconds this thread has been on a CPU or waiting for one (schedstat); the CPU time without it."""
+def runnable_ns() -> tuple[int, int]:
+    """Nanoseconds this thread has been on a CPU, and waiting for one (schedstat); the CPU time alone without it."""
     if not _schedstat:
         try:
             _schedstat.append(os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC))
@@ -46,21 +46,24 @@ def runnable_ns() -> int:
     if _schedstat[0] >= 0:
         try:
             on_cpu, waiting = os.pread(_schedstat[0], 96, 0).split()[:2]
-            return int(on_cpu) + int(waiting)
+            return int(on_cpu), int(waiting)
         except (OSError, ValueError):
             pass
-    return time.thread_time_ns()
+    return time.thread_time_ns(), 0
 
 
 def close_window_py(words: memoryview) -> None:
-    """Every board.WINDOW requests: their mean duration, and the time runnable per 1000 of it, on the board."""
-    cpu = runnable_ns()
+    """Every board.WINDOW requests: their mean duration and CPU time, and the time runnable per 1000 of it."""
+    on_cpu, waiting = runnable_ns()
     count, total = words[board.COUNT], words[board.SUM_NS]
     n, duration = count - words[board.WINDOW_COUNT], total - words[board.WINDOW_SUM]
     if words[board.WINDOW_CPU] and n and duration:
+        cpu = on_cpu - words[board.WINDOW_CPU]
         words[board.SERVICE_NS] = duration // n
-        words[board.RUNNABLE_PER_MILLE] = (cpu - words[board.WINDOW_CPU]) * 1000 // duration
-    words[board.WINDOW_CPU], words[board.WINDOW_COUNT], words[board.WINDOW_SUM] = cpu, count, total
+        words[board.CPU_NS] = cpu // n
+        words[board.RUNNABLE_PER_MILLE] = (cpu + waiting - words[board.WINDOW_WAITING]) * 1000 // duration
+    words[board.WINDOW_CPU], words[board.WINDOW_WAITING] = on_cpu, waiting
+    words[board.WINDOW_COUNT], words[board.WINDOW_SUM] = count, total
 
 
 def answer_py(words: memoryview, running: int) -> None:
@@ -84,11 +87,14 @@ def answer_py(words: memoryview, running: int) -> None:
             pass
 
 
-def begin_py(words: memoryview) -> float:
-    """A request's handler begins: count it on the board and return perf_counter()."""
+def begin_py(words: memoryview, first=None) -> float:
+    """A request's handler begins: count it on the board (a first one on its connection too: first is not None)
+    and return perf_counter()."""
     now = perf_counter()
     words[board.STARTED] += 1
     words[board.STARTED_AT] = int(now * 1e9)
+    if first is not None:
+        words[board.FIRSTS] += 1
     return now
 
 
