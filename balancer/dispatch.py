@@ -83,8 +83,7 @@ class Link:
         self.channel_lost = False  # a send found its end closed: it is dying, the reap follows
         self.ack_progress = 0.0  # monotonic time of the last ack, or of the first fd sent since
         self.dispatched = 0  # connections handed to this worker, for metrics
-        # What it is doing, from its board (STARTED, FINISHED, FIRSTS) at the last look:
-        self.finished_seen = 0
+        # What it is doing, from its board (STARTED, FINISHED and FIRSTS) at the last look:
         self.handed = 0  # connections handed over (less those refused or taken back)
         self.unbegun = 0  # of those, connections whose first request never began (closed first, or silent)
         self.pending = 0  # handed over and no request begun yet: handed - FIRSTS - unbegun
@@ -94,25 +93,28 @@ class Link:
         self.asked_at = 0  # ... or once FINISHED reaches this
 
     def note(self, started: int, finished: int, firsts: int) -> int:
-        """Take in the board's STARTED, FINISHED and FIRSTS (FINISHED read first); the requests in hand.
-
-        A connection waiting for its first request is open or unacked: past that, the rest never began (their
-        client closed first, or the worker cut them at the header deadline), and stop counting. One that stays
-        open and silent counts until PENDING_EXPIRY after the last hand-off.
-        """
+        """Take in the board's STARTED, FINISHED and FIRSTS (FINISHED read first); the requests in hand."""
+        running = started - finished
         pending = self.handed - firsts - self.unbegun
+        self.pending = pending = self.settle(pending) if pending else 0
+        self.queue = (running if running > 0 else 0) + pending
+        return self.queue
+
+    def settle(self, pending: int) -> int:
+        """The connections handed over and not begun, of pending (handed - FIRSTS - unbegun) so counted.
+
+        One waiting for its first request is open or unacked: past that, the rest never began (their client
+        closed first, or the worker cut them at the header deadline), and stop counting. One that stays open and
+        silent counts until PENDING_EXPIRY after the last hand-off (Dispatcher._look).
+        """
         open_conns = self.open_conns + len(self.unacked)
         if pending > open_conns:
             self.unbegun += pending - open_conns
-            pending = open_conns
-        elif pending < 0:  # taken back after it began (refused, then served): never below nothing
+            return open_conns
+        if pending < 0:  # taken back after it began (refused, then served): never below nothing
             self.unbegun += pending
-            pending = 0
-        self.pending = pending
-        self.finished_seen = finished
-        running = started - finished
-        self.queue = (running if running > 0 else 0) + pending
-        return self.queue
+            return 0
+        return pending
 
 
 class Dispatcher:
@@ -182,11 +184,13 @@ class Dispatcher:
         With closing given, each link's board is read first (what it acked is added to closing, and what it is
         doing: requests begun and finished).
         """
-        cap, max_unacked = self.cap, self.max_unacked
+        cap, max_unacked, cost = self.cap, self.max_unacked, BUSY_COST
         collect = self.collect
-        loads, rooms = [], []
-        total = 0
+        keys, rooms = [], []
+        total = free = 0
         min_open = None
+        min_queue = 1 << 62
+        now = 0.0
         for link in self.links:
             if closing is not None:
                 board = link.board
@@ -195,14 +199,28 @@ class Dispatcher:
                 else:  # no ack or refusal since the last look: only closes can have changed (as collect does)
                     open_conns = link.acked_total - board[CLOSED]
                     link.open_conns = open_conns if open_conns > 0 else 0
+                # What it is doing, as note() takes it in (inline: this pass runs per wake-up, for every worker)
                 finished = board[FINISHED]  # first: STARTED read after it is never behind it
-                started = board[STARTED]
-                if link.pending and time.monotonic() - link.handed_at > PENDING_EXPIRY:
-                    link.unbegun += link.pending  # open and silent: an idle connection, not a queued one
-                link.note(started, finished, board[FIRSTS])
-            unacked = len(link.unacked)
+                running = board[STARTED] - finished
+                pending = link.handed - board[FIRSTS] - link.unbegun
+                unacked = len(link.unacked)
+                if pending:
+                    now = now or time.monotonic()
+                    if now - link.handed_at > PENDING_EXPIRY:  # open and silent: idle connections, not queued
+                        link.unbegun += pending
+                        pending = 0
+                    elif pending < 0 or pending > link.open_conns + unacked:
+                        pending = link.settle(pending)
+                link.pending = pending
+                link.queue = queue = (running if running > 0 else 0) + pending
+            else:
+                queue = link.queue
+                unacked = len(link.unacked)
             load = link.open_conns + unacked
-            loads.append(load)
+            # A free worker (nothing in hand) goes before a busy one unless it has BUSY_COST more connections: a
+            # busy one may be in a long handler, and kept-alive connections must not collect on whichever worker
+            # happens to be free when a burst of them reconnects (they bring requests later).
+            keys.append(2 * (load + cost) + 1 if queue else 2 * load)
             if link.ready:
                 if min_open is None or link.open_conns < min_open:
                     min_open = link.open_conns
@@ -211,26 +229,14 @@ class Dispatcher:
                     if room > 0:
                         rooms.append(room)
                         total += room
+                        if queue < min_queue:
+                            min_queue = queue
+                        if not queue:
+                            free += 1
                         continue
             rooms.append(0)
-        # A free worker (nothing in hand) goes before a busy one unless it has BUSY_COST more connections: a
-        # busy one may be in a long handler, and kept-alive connections must not collect on whichever worker
-        # happens to be free when a burst of them reconnects (they bring requests later).
-        free = 0
-        min_queue = 1 << 62
-        cost = BUSY_COST
-        for i, link in enumerate(self.links):
-            queue = link.queue
-            if queue:
-                loads[i] = 2 * (loads[i] + cost) + 1
-            else:
-                loads[i] *= 2
-                if rooms[i] > 0:
-                    free += 1
-            if rooms[i] > 0 and queue < min_queue:
-                min_queue = queue
         self.free, self.min_queue = free, min_queue  # workers with room and nothing in hand; the fewest in hand
-        return loads, rooms, total, min_open
+        return keys, rooms, total, min_open
 
     def any_ready(self) -> bool:
         """True when some worker is READY (full or not)."""

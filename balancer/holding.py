@@ -198,7 +198,7 @@ class Holding:
             rooms[i] -= 1
             queued = link.queue + ahead.get(link, 0)
             ahead[link] = ahead.get(link, 0) + 1
-            self.items.append(Held(fd, family, deadline, link, link.finished_seen + queued))
+            self.items.append(Held(fd, family, deadline, link, link.board[board.FINISHED] + queued))
         self.held += len(rest)
 
     def ask_busy(self, links: list["Link"], rooms: list[int]) -> bool:

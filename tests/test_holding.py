@@ -291,7 +291,7 @@ def test_every_worker_busy_new_connections_are_held_and_the_workers_asked(two):
     held = list(two.d.holding.items)
     assert [h.fd for h in held] == [fd for fd, _ in items]
     assert {h.link for h in held} == {a, b}  # where least-connections would have put each
-    assert all(h.target == h.link.finished_seen + 1 for h in held)  # its turn: after the one running there
+    assert all(h.target == h.link.board[board.FINISHED] + 1 for h in held)  # its turn: after the one running there
     assert two.asked() == [0, 1]
 
 
