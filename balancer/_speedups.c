@@ -386,6 +386,19 @@ board_words(PyObject *obj, const char *who, Py_ssize_t *words)
     return (uint64_t *)view->buf;
 }
 
+/* board_words() for a whole board (the dispatch words at its end are used); NULL with an exception if not. */
+static uint64_t *
+whole_board(PyObject *obj, const char *who)
+{
+    Py_ssize_t words;
+    uint64_t *w = board_words(obj, who, &words);
+    if (w != NULL && words < BOARD_WORDS) {
+        PyErr_Format(PyExc_IndexError, "%s: the board is too short", who);
+        return NULL;
+    }
+    return w;
+}
+
 /* The worker's side of an ask: nothing runs any more (or FINISHED reached the asked count), and the master
  * asked: note the answer, then tell it (an IDLE message on the channel; lost only when the channel is full,
  * then the master's hold bounds end the wait). The fence orders the FINISHED store before the ASK load; the master
@@ -486,14 +499,9 @@ begin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "begin(board, first=None) takes 1 or 2 arguments");
         return NULL;
     }
-    Py_ssize_t words;
-    uint64_t *w = board_words(args[0], "begin", &words);
+    uint64_t *w = whole_board(args[0], "begin");
     if (w == NULL)
         return NULL;
-    if (words < BOARD_WORDS) {
-        PyErr_SetString(PyExc_IndexError, "begin: the board is too short");
-        return NULL;
-    }
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
@@ -515,17 +523,12 @@ ask(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "ask(board, finished_at) takes 2 arguments");
         return NULL;
     }
-    Py_ssize_t words;
-    uint64_t *w = board_words(args[0], "ask", &words);
+    uint64_t *w = whole_board(args[0], "ask");
     if (w == NULL)
         return NULL;
     unsigned long long at = PyLong_AsUnsignedLongLong(args[1]);
     if (at == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    if (words < BOARD_WORDS) {
-        PyErr_SetString(PyExc_IndexError, "ask: the board is too short");
-        return NULL;
-    }
     __atomic_store_n(&w[BOARD_ASK_FINISHED], (uint64_t)at, __ATOMIC_RELAXED);
     uint64_t answered = __atomic_load_n(&w[BOARD_ANSWERED], __ATOMIC_RELAXED);
     if (w[BOARD_ASK] == answered) /* not asked yet: a new ask, after the count it may wait for */

@@ -243,50 +243,53 @@ def _summary_table(data: dict, agg: dict) -> list[str]:
     return lines
 
 
-def _tail_table(data: dict, agg: dict, w: dict) -> list[str]:
-    """A tail cell's table: the short requests' and all requests' latency, and what the generator cost."""
-    lines = ["| system | req/s | sent req/s | short p50 ms | short p99 ms | short p99.9 ms | all p50 ms | all p99 ms "
-             "| all p99.9 ms | errors (socket + non-2xx) | CPU % of a core per process | load gen CPU % "
-             "| load gen late p99 ms | other CPU % |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _table(data: dict, agg: dict, w: dict, head: list[str], ran: str, row) -> list[str]:
+    """head, then row(system cell, aggregate) for each system that ran workload w; one that failed every cell
+    gets a row saying so. ran: a key the aggregate of a cell that ran has."""
+    columns = head[0].count("|") - 1
+    lines = list(head)
     for system in data["systems"]:
         a = agg[(system, w["name"])]
         if not a["runs"]:
             continue
         name = f"**{system}**" if _ours(system) else system
-        if a.get("p99_short") is None:
-            lines.append(f"| {name} | failed: {'; '.join(a['errors_list'])[:120] or '?'} |" + "  |" * 12)
-            continue
-        flag = " (crashed)" if a["crashed"] else ""
-        other = "-" if a["other_pct"] is None else f"{a['other_pct']:.0f}"
-        lines.append(
-            f"| {name}{flag} | {a['rps']:,.0f} | {a['rate']:,.0f} | {_ms(a['p50_short'])} | {_ms(a['p99_short'])} | "
+        if a.get(ran) is None:
+            lines.append(f"| {name} | failed: {'; '.join(a['errors_list'])[:120] or '?'} |" + "  |" * (columns - 2))
+        else:
+            lines.append(row(name + (" (crashed)" if a["crashed"] else ""), a))
+    return lines
+
+
+def _other(a: dict) -> str:
+    return "-" if a["other_pct"] is None else f"{a['other_pct']:.0f}"
+
+
+def _tail_row(name: str, a: dict) -> str:
+    """A tail cell's row: the short requests' and all requests' latency, and what the generator cost."""
+    return (f"| {name} | {a['rps']:,.0f} | {a['rate']:,.0f} | {_ms(a['p50_short'])} | {_ms(a['p99_short'])} | "
             f"{_ms(a['p999_short'])} | {_ms(a['p50'])} | {_ms(a['p99'])} | {_ms(a['p999'])} | "
             f"{a['socket_errors']} + {a['non2xx']} | {_cpu(a)} | {a['loadgen_pct']:.0f} | {_ms(a['late_p99'])} | "
-            f"{other} |")
-    return lines
+            f"{_other(a)} |")
+
+
+def _row(name: str, a: dict) -> str:
+    leader = "-" if a["leader_us"] is None else f"{a['leader_us']:.1f}"
+    return (f"| {name} | {a['rps']:,.0f} | {a['rps_min']:,.0f}-{a['rps_max']:,.0f} | {_ms(a['p50'])} | "
+            f"{_ms(a['p99'])} | {a['socket_errors']} + {a['non2xx']} | {_cpu(a)} | {a['cpu_total']:.0f} | "
+            f"{leader} | {a['loadgen_pct']:.0f} | {_other(a)} |")
+
+
+TAIL_HEAD = ["| system | req/s | sent req/s | short p50 ms | short p99 ms | short p99.9 ms | all p50 ms | all p99 ms "
+             "| all p99.9 ms | errors (socket + non-2xx) | CPU % of a core per process | load gen CPU % "
+             "| load gen late p99 ms | other CPU % |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+HEAD = ["| system | req/s | range | p50 ms | p99 ms | errors (socket + non-2xx) | CPU % of a core per process "
+        "| total CPU % | leader us/req | load gen CPU % | other CPU % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def _workload_table(data: dict, agg: dict, w: dict) -> list[str]:
     if w["key"] == "p99_short":
-        return _tail_table(data, agg, w)
-    lines = ["| system | req/s | range | p50 ms | p99 ms | errors (socket + non-2xx) | CPU % of a core per process "
-             "| total CPU % | leader us/req | load gen CPU % | other CPU % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for system in data["systems"]:
-        a = agg[(system, w["name"])]
-        if not a["runs"]:
-            continue
-        name = f"**{system}**" if _ours(system) else system
-        if a.get("rps") is None:
-            lines.append(f"| {name} | failed: {'; '.join(a['errors_list'])[:120] or '?'} |  |  |  |  |  |  |  |  |  |")
-            continue
-        flag = " (crashed)" if a["crashed"] else ""
-        leader = "-" if a["leader_us"] is None else f"{a['leader_us']:.1f}"
-        other = "-" if a["other_pct"] is None else f"{a['other_pct']:.0f}"
-        lines.append(
-            f"| {name}{flag} | {a['rps']:,.0f} | {a['rps_min']:,.0f}-{a['rps_max']:,.0f} | {_ms(a['p50'])} | "
-            f"{_ms(a['p99'])} | {a['socket_errors']} + {a['non2xx']} | {_cpu(a)} | {a['cpu_total']:.0f} | "
-            f"{leader} | {a['loadgen_pct']:.0f} | {other} |")
-    return lines
+        return _table(data, agg, w, TAIL_HEAD, "p99_short", _tail_row)
+    return _table(data, agg, w, HEAD, "rps", _row)
 
 
 def markdown(data: dict) -> str:

@@ -60,6 +60,12 @@ class Workers:
         words[board.CPU_NS] = int(service * cpu * 1e9)
         words[board.RUNNABLE_PER_MILLE] = int(cpu * 1000)
 
+    def all_busy(self) -> list[Link]:
+        """Every worker with one CPU-bound request of 2 ms running (the links)."""
+        for link in self.links:
+            self.busy(link)
+        return self.links
+
     def finish(self, link: Link, n: int = 1, still_running: int = 0) -> None:
         """n of its requests end (tally() with what still runs): it answers an ask as a worker does."""
         for _ in range(n):
@@ -282,9 +288,7 @@ def test_connections_closed_before_a_request_stop_counting_when_nothing_is_open(
 
 
 def test_every_worker_busy_new_connections_are_held_and_the_workers_asked(two):
-    a, b = two.links
-    two.busy(a)
-    two.busy(b)
+    a, b = two.all_busy()
     items = two.new(2)
     two.dispatch(items)
     assert not two.sent(a) and not two.sent(b)
@@ -296,9 +300,7 @@ def test_every_worker_busy_new_connections_are_held_and_the_workers_asked(two):
 
 
 def test_a_worker_going_free_gets_the_oldest_connection_held_for_it_then_the_oldest_of_all(two):
-    a, b = two.links
-    two.busy(a)
-    two.busy(b)
+    a, b = two.all_busy()
     items = two.new(3)
     two.dispatch(items)
     for_b = [h.fd for h in two.d.holding.items if h.link is b]
@@ -318,9 +320,7 @@ def test_a_worker_going_free_gets_the_oldest_connection_held_for_it_then_the_old
 
 
 def test_held_connections_leave_at_their_turn_at_the_worker_they_would_have_joined(two):
-    a, b = two.links
-    two.busy(a)
-    two.busy(b)
+    a, b = two.all_busy()
     items = two.new(2)
     two.dispatch(items)
     turn = {h.link: h for h in two.d.holding.items}
@@ -336,9 +336,7 @@ def test_held_connections_leave_at_their_turn_at_the_worker_they_would_have_join
 
 
 def test_no_connection_is_held_past_the_cap(two, monkeypatch):
-    a, b = two.links
-    two.busy(a)
-    two.busy(b)
+    a, b = two.all_busy()
     monkeypatch.setattr(holding, "HOLD_CAP", 0.0)
     items = two.new(1)
     two.dispatch(items)
@@ -349,9 +347,7 @@ def test_no_connection_is_held_past_the_cap(two, monkeypatch):
 
 
 def test_past_the_most_held_the_oldest_go_as_least_connections_places_them(two, monkeypatch):
-    a, b = two.links
-    two.busy(a)
-    two.busy(b)
+    a, b = two.all_busy()
     monkeypatch.setattr(holding, "HOLD_MAX", 2)
     items = two.new(3)
     two.dispatch(items)
@@ -376,9 +372,7 @@ def test_not_held_where_holding_does_not_pay(why):
 
 
 def test_ties_go_to_the_worker_whose_request_began_last(two):
-    a, b = two.links
-    two.busy(a)
-    two.busy(b)
+    a, b = two.all_busy()
     now = time.monotonic()
     a.board[board.STARTED_AT] = int((now - 0.5) * 1e9)  # running for half a second: a long one
     b.board[board.STARTED_AT] = int(now * 1e9)
@@ -392,9 +386,7 @@ def test_ties_go_to_the_worker_whose_request_began_last(two):
 
 
 def test_a_pause_or_a_stop_places_every_held_connection(two):
-    a, b = two.links
-    two.busy(a)
-    two.busy(b)
+    a, b = two.all_busy()
     items = two.new(3)
     two.dispatch(items)
     two.d.release_held()
@@ -404,9 +396,7 @@ def test_a_pause_or_a_stop_places_every_held_connection(two):
 
 
 def test_connections_held_for_a_worker_that_dies_go_to_the_others(two):
-    a, b = two.links
-    two.busy(a)
-    two.busy(b)
+    a, b = two.all_busy()
     items = two.new(2)
     two.dispatch(items)
     for_a = [h for h in two.d.holding.items if h.link is a]
