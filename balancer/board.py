@@ -92,10 +92,14 @@ def create(name: str = "balancer-board") -> tuple[int, memoryview]:
         raise
 
 
-def attach(fd: int, channel_fd: int = 0) -> memoryview:
-    """The worker's mapping of the board behind fd (valid after fd is closed), noting its channel's fd number."""
+def attach(fd: int, channel_fd: int | None = None) -> memoryview:
+    """A mapping of the board behind fd (valid after fd is closed); a worker notes its channel's fd number.
+
+    A master that re-executes itself (balancer/upgrade.py) maps its workers' boards again, and leaves it be.
+    """
     board = _map(fd)
-    board[CHANNEL_FD] = channel_fd
+    if channel_fd is not None:
+        board[CHANNEL_FD] = channel_fd
     return board
 
 

@@ -224,6 +224,8 @@ def test_a_worker_maps_its_board_noting_its_channel_for_the_master_to_see():
     try:
         board.attach(fd, 17)
         assert words[board.CHANNEL_FD] == 17  # the master's mapping shows what the worker's noted
+        board.attach(fd)  # a re-executed master's mapping of it (balancer/upgrade.py) changes nothing
+        assert words[board.CHANNEL_FD] == 17
     finally:
         os.close(fd)
 
