@@ -51,6 +51,8 @@ class AcceptPath:
             self._accept_backoff = 0.0
             self.accepted += len(items)
             dispatcher.dispatch(items, surveyed=True)
+            if dispatcher.holding is not None and dispatcher.holding.items:
+                self._arm_hold_timer()
             # room - len(items) can only overestimate (a channel found full meanwhile); the next call re-counts
             if dispatcher.homeless or room - len(items) <= 0:
                 self._pause()
@@ -116,7 +118,12 @@ class AcceptPath:
                 loop.remove_reader(listener.sock.fileno())
 
     def _pause(self) -> None:
-        """Stop reading the listeners; the kernel backlog holds new connections meanwhile."""
+        """Stop reading the listeners; the kernel backlog holds new connections meanwhile.
+
+        Held connections go out now, as least-connections places them (homeless if nothing has room): a pause
+        for room or for a stop is no time to wait for a free worker.
+        """
+        self.dispatcher.release_held()
         if not self.paused:
             self._read_listeners(False)
             self.paused = True
@@ -155,6 +162,8 @@ class AcceptPath:
     def _on_capacity(self) -> None:
         """A worker got ready, acked, closed or refused: place waiting fds, maybe resume accepting."""
         dispatcher = self.dispatcher
+        if dispatcher.holding is not None and dispatcher.holding.items:
+            self._release_held()
         if self.paused and not self.draining:
             self._recount_pause()
         if dispatcher.homeless:
@@ -178,6 +187,29 @@ class AcceptPath:
         # With no READY worker there is nothing to poll for: a READY message calls _on_capacity itself.
         if (self.dispatcher.homeless or (self.paused and self._accept_retry is None)) and self.dispatcher.any_ready():
             self._watch_capacity()
+
+    # ---- held connections (balancer/holding.py) ----------------------------------------------------
+
+    def _release_held(self) -> None:
+        """Look at the boards and place the held connections whose worker is free or whose time came."""
+        dispatcher = self.dispatcher
+        dispatcher.survey()
+        dispatcher.dispatch([], surveyed=True)
+        self._arm_hold_timer()
+
+    def _arm_hold_timer(self) -> None:
+        """Wake up at the earliest held connection's deadline (HOLD_CAP), whatever the workers say."""
+        holding = self.dispatcher.holding
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if holding is not None and holding.items:
+            wait = max(0.0, min(item.deadline for item in holding.items) - time.monotonic())
+            self._hold_timer = asyncio.get_running_loop().call_later(wait, self._on_hold_deadline)
+
+    def _on_hold_deadline(self) -> None:
+        self._hold_timer = None
+        self._release_held()
 
     def _on_blocked(self, link: Link) -> None:
         """A worker's channel is full: it gets nothing until the kernel says it drained."""

@@ -111,6 +111,10 @@ class Config:
     accept_coalesce: float = opt(0.001, "seconds the master waits to accept again while every worker has "
                                  f"{COALESCE_BUSY}+ connections open, so they go out in bigger batches (0: never)",
                                  metavar="SECONDS")
+    dispatch_hold: bool = opt(True, "while every worker is busy with CPU-bound requests (0.25 ms of CPU or more "
+                              "each), keep a new connection in the master until one is free, as a central queue "
+                              "(never longer than it would wait at the least-loaded worker); off: give it to the "
+                              "least-loaded at once")
     # 25: graceful timeout + shutdown delay + KILL_GRACE (2 s) fits Kubernetes' 30 s terminationGracePeriodSeconds.
     graceful_timeout: float = opt(25.0, "seconds a draining worker gets to finish in-flight requests; this plus "
                                   "--shutdown-delay plus 2 s must fit the wait before SIGKILL (Kubernetes: 30 s "

@@ -1,4 +1,4 @@
-"""Least-loaded pick (round-robin among equals), fds held until acknowledged, re-dispatch of refused ones."""
+"""A free worker first, else the least-loaded (round-robin among equals); fds held until acknowledged; re-dispatch."""
 
 from __future__ import annotations
 
@@ -8,16 +8,26 @@ from collections import deque
 from typing import Callable
 
 from balancer import handoff, speedups, wire
-from balancer.board import CLOSED, HANDLED, HANDLED_MASK, REFUSED_MASK, handled_by, unpack
+from balancer.board import (CLOSED, FINISHED, FIRSTS, HANDLED, HANDLED_MASK, REFUSED_MASK, STARTED, handled_by,
+                            unpack)
 from balancer.board import private as private_board
 from balancer.errnos import PEER_GONE_ERRNOS
+from balancer.holding import BUSY_COST, HOLD_DEPTH, PENDING_EXPIRY, Holding
 
 
-def fill_py(loads: list[int], rooms: list[int], start: int, count: int) -> tuple[list[int], int, int]:
+def pick_key(load: int, busy: bool) -> int:
+    """A worker's key in the picks (fill(..., BUSY_COST)): a request in hand weighs BUSY_COST connections, and at
+    equal weight a free worker goes first."""
+    return 2 * (load + BUSY_COST) + 1 if busy else 2 * load
+
+
+def fill_py(loads: list[int], rooms: list[int], start: int, count: int,
+            busy_cost: int = 0) -> tuple[list[int], int, int]:
     """Make count picks, one at a time, of the least-loaded link with room, ties going round-robin from start.
 
     Returns how many picks each link got, where the round robin goes on from, and how many picks were made
-    (fewer than count when every link ran out of room). `_speedups.fill` is the same in C.
+    (fewer than count when every link ran out of room). With busy_cost > 0 the loads are pick keys (pick_key):
+    a pick adds a connection, and makes a free worker busy. `_speedups.fill` is the same in C.
     """
     n = len(loads)
     loads, rooms = list(loads), list(rooms)
@@ -37,7 +47,12 @@ def fill_py(loads: list[int], rooms: list[int], start: int, count: int) -> tuple
         if best < 0:
             break
         counts[best] += 1
-        loads[best] += 1
+        if busy_cost:
+            if not loads[best] & 1:
+                loads[best] += 2 * busy_cost + 1
+            loads[best] += 2
+        else:
+            loads[best] += 1
         rooms[best] -= 1
         start = best_idx
         placed += 1
@@ -68,12 +83,46 @@ class Link:
         self.channel_lost = False  # a send found its end closed: it is dying, the reap follows
         self.ack_progress = 0.0  # monotonic time of the last ack, or of the first fd sent since
         self.dispatched = 0  # connections handed to this worker, for metrics
+        # What it is doing, from its board (STARTED, FINISHED and FIRSTS) at the last look:
+        self.handed = 0  # connections handed over (less those refused or taken back)
+        self.unbegun = 0  # of those, connections whose first request never began (closed first, or silent)
+        self.pending = 0  # handed over and no request begun yet: handed - FIRSTS - unbegun
+        self.handed_at = 0.0  # monotonic time of the last hand-off
+        self.queue = 0  # requests in hand: running, or handed over and not begun; 0 is a free worker
+        self.asked = False  # asked to say when it is free (holding.Holding.ask_busy)
+        self.asked_at = 0  # ... or once FINISHED reaches this
+
+    def note(self, started: int, finished: int, firsts: int) -> int:
+        """Take in the board's STARTED, FINISHED and FIRSTS (FINISHED read first); the requests in hand."""
+        running = started - finished
+        pending = self.handed - firsts - self.unbegun
+        self.pending = pending = self.settle(pending) if pending else 0
+        self.queue = (running if running > 0 else 0) + pending
+        return self.queue
+
+    def settle(self, pending: int) -> int:
+        """The connections handed over and not begun, of pending (handed - FIRSTS - unbegun) so counted.
+
+        One waiting for its first request is open or unacked: past that, the rest never began (their client
+        closed first, or the worker cut them at the header deadline), and stop counting. One that stays open and
+        silent counts until PENDING_EXPIRY after the last hand-off (Dispatcher._look).
+        """
+        open_conns = self.open_conns + len(self.unacked)
+        if pending > open_conns:
+            self.unbegun += pending - open_conns
+            return open_conns
+        if pending < 0:  # taken back after it began (refused, then served): never below nothing
+            self.unbegun += pending
+            return 0
+        return pending
 
 
 class Dispatcher:
-    """Chooses the least-loaded ready worker under its cap, round-robin among equals, and hands fds to it."""
+    """Chooses a free ready worker under its cap, else the least-loaded (round-robin among equals), or holds the
+    connection until one is free (balancer/holding.py), and hands fds to it."""
 
-    def __init__(self, cap: int, max_unacked: int = 256, on_blocked: Callable[[Link], None] | None = None) -> None:
+    def __init__(self, cap: int, max_unacked: int = 256, on_blocked: Callable[[Link], None] | None = None,
+                 hold: bool = True) -> None:
         self.cap = cap
         # A worker that stops acking (SIGSTOP, a hung loop) gets at most this many fds in limbo.
         self.max_unacked = max_unacked
@@ -85,6 +134,10 @@ class Dispatcher:
         self._on_blocked = on_blocked or (lambda link: None)
         self._surveyed: tuple[list[int], list[int]] | None = None  # survey()'s snapshot, for one dispatch
         self.min_open_ready: int | None = None  # fewest open connections of a READY worker, at the last survey
+        # New connections kept while every worker is busy (balancer/holding.py); None: never held
+        self.holding = Holding(fill) if hold else None
+        self.free = 0  # at the last look: workers with room and nothing in hand
+        self.min_queue = 0  # ... and the fewest requests in hand of a worker with room
 
     def set_links(self, links: list[Link]) -> None:
         """Replace the view of live workers (the supervisor calls this whenever its table changes)."""
@@ -94,20 +147,22 @@ class Dispatcher:
             self._next = 0
 
     def pick(self) -> Link | None:
-        """The least-loaded eligible link, ties going round-robin from the last one picked; None when all are full.
+        """A free eligible link, else the least-loaded, ties going round-robin from the last one picked; None when
+        all are full.
 
         Least-loaded, not plain round-robin: workers drift apart in speed (one shares its core with the load
         generator or a noisy neighbour), and a new connection given to the one with a queue waits while the
-        other worker sits idle.
+        other worker sits idle. A free one first: a worker with fewer connections may be in a long handler.
         """
-        loads, rooms = self.snapshot()
-        counts, self._next, placed = fill(loads, rooms, self._next, 1)
+        keys, rooms = self.snapshot()
+        counts, self._next, placed = fill(keys, rooms, self._next, 1, BUSY_COST)
         return self.links[counts.index(1)] if placed else None
 
     def snapshot(self) -> tuple[list[int], list[int]]:
-        """Each link's load, and how many more connections it may take now (0 when it may take none)."""
-        loads, rooms, _, _ = self._look(None)
-        return loads, rooms
+        """Each link's pick key (pick_key: its load, and whether it has requests in hand), and how many more
+        connections it may take now (0 when it may take none)."""
+        keys, rooms, _, _ = self._look(None)
+        return keys, rooms
 
     def survey(self) -> int:
         """Collect every board (closing what was acked in one call) and snapshot the links; the room in all.
@@ -124,15 +179,18 @@ class Dispatcher:
         return total
 
     def _look(self, closing: list[int] | None) -> tuple[list[int], list[int], int, int | None]:
-        """One pass over the links: loads, rooms, the room in all, the fewest open connections of a READY one.
+        """One pass over the links: pick keys, rooms, the room in all, the fewest open connections of a READY one.
 
-        With closing given, each link's board is read first (what it acked is added to closing).
+        With closing given, each link's board is read first (what it acked is added to closing, and what it is
+        doing: requests begun and finished).
         """
-        cap, max_unacked = self.cap, self.max_unacked
+        cap, max_unacked, cost = self.cap, self.max_unacked, BUSY_COST
         collect = self.collect
-        loads, rooms = [], []
-        total = 0
+        keys, rooms = [], []
+        total = free = 0
         min_open = None
+        min_queue = 1 << 62
+        now = 0.0
         for link in self.links:
             if closing is not None:
                 board = link.board
@@ -141,9 +199,28 @@ class Dispatcher:
                 else:  # no ack or refusal since the last look: only closes can have changed (as collect does)
                     open_conns = link.acked_total - board[CLOSED]
                     link.open_conns = open_conns if open_conns > 0 else 0
-            unacked = len(link.unacked)
+                # What it is doing, as note() takes it in (inline: this pass runs per wake-up, for every worker)
+                finished = board[FINISHED]  # first: STARTED read after it is never behind it
+                running = board[STARTED] - finished
+                pending = link.handed - board[FIRSTS] - link.unbegun
+                unacked = len(link.unacked)
+                if pending:
+                    now = now or time.monotonic()
+                    if now - link.handed_at > PENDING_EXPIRY:  # open and silent: idle connections, not queued
+                        link.unbegun += pending
+                        pending = 0
+                    elif pending < 0 or pending > link.open_conns + unacked:
+                        pending = link.settle(pending)
+                link.pending = pending
+                link.queue = queue = (running if running > 0 else 0) + pending
+            else:
+                queue = link.queue
+                unacked = len(link.unacked)
             load = link.open_conns + unacked
-            loads.append(load)
+            # A free worker (nothing in hand) goes before a busy one unless it has BUSY_COST more connections: a
+            # busy one may be in a long handler, and kept-alive connections must not collect on whichever worker
+            # happens to be free when a burst of them reconnects (they bring requests later).
+            keys.append(2 * (load + cost) + 1 if queue else 2 * load)
             if link.ready:
                 if min_open is None or link.open_conns < min_open:
                     min_open = link.open_conns
@@ -152,9 +229,14 @@ class Dispatcher:
                     if room > 0:
                         rooms.append(room)
                         total += room
+                        if queue < min_queue:
+                            min_queue = queue
+                        if not queue:
+                            free += 1
                         continue
             rooms.append(0)
-        return loads, rooms, total, min_open
+        self.free, self.min_queue = free, min_queue  # workers with room and nothing in hand; the fewest in hand
+        return keys, rooms, total, min_open
 
     def any_ready(self) -> bool:
         """True when some worker is READY (full or not)."""
@@ -167,27 +249,54 @@ class Dispatcher:
     def dispatch(self, items: list[tuple[int, int]], surveyed: bool = False) -> None:
         """Hand each (fd, family) to a worker; what no worker can take waits in homeless.
 
-        The least-loaded picks of the whole batch are counted at once (fill(), in C when built), and each
-        worker's share goes as consecutive items: which accepted fd goes to which worker does not matter, and
-        consecutive fds close later in one close_range(). surveyed=True uses the snapshot survey() just took.
+        A free worker (nothing running, nothing handed over not begun) first, one connection each; then the
+        least-loaded. While none is free, the holding may keep new connections until one is
+        (balancer/holding.py). The picks of the whole batch are counted at once (fill(), in C when built), and
+        each worker's share goes as consecutive items: which accepted fd goes to which worker does not
+        matter, and consecutive fds close later in one close_range(). surveyed=True uses the snapshot survey()
+        just took.
         """
-        if not items:
+        holding = self.holding
+        if not items and (holding is None or not holding.items):
             return
         if surveyed and self._surveyed is not None:
-            loads, rooms = self._surveyed
+            keys, rooms = self._surveyed
         else:
-            loads, rooms = self.snapshot()
+            keys, rooms = self.snapshot()
         self._surveyed = None  # the loads change now: a snapshot is good for one dispatch
-        counts, self._next, placed = fill(loads, rooms, self._next, len(items))
-        messages = []
+        if holding is not None and (holding.items or (self.free < len(items) and self.min_queue <= HOLD_DEPTH)):
+            pinned, items = holding.admit(self.links, keys, rooms, self._next, items)
+            if pinned:  # held and new connections for the free workers, one each
+                self._hand([(self.links[i], [item]) for i, item in pinned])
+                for i, _ in pinned:
+                    keys[i] += 2 * BUSY_COST + 3  # busy, one connection more (as fill counts a pick)
+                    rooms[i] -= 1
+        if items:
+            self._place(items, keys, rooms)
+        if holding is not None and (holding.items or holding.asking) and holding.ask_busy(self.links, rooms):
+            self.dispatch([])  # a worker went free just as it was asked: it will not say so
+
+    def _place(self, items: list[tuple[int, int]], keys: list[int], rooms: list[int]) -> None:
+        """Send items to the workers fill() picks, each worker's share as consecutive items."""
+        counts, self._next, placed = fill(keys, rooms, self._next, len(items), BUSY_COST)
+        shares = []
         start = 0
+        for link, count in zip(self.links, counts):
+            if count:
+                shares.append((link, items[start:start + count]))
+                start += count
+        if placed < len(items):
+            self.homeless.extend(items[placed:])
+        self._hand(shares)
+
+    def _hand(self, shares: list[tuple[Link, list[tuple[int, int]]]]) -> None:
+        """Send each worker its share (as few messages as fit); what a full or gone channel refuses goes again."""
+        messages = []
         conn_id = self._next_id
-        links, per_msg = self.links, wire.MAX_FDS_PER_MSG
-        for i, count in enumerate(counts):
-            if not count:
-                continue
-            link, share = links[i], items[start:start + count]
-            start += count
+        per_msg = wire.MAX_FDS_PER_MSG
+        now = time.monotonic()
+        for link, share in shares:
+            count = len(share)
             if conn_id + count <= 0xFFFFFFFF:
                 ids = list(range(conn_id + 1, conn_id + count + 1))
             else:  # the 32-bit ids wrap around
@@ -195,8 +304,12 @@ class Dispatcher:
             conn_id = ids[-1]
             unacked = link.unacked
             if not unacked:
-                link.ack_progress = time.monotonic()
+                link.ack_progress = now
             unacked.update(zip(ids, share))
+            link.handed += count  # busy until the board shows their requests begun
+            link.pending += count
+            link.queue += count
+            link.handed_at = now
             if count <= per_msg:
                 messages.append((link, ids, [fd for fd, _ in share], [family for _, family in share]))
                 continue
@@ -204,8 +317,6 @@ class Dispatcher:
                 part = share[at:at + per_msg]
                 messages.append((link, ids[at:at + per_msg], [fd for fd, _ in part], [family for _, family in part]))
         self._next_id = conn_id
-        if placed < len(items):
-            self.homeless.extend(items[placed:])
         reclaimed = None
         for link, ids, fds, families in messages:
             if (reclaimed is not None and link in reclaimed) or not self._send(link, ids, fds, families):
@@ -213,9 +324,21 @@ class Dispatcher:
                 reclaimed = reclaimed or {}
                 reclaimed.setdefault(link, []).extend(link.unacked.pop(i) for i in ids)
         if reclaimed:
+            for link, share in reclaimed.items():
+                link.handed -= len(share)
+                link.pending = max(0, link.pending - len(share))
+                link.queue = max(0, link.queue - len(share))
             taken_back = [item for share in reclaimed.values() for item in share]
             self.redispatched += len(taken_back)
             self.dispatch(taken_back)
+
+    def release_held(self) -> None:
+        """Place every held connection now, as least-connections would (accepting pauses or stops)."""
+        if self.holding is not None and self.holding.items:
+            items = self.holding.release_all()
+            keys, rooms = self.snapshot()
+            self._place(items, keys, rooms)
+            self.holding.ask_busy(self.links, rooms)  # nothing held: the asks are taken back
 
     def _send(self, link: Link, ids: list[int], fds: list[int], families: list[int]) -> bool:
         """Send one handoff message; False when the channel is full or broken (the caller takes the fds back)."""
@@ -301,10 +424,17 @@ class Dispatcher:
         if closing:
             handoff.close_fds(closing)
 
+    def on_idle(self, link: Link) -> None:
+        """The worker answered an ask (IDLE): it is not asked any more; the caller places held connections."""
+        link.asked = False
+
     def on_refuse(self, link: Link, ids: list[int]) -> None:
         """The worker did not take these: give them to another worker."""
         link.refused_seen = (link.refused_seen + 1) & REFUSED_MASK
         reclaimed = [item for item in (link.unacked.pop(i, None) for i in ids) if item is not None]
+        link.handed -= len(reclaimed)
+        link.pending = max(0, link.pending - len(reclaimed))
+        link.queue = max(0, link.queue - len(reclaimed))
         # A READY worker refuses when the fds did not fit (MSG_CTRUNC: it is out of fds). Rest it until the
         # next tick, or fds would bounce between workers that are all full, as fast as the loop turns.
         link.resting = True
@@ -323,6 +453,8 @@ class Dispatcher:
         link.unacked.clear()
         link.sent.clear()
         link.open_conns = 0
+        link.pending = link.queue = 0
+        link.asked = False
         if reclaimed:
             self.redispatched += len(reclaimed)
             self.dispatch(reclaimed)
@@ -332,3 +464,5 @@ class Dispatcher:
         """At shutdown, close the fds no worker will ever take."""
         wire.close_all([fd for fd, _ in self.homeless])
         self.homeless.clear()
+        if self.holding is not None:
+            wire.close_all([fd for fd, _ in self.holding.release_all()])

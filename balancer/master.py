@@ -40,7 +40,7 @@ class Master(AcceptPath, MasterCommands):
         self.reread = reread  # builds the Config again from the -c file (SIGHUP), or None without one
         self.startup = startup  # the info lines held back until the workers serve (balancer/logs.py), or None
         self.listeners: list[Listener] = []
-        self.dispatcher = Dispatcher(config.worker_connections, on_blocked=self._on_blocked)
+        self.dispatcher = Dispatcher(config.worker_connections, on_blocked=self._on_blocked, hold=config.dispatch_hold)
         self.supervisor: Supervisor | None = None
         self.zygotes = None  # --preload: the zygotes that fork the workers (balancer/zygote.py)
         self.signals: asyncio.Queue[int] = asyncio.Queue()
@@ -58,6 +58,7 @@ class Master(AcceptPath, MasterCommands):
         self._tick: asyncio.TimerHandle | None = None
         self._capacity_poll: asyncio.TimerHandle | None = None
         self._coalesce_timer: asyncio.TimerHandle | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None  # the next held connection's deadline
         self.coalesced = 0  # times accepting waited for a bigger batch (--accept-coalesce)
         self.started = time.time()
         self.services: list = []  # metrics endpoint, control socket: objects with async close()

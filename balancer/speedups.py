@@ -19,9 +19,11 @@ def load():
         from balancer import _speedups
     except ImportError:
         return None, "missing"
-    built = (getattr(_speedups, "MAX_FDS", None), getattr(_speedups, "BOARD_COUNT", None),
-             getattr(_speedups, "BOARD_SUM_NS", None))
-    if built != (wire.MAX_FDS_PER_MSG, board.COUNT, board.SUM_NS):
+    names = ("MAX_FDS", "BOARD_COUNT", "BOARD_SUM_NS", "BOARD_STARTED", "BOARD_ASK", "BOARD_CHANNEL_FD",
+             "BOARD_WINDOW_SUM", "BOARD_RUNNABLE_PER_MILLE", "IDLE", "BOARD_FIRSTS", "BOARD_CPU_NS")
+    built = tuple(getattr(_speedups, name, None) for name in names)
+    if built != (wire.MAX_FDS_PER_MSG, board.COUNT, board.SUM_NS, board.STARTED, board.ASK, board.CHANNEL_FD,
+                 board.WINDOW_SUM, board.RUNNABLE_PER_MILLE, wire.IDLE, board.FIRSTS, board.CPU_NS):
         return None, "stale"
     return _speedups, ""
 

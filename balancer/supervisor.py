@@ -210,6 +210,9 @@ class Supervisor:
                     w.ready.set_result(True)
                 log.info("worker slot=%d pid=%d ready", w.slot, w.pid)
                 self.changed()
+        elif kind == wire.IDLE:  # asked while connections are held: it has nothing running now
+            self.dispatcher.on_idle(w.link)
+            self.on_capacity()
         elif kind == wire.REFUSE:
             self.dispatcher.on_refuse(w.link, wire.decode_refuse(msg))
             self.on_capacity()

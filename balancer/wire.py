@@ -18,6 +18,7 @@ REFUSE = 0x52  # 'R' worker->master: these ids were not taken; master re-dispatc
 BEAT = 0x42  # 'B' worker->master: heartbeat carrying a stats snapshot (JSON)
 BOOT_ERROR = 0x45  # 'E' worker->master: the backend could not be loaded (JSON text)
 # Master <-> zygote (--preload); the zygote says READY or BOOT_ERROR as a worker does, once its import is over.
+IDLE = 0x49  # 'I' worker->master: asked to, says it has nothing running now (balancer/holding.py); no body
 FORK = 0x46  # 'F' master->zygote: fork a worker (JSON: token, settings), its channel end and board attached
 FORKED = 0x50  # 'P' zygote->master: the worker's pid (JSON: token, pid, or token, error)
 FORK_REFUSED = 0x4E  # 'N' zygote->master: not safe to fork (JSON: token, reason); the master spawns instead

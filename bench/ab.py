@@ -5,8 +5,8 @@
   python -m bench.ab 'HEAD --accept-coalesce 0' 'HEAD BALANCER_NO_EXTENSIONS=1' HEAD   # options, environment
 
 Each revision is checked out in a temporary git worktree and started as its own balancer (own process group,
-own free port in 18000-18999, the bench's Application `bench.apps:create_app` as every system in the full bench
-serves it, and balancer's defaults: metrics on, on a free port). Rounds alternate the order of the
+own free port in 18000-18999 or --ports, the bench's Application `bench.apps:create_app` as every system in the
+full bench serves it, and balancer's defaults: metrics on, on a free port). Rounds alternate the order of the
 revisions; each cell is one wrk run. Reported per revision, as medians over rounds: req/s (and the ratio to
 the first revision), the master's CPU per new connection, and the workers' CPU per request, both from
 /proc/<pid>/schedstat (nanoseconds, not clock ticks). Nothing here asserts a speed.
@@ -27,7 +27,8 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.procstat import group_cpu
-from bench.systems import HOST, free_port, http_get, stop_group
+from bench.systems import (HOST, PORTS, checkout, default_ports, free_port, http_get, parse_ports, remove_checkout,
+                           stop_group)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,27 +64,15 @@ class Build:
         extra = " ".join(spec.split()[1:])
         self.label = (rev if rev == sha else f"{rev} ({sha})") + (f" {extra}" if extra else "")
         self.tree = root / f"tree-{sha}"
-        if not self.tree.exists():  # specs of one revision share its worktree
-            subprocess.run(["git", "worktree", "add", "--detach", "--force", str(self.tree), sha], cwd=REPO,
-                           check=True, capture_output=True)
-            # Workers start with `python -P -m balancer_workers` (earlier revisions: -m workers): PYTHONPATH=tree
-            # with this link makes them import the revision's runtime, not the installed one.
-            if not (self.tree / "balancer_workers").exists():
-                (self.tree / "balancer_workers").symlink_to("workers")
-            if (self.tree / "setup.py").exists():  # revisions with the C accelerator: build it beside the code
-                built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=self.tree,
-                                       capture_output=True, text=True)
-                if built.returncode != 0:  # no Build object will exist to remove its worktree later
-                    subprocess.run(["git", "worktree", "remove", "--force", str(self.tree)], cwd=REPO,
-                                   capture_output=True)
-                    raise RuntimeError(f"building {rev}'s C module failed:\n{built.stderr[-1500:]}")
+        checkout(sha, self.tree)  # specs of one revision share its worktree
         self.port = 0
+        self.ports = PORTS
         self.proc: subprocess.Popen | None = None
         self.log = root / f"balancer-{index}-{sha}.log"
         self.runs: list[tuple[float, float, float, int]] = []  # (req/s, master us/conn, workers us/req, errors)
 
     def start(self, avoid=()) -> None:
-        self.port = free_port(avoid)
+        self.port = free_port(avoid, self.ports)
         cmd = [sys.executable, "-m", "balancer", "--backend", self.backend,
                "--workers", str(self.workers), "--bind", f"{HOST}:{self.port}", "--metrics-bind", f"{HOST}:0",
                "--control-socket", str(self.log.with_suffix(".sock")), *self.args]
@@ -155,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--ports", type=parse_ports, default=default_ports(), metavar="LO-HI",
+                        help="where each balancer's free port is found (default $BENCH_PORTS, else 18000-18999)")
     parser.add_argument("--backend", default="bench.apps:create_app",
                         help="MODULE:ATTR every revision serves (default: the full bench's Application)")
     opts = parser.parse_args(argv)
@@ -170,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, spec in enumerate(opts.specs):  # one at a time: a failure still removes the worktrees made so far
             builds.append(Build(spec, i, root, opts.workers, opts.backend))
+            builds[-1].ports = opts.ports
         for i, b in enumerate(builds):
             b.start(avoid={other.port for other in builds[:i]})  # none has bound its port yet
         for b in builds:
@@ -187,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in builds:
             b.stop()
         for b in builds:
-            subprocess.run(["git", "worktree", "remove", "--force", str(b.tree)], cwd=REPO, capture_output=True)
+            remove_checkout(b.tree)
         shutil.rmtree(root, ignore_errors=True)
     print(report(builds, opts))
     return 0

@@ -74,7 +74,7 @@ def instructions(variant: str, connections: int, per_connection: int) -> int:
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict layouts in every run
     proc = subprocess.run(
         ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-         os.path.realpath(sys.executable), "-m", "bench.hotpath", "--run", variant, str(connections),
+         sys.executable, "-m", "bench.hotpath", "--run", variant, str(connections),
          str(per_connection)],
         capture_output=True, text=True, env=env, timeout=1800)
     found = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)

@@ -1,4 +1,4 @@
-"""Run one load cell: wrk (closed loop) or bench.openloop (fixed rate), each in its own process.
+"""Run one load cell: wrk (closed loop) or bench/openloop.c (fixed rate), each in its own process.
 
 Returns a dict: requests, rps, errors (socket errors + non-2xx), latency_us {p50, p90, p99, p999, max},
 loadgen_cpu_s, and for wrk also wrk_latency_us (wrk's own, coordinated-omission-"corrected" figures).
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -131,19 +130,35 @@ def run_wrk(url: str, duration: int, connections: int, threads: int, workdir: Pa
 
 
 def run_openloop(host: str, port: int, path: str, rate: float, duration: float, workdir: Path, name: str,
-                 conns: int = 32, max_conns: int = 256, timeout_s: float = 5.0) -> dict:
-    """One fixed-rate run of bench.openloop in its own process."""
-    cmd = [sys.executable, "-m", "bench.openloop", "--host", host, "--port", str(port), "--path", path,
-           "--rate", str(rate), "--duration", str(duration), "--conns", str(conns), "--max-conns", str(max_conns),
-           "--timeout", str(timeout_s)]
+                 conns: int = 32, max_conns: int = 256, timeout_s: float = 5.0, *, pool: int = 0, fifo: bool = True,
+                 mix: str = "", poisson: bool = False, close: bool = False, closed: int = 0, seed: int = 12345) -> dict:
+    """One run of the open-loop generator (bench/openloop.c) in its own process: rate req/s for duration s.
+
+    closed=N runs it closed-loop instead (N requests always in flight), to measure a capacity. pool: idle
+    keep-alive connections kept (default max_conns); fifo: reuse the one idle longest, else the most recent.
+    """
+    from bench import openloop
+
+    cmd = [str(openloop.binary()), "--host", host, "--port", str(port), "--path", path, "--duration", str(duration),
+           "--conns", str(0 if close else conns), "--max-conns", str(max_conns), "--pool", str(pool or max_conns),
+           "--timeout", str(timeout_s), "--seed", str(seed)]
+    cmd += ["--closed", str(closed)] if closed else ["--rate", str(rate)]
+    cmd += ["--mix", mix] if mix else []
+    cmd += ["--poisson"] if poisson else []
+    cmd += ["--close"] if close else []
+    cmd += ["--fifo"] if fifo else []
     res, cpu = _run(cmd, duration + timeout_s + 30, workdir / f"{name}.out")
     e = res["errors"]
+    short = {"short_latency_us": res["short_latency_us"], "short_ms": res["short_ms"]} if mix else {}
     return {
         "requests": res["requests"],
         "rps": res["requests"] / (res["duration_us"] / 1e6) if res["duration_us"] else 0.0,
         "errors": {"socket": e["connect"] + e["read"] + e["write"] + e["timeout"], "non2xx": e["status"], **e},
         "latency_us": res["latency_us"],
-        "sent": res["sent"], "rate": rate, "connections": res["connections"], "max_late_us": res["max_late_us"],
+        **short,
+        "late_us": res["late_us"],
+        "sent": res["sent"], "rate": rate, "closed": closed, "connections": res["connections"],
+        "max_late_us": res["max_late_us"],
         "loadgen_cpu_s": cpu,
         "duration_s": res["duration_us"] / 1e6,
     }

@@ -3,6 +3,7 @@
 // Answers the same paths as bench/apps.py:
 //   /template   an HTML page equivalent to workers/examples/templates/page.html (120 of 200 products)
 //   /slow/<ms>  wait ms (setTimeout), then the hello response
+//   /spin?ms=<ms>  a busy loop until the process has used ms of CPU, then the hello response
 //   otherwise   "Hello from node cluster worker ..." with X-Worker-Slot / X-Worker-Pid headers
 'use strict';
 const cluster = require('node:cluster');
@@ -82,10 +83,21 @@ if (cluster.isPrimary) {
                          'X-Worker-Slot': slot, 'X-Worker-Pid': pid });
     res.end(HELLO);
   }
+  // As bench/apps.py's spin(): CPU time, not wall time (process.cpuUsage: this process's user + system us).
+  function spin(query) {
+    const m = /^ms=([0-9.]+)/.exec(query);
+    const ms = m ? Math.min(Math.max(Number(m[1]) || 0, 0), 1000) : 0;
+    const cpu = () => { const u = process.cpuUsage(); return u.user + u.system; };
+    const end = cpu() + ms * 1000;
+    while (cpu() < end) { /* busy */ }
+  }
   http.createServer((req, res) => {
     const q = req.url.indexOf('?');
     const path = q >= 0 ? req.url.slice(0, q) : req.url;
-    if (path === '/template') {
+    if (path === '/spin') {
+      spin(q >= 0 ? req.url.slice(q + 1) : '');
+      hello(res);
+    } else if (path === '/template') {
       const seed = q >= 0 ? (new URLSearchParams(req.url.slice(q + 1)).get('seed') || '') : '';
       const body = Buffer.from(renderPage(seed));
       res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Content-Length': body.length,

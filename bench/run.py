@@ -4,9 +4,11 @@
   python -m bench --quick         # 1 round x 5 s, writes bench/results/tmp/quick/
   python -m bench --smoke         # 1 round x 1 s, no warm-up, writes bench/results/tmp/smoke/ (the test suite)
 
-Each round starts every system (own process group, own free port in 18000-18999), waits until each worker
-answers, warms up, then runs every workload on every system (system order rotated each round to spread
-noise), then stops them all. Progress goes to stderr; the table, chart and raw JSON to the output directory.
+Each round starts every system (own process group, own free port in 18000-18999 or --ports), waits until each
+worker answers, warms up, then runs every workload on every system (system order rotated each round to spread
+noise), then stops them all. The tail workloads' rates come from gunicorn-uvloop's capacity for their mix,
+measured once before the first round (calibrate()). Progress goes to stderr; the table, chart and raw JSON to the
+output directory.
 Targets are reported as PASS/MISS; nothing here asserts a speed.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -24,9 +27,9 @@ from pathlib import Path
 
 from bench import report
 from bench.procstat import cpu_delta, machine_busy, machine_cpu
-from bench.systems import REPO, SPECS, Running
+from bench.systems import BASELINE_TREE, REPO, SPECS, Running, checkout, default_ports, parse_ports, remove_checkout
 from bench.tls import self_signed
-from bench.workloads import all_workloads
+from bench.workloads import CALIBRATE_CONCURRENCY, TAIL_LOADS, all_workloads, tail_load
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -51,6 +54,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-ms", default="50-100", help="skewed mix: sleep range in ms (default 50-100)")
     p.add_argument("--open-rate", type=float,
                    help="open-loop workload: requests per second of the template page (default 500; smoke 100)")
+    p.add_argument("--tail-mix", default="0.95:0.5,0.05:10", metavar="MIX",
+                   help="tail workloads: SHARE:MS,... CPU milliseconds per request (default 0.95:0.5,0.05:10), or "
+                        "lognormal:MEDIAN_MS:SIGMA")
+    p.add_argument("--tail-loads", help="tail workloads: shares of gunicorn-uvloop's capacity, in percent "
+                                        "(default 50,70,85; smoke 70)")
+    p.add_argument("--capacity", metavar="CLOSE,KEEPALIVE",
+                   help="tail workloads: gunicorn-uvloop's capacity in req/s for the mix, new connections and "
+                        "keep-alive, instead of measuring it before the first round")
+    p.add_argument("--baseline", default="main", metavar="REV",
+                   help="the git revision the balancer-base system runs (default main)")
+    p.add_argument("--ports", type=parse_ports, metavar="LO-HI", default=default_ports(),
+                   help="where the systems' free ports are found (default $BENCH_PORTS, else 18000-18999)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per system per round (default 2; smoke 0)")
     p.add_argument("--max-other", type=float, default=25.0, metavar="PCT",
                    help="a cell during which processes outside the benchmark used more than PCT%% of a core is "
@@ -78,6 +93,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          else {"full": 600.0, "quick": 120.0, "smoke": 0.0}[mode])
     args.extra_used = 0.0
     args.open_rate = args.open_rate or (100.0 if mode == "smoke" else 500.0)
+    loads = args.tail_loads or ("70" if mode == "smoke" else ",".join(str(round(x * 100)) for x in TAIL_LOADS))
+    args.tail_loads = tuple(float(x) / 100 for x in loads.split(",") if x.strip())
+    if args.capacity:
+        try:
+            close, keepalive = (float(x) for x in args.capacity.split(","))
+        except ValueError:
+            p.error(f"--capacity {args.capacity!r}: expected CLOSE,KEEPALIVE in req/s, e.g. 1100,1400")
+        args.capacity = {"tail-close": close, "tail-keepalive": keepalive}
     args.out = args.out or (RESULTS if mode == "full" else RESULTS / "tmp" / mode)
     lo, _, hi = args.slow_ms.partition("-")
     args.slow_ms = (int(lo), int(hi or lo))
@@ -85,11 +108,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.system_names if s not in SPECS]
     if unknown:
         p.error(f"unknown system(s) {unknown}; known: {list(SPECS)}")
-    names = [w.name for w in all_workloads(args)]
-    args.workload_names = [w.strip() for w in args.workloads.split(",") if w.strip()] or names
-    unknown = [w for w in args.workload_names if w not in names]
+    known = all_workloads(args)
+    names = [w.name for w in known]
+    asked = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    families = {w.family for w in known}
+    unknown = [w for w in asked if w not in names and w not in families]
     if unknown:
-        p.error(f"unknown workload(s) {unknown}; known: {names}")
+        p.error(f"unknown workload(s) {unknown}; known: {names} (tail-close and tail-keepalive name every load)")
+    args.workload_names = [w.name for w in known if w.name in asked or w.family in asked] if asked else names
     return args
 
 
@@ -126,11 +152,11 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict:
                 break
     except OSError:
         pass
-    import os
     return {
         "command": "python -m bench" + ("" if not argv else " " + shlex.join(argv)),
         "mode": args.mode, "rounds": args.rounds, "duration_s": args.duration, "workers": args.workers,
         "connections": args.connections, "threads": args.threads, "open_rate": args.open_rate,
+        "tail_mix": args.tail_mix, "tail_loads": list(args.tail_loads), "baseline": args.baseline,
         "slow_share": args.slow_share, "slow_ms": list(args.slow_ms), "warmup_s": args.warmup,
         "max_other": args.max_other, "retries": args.retries, "quiet_wait_s": args.quiet_wait,
         "extra_budget_s": args.extra_budget,
@@ -188,7 +214,7 @@ def run_cell(system: Running, workload, args: argparse.Namespace, workdir: Path,
     m0 = machine_cpu()
     t0 = time.monotonic()
     try:
-        res = workload.run(system.port, args, workdir, f"r{rnd}-{system.name}-{workload.name}")
+        res = workload.run(system.port, args, workdir, f"r{rnd}-{system.name}-{workload.name}", rnd)
     except Exception as exc:  # noqa: BLE001 - a failed cell is reported, not fatal
         cell["error"] = f"{type(exc).__name__}: {exc}"
         res = None
@@ -268,6 +294,14 @@ def describe(cell: dict) -> str:
     if not cell["ok"]:
         return "FAILED: " + cell.get("error", "?")
     lat = cell["latency_us"]
+    if "short_latency_us" in cell:  # a tail cell: the short requests' tail is the figure
+        short = cell["short_latency_us"]
+        err = cell["errors"]["socket"] + cell["errors"]["non2xx"]
+        cpu = " ".join(f"{p['role'][0]}{p['cpu_pct']:.0f}%" for p in cell["processes"])
+        return (f"{cell['rps']:,.0f} req/s  short p50 {short['p50'] / 1000:.2f} p99 {short['p99'] / 1000:.2f} "
+                f"p99.9 {short['p999'] / 1000:.2f} ms  all p99 {lat['p99'] / 1000:.2f} ms  errors {err}  "
+                f"cpu {cpu} loadgen {100 * cell['loadgen_cpu_s'] / cell['duration_s']:.0f}%"
+                + (" CRASHED" if cell["crashed"] else ""))
     err = cell["errors"]["socket"] + cell["errors"]["non2xx"]
     cpu = " ".join(f"{p['role'][0]}{p['cpu_pct']:.0f}%" for p in cell["processes"])
     crash = " CRASHED" if cell["crashed"] else ""
@@ -275,6 +309,32 @@ def describe(cell: dict) -> str:
     other = "" if other is None else f"  other {other:.0f}%"
     return (f"{cell['rps']:,.0f} req/s  p50 {lat['p50'] / 1000:.2f} ms  p99 {lat['p99'] / 1000:.2f} ms  "
             f"errors {err}  cpu {cpu}{other}{crash}")
+
+
+def calibrate(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """gunicorn-uvloop's capacity for the tail mix (req/s), new connections and keep-alive: the tail rates' basis.
+
+    Closed loop, CALIBRATE_CONCURRENCY requests always in flight, one --duration each, after a warm-up.
+    """
+    system = Running(SPECS["gunicorn-uvloop"], args.workers, workdir, ports=args.ports)
+    out = {}
+    try:
+        system.start()
+        system.wait_ready()
+        for family, close in (("tail-close", True), ("tail-keepalive", False)):
+            if args.warmup > 0:
+                tail_load(system.port, args, workdir, f"calibrate-warmup-{family}", close,
+                          closed=CALIBRATE_CONCURRENCY, duration=args.warmup)
+            res = tail_load(system.port, args, workdir, f"calibrate-{family}", close, closed=CALIBRATE_CONCURRENCY)
+            if not res["requests"]:
+                raise RuntimeError(f"gunicorn-uvloop answered no request of the tail mix ({family})")
+            out[family] = res["rps"]
+            progress(f"calibrate: gunicorn-uvloop serves {res['rps']:,.0f} req/s of the tail mix ({family}, "
+                     f"{CALIBRATE_CONCURRENCY} in flight); the tail cells send "
+                     + ", ".join(f"{load:.0%} = {load * res['rps']:,.0f}" for load in args.tail_loads) + " req/s")
+    finally:
+        system.stop()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +359,24 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args, argv)
     workloads = [w for w in all_workloads(args) if w.name in args.workload_names]
     order = list(args.system_names)
+    baseline = workdir / BASELINE_TREE if "balancer-base" in order else None
+    if baseline is not None:
+        remove_checkout(baseline)  # one left over by a run that was killed
+        env["baseline_commit"] = checkout(args.baseline, baseline)
+        progress(f"bench: balancer-base runs {args.baseline} ({env['baseline_commit']}) from {baseline}")
+    try:
+        if any(w.kind == "tail" for w in workloads) and args.capacity is None:
+            args.capacity = calibrate(args, workdir)
+        env["capacity"] = args.capacity
+        return run_rounds(args, argv, env, workloads, order, workdir, baseline)
+    finally:
+        if baseline is not None:
+            remove_checkout(baseline)
+
+
+def run_rounds(args: argparse.Namespace, argv: list[str], env: dict, workloads: list, order: list[str],
+               workdir: Path, baseline: Path | None) -> int:
+    """Every round of the run, then the table, chart and target lines."""
     cells: list[dict] = []
     total = args.rounds * sum(runs_on(w, n) for w in workloads for n in order)
     # One certificate for every https system of the run, so they all do the same handshake work.
@@ -313,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         names = order[k:] + order[:k]
         tag = f"[round {rnd}/{args.rounds}]"
         progress(f"{tag} starting {', '.join(names)}")
-        systems = [Running(SPECS[n], args.workers, workdir, tls_files=tls_files) for n in names]
+        systems = [Running(SPECS[n], args.workers, workdir, tls_files=tls_files, ports=args.ports,
+                           tree=baseline if n == "balancer-base" else None) for n in names]
         try:
             try:
                 start_all(systems)

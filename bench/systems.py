@@ -1,7 +1,9 @@
 """The systems under test: how to start each one, know it is ready, account its processes, stop it.
 
-Every system serves bench.apps (or its Node.js equivalent) on 127.0.0.1:<port in 18000-18999>, runs in its
-own process group (start_new_session=True) and is stopped by signalling that group only.
+Every system serves bench.apps (or its Node.js equivalent) on 127.0.0.1:<a free port, by default in
+18000-18999 (--ports)>, runs in its own process group (start_new_session=True) and is stopped by signalling that
+group only. `balancer-base` is balancer at another git revision (--baseline, default main), run from a
+worktree of that revision with its own C module, serving this checkout's bench Application.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 HOST = "127.0.0.1"
 PORTS = range(18000, 19000)
+BASELINE_TREE = "balancer-base"  # the worktree of the --baseline revision, under the run's work directory
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Spec:
     def command(self, port: int, workers: int, tls_files: tuple[Path, Path] | None = None) -> list[str]:
         py = sys.executable
         tls = ["--certfile", str(tls_files[0]), "--keyfile", str(tls_files[1])] if self.tls else []
-        if self.name in ("balancer", "balancer-https", "balancer-bare"):
+        if self.name in ("balancer", "balancer-https", "balancer-bare", "balancer-base"):
             # Like with like: the Application every Python peer serves, and balancer's defaults (metrics on,
             # on a port of its own so that runs side by side do not collide). balancer-bare is an extra row:
             # the bare handler (no router) and no metrics endpoint, never the basis of a target.
@@ -68,6 +71,8 @@ SPECS = {s.name: s for s in [
          "same Application as every Python peer, fds handed over SCM_RIGHTS", ready_line="workers serving on"),
     Spec("balancer-bare", "master", "extra row, not a target basis: balancer serving the bare handler (no "
          "router) with --metrics-bind none", ready_line="workers serving on"),
+    Spec("balancer-base", "master", "balancer at the --baseline revision (default main: least-connections "
+         "dispatch), run like balancer", ready_line="workers serving on"),
     Spec("single", "server", "one aiohttp process (uvloop), web.run_app"),
     Spec("reuseport", "launcher", "N aiohttp processes (uvloop) on one port with SO_REUSEPORT"),
     Spec("gunicorn", "arbiter", "gunicorn, N x aiohttp.GunicornWebWorker (asyncio loop)"),
@@ -81,12 +86,27 @@ SPECS = {s.name: s for s in [
 ]}
 
 
-def free_port(avoid=()) -> int:
-    """A port in 18000-18999 nobody is listening on right now (checked by binding it), and not in avoid.
+def parse_ports(text: str) -> range:
+    """'LO-HI' -> range(LO, HI + 1)."""
+    lo, _, hi = text.partition("-")
+    ports = range(int(lo), int(hi or lo) + 1)
+    if not ports or ports.start < 1 or ports.stop > 65536:
+        raise ValueError(f"bad port range {text!r}")
+    return ports
+
+
+def default_ports() -> range:
+    """$BENCH_PORTS ('LO-HI') when set, else PORTS: machines shared by several runs give each its own range."""
+    text = os.environ.get("BENCH_PORTS", "")
+    return parse_ports(text) if text else PORTS
+
+
+def free_port(avoid=(), ports: range = PORTS) -> int:
+    """A port in ports nobody is listening on right now (checked by binding it), and not in avoid.
 
     avoid: ports already given to systems that are still starting (not bound yet, so they look free).
     """
-    for port in random.sample(PORTS, len(PORTS)):
+    for port in random.sample(ports, len(ports)):
         if port in avoid:
             continue
         with socket.socket() as s:
@@ -95,7 +115,34 @@ def free_port(avoid=()) -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port in 18000-18999")
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
+
+
+def checkout(rev: str, tree: Path) -> str:
+    """A detached worktree of rev at tree, with its C module built in place; returns rev's short hash.
+
+    Started with cwd and PYTHONPATH = tree, `python -m balancer` and its workers (`-m balancer_workers`, a link
+    to workers/ made here) import that revision's code, not the installed one.
+    """
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(tree), sha], cwd=REPO, check=True,
+                       capture_output=True)
+        if not (tree / "balancer_workers").exists():
+            (tree / "balancer_workers").symlink_to("workers")
+        if (tree / "setup.py").exists():  # revisions with the C accelerator: build it beside the code
+            built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
+                                   capture_output=True, text=True)
+            if built.returncode != 0:
+                remove_checkout(tree)
+                raise RuntimeError(f"building {rev}'s C module failed:\n{built.stderr[-1500:]}")
+    return sha
+
+
+def remove_checkout(tree: Path) -> None:
+    """Remove a worktree checkout() made."""
+    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
 
 
 def http_get(port: int, path: str = "/", timeout: float = 1.0,
@@ -132,6 +179,8 @@ class Running:
     note: str = ""
     worker_pids: set[int] = field(default_factory=set)
     tls_files: tuple[Path, Path] | None = None  # (certificate, key) for a spec with tls
+    ports: range = PORTS
+    tree: Path | None = None  # balancer-base: the worktree of the revision it runs
 
     @property
     def name(self) -> str:
@@ -142,12 +191,15 @@ class Running:
         return self.proc.pid  # start_new_session: the leader's pid is the group id
 
     def start(self, avoid=()) -> None:
-        self.port = free_port(avoid)
+        self.port = free_port(avoid, self.ports)
         self.log = self.logdir / f"{self.name}-{self.port}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.tree is not None:  # another revision's balancer, serving this checkout's Application
+            env["PYTHONPATH"] = str(self.tree)
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(self.spec.command(self.port, self.workers, self.tls_files), stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         stderr=subprocess.STDOUT, cwd=self.tree or REPO, start_new_session=True,
+                                         env=env)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

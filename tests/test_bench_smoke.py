@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ["balancer", "balancer-bare", "single", "reuseport", "gunicorn", "gunicorn-uvloop", "node-cluster", "balancer-https",
-           "gunicorn-https"]
-WORKLOADS = ["hello-keepalive", "hello-close", "template", "skewed", "open-loop", "https-keepalive", "https-close"]
+SYSTEMS = ["balancer", "balancer-bare", "balancer-base", "single", "reuseport", "gunicorn", "gunicorn-uvloop",
+           "node-cluster", "balancer-https", "gunicorn-https"]
+# A smoke run sends the tail mix at 70% of gunicorn-uvloop's capacity only (a full run: 50, 70 and 85%).
+WORKLOADS = ["hello-keepalive", "hello-close", "template", "skewed", "open-loop", "tail-close-70", "tail-keepalive-70",
+             "https-keepalive", "https-close"]
 HTTPS = {"balancer-https", "gunicorn-https", "https-keepalive", "https-close"}  # https runs against https only
 
 
@@ -32,13 +34,13 @@ def _missing() -> list[str]:
     return missing
 
 
-@pytest.mark.timeout(160)
+@pytest.mark.timeout(240)
 def test_bench_smoke(tmp_path: Path) -> None:
     missing = _missing()
     if missing:
         pytest.skip(f"benchmark tools missing: {missing} (apt-get install wrk; pip install -e '.[bench]')")
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=130)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path), "--baseline", "HEAD"],
+                          cwd=REPO, capture_output=True, text=True, timeout=210)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[round 1/1]" in proc.stderr  # the progress display
 
@@ -65,9 +67,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
             else:
                 assert not row, (workload, system, section)
 
+    assert re.search(r"^calibrate: gunicorn-uvloop serves [\d,]+ req/s of the tail mix \(tail-close", proc.stderr, re.M)
+    section = md.split("## tail-close-70:", 1)[1].split("\n## ", 1)[0]
+    assert "short p99 ms" in section and "load gen CPU %" in section, section
     lines = [l for l in proc.stdout.splitlines() if l.startswith(("PASS ", "MISS ", "n/a "))]
-    assert len(lines) == 9, proc.stdout
-    assert not any(l.startswith("n/a ") for l in lines), proc.stdout  # every target measured, like for like
+    from bench.report import TARGETS
+
+    assert len(lines) == len(TARGETS), proc.stdout
+    # every target measured, like for like, but those of the loads a smoke run leaves out
+    assert all(("85%" in l) == l.startswith("n/a ") for l in lines), proc.stdout
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "balancer-base" not in worktrees  # the baseline's checkout is removed again
 
     # The scaling model takes its inputs from this run's raw JSON.
     raw = re.search(r"raw (\S+\.json)", proc.stderr).group(1)

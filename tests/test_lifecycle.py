@@ -36,9 +36,11 @@ def test_five_rolling_reloads_under_keepalive_load_lose_nothing():
             wait_until(lambda: not before & slots_pids(b), 20, "the old workers to drain and exit")
             seen = len(results)
             wait_until(lambda: len(results) > seen + 200, 20, "requests after a reload")
-            # the traffic moved: the kept-alive clients reconnected to the new workers
+            # the traffic moved: the kept-alive clients reconnected to the new workers, over both of them (which
+            # worker a new connection goes to depends on what each is doing: balancer/holding.py)
             served_by = {fetch(b).getheader("X-Worker-Pid") for _ in range(4)}
-            assert served_by <= {str(pid) for pid in slots_pids(b)} and len(served_by) == 2
+            assert served_by <= {str(pid) for pid in slots_pids(b)}
+            assert {slot for _, slot in results[seen:]} == {"0", "1"}
         stop.set()
         t.join(20)
         failed = [r for r in results if not r[0]]

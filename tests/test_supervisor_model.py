@@ -302,10 +302,13 @@ def test_a_refusal_queued_behind_econnreset_is_read_before_eviction():
     """A worker acks a hand-off, refuses the next and dies with a third unread: no connection is served twice."""
     # The master must read the REFUSE behind ECONNRESET, or it re-dispatches what the dead worker acked.
     with model() as m:
-        for sizes in ([1], [2], [2]):
+        first = None
+        for sizes in ([1], [2], [2], [2], [2], [2]):  # a free worker first: batches alternate between the workers
             m.accept(sizes=sizes)
             m.promises()
-        first = m.pick(0)
+            first = m.pick(0)
+            if len(m.sup.table[first.pid].link.sent) >= 3:
+                break
         assert len(m.sup.table[first.pid].link.sent) >= 3, "the case needs three hand-offs queued to one worker"
         m.work(i=0, verdicts=["ack", "refuse"], then="crash")
         m.promises()

@@ -17,7 +17,8 @@ from balancer import board, wire
 from balancer.backoff import Backoff
 from balancer.cli import build_parser, parse_config
 from balancer.config import Config, ConfigError, parse_bind
-from balancer.dispatch import Dispatcher, Link, fill_py
+from balancer.dispatch import Dispatcher, Link, fill_py, pick_key
+from balancer.holding import BUSY_COST
 
 try:
     from balancer import _speedups
@@ -40,7 +41,8 @@ def ready_routes(d: Dispatcher, n: int) -> list[Link]:
 
 def loads(d: Dispatcher) -> list[int]:
     """Connections each link holds or is about to, as the dispatcher counts them."""
-    return d.snapshot()[0]
+    d.snapshot()
+    return [link.open_conns + len(link.unacked) for link in d.links]
 
 
 def may_take(d: Dispatcher, link: Link) -> bool:
@@ -74,7 +76,7 @@ def open_on(d: Dispatcher, *loads: int) -> list[Link]:
     """READY routes with these many connections open."""
     routes = ready_routes(d, len(loads))
     for r, load in zip(routes, loads):
-        r.open_conns = load
+        r.open_conns = r.acked_total = load  # acked and not closed: what a survey of the board counts open
     return routes
 
 
@@ -85,14 +87,24 @@ def test_least_loaded_first_and_round_robin_among_equals():
     close_routes(routes)
 
 
-def test_a_batch_fills_the_least_loaded_workers_up_to_the_others():
-    d = Dispatcher(cap=10)
-    routes = open_on(d, 4, 0, 1)
-    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(7)]
+def test_a_batch_gives_each_free_worker_one_then_fills_the_least_loaded_up_to_the_others():
+    d = Dispatcher(cap=20, hold=False)
+    routes = open_on(d, 4, 0, 1, 2)
+    running(routes[3], 1)  # a request in its handler: busy, though it has fewer connections than routes[0]
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(9)]
+    d.survey()
     d.dispatch([(fd, socket.AF_INET) for fd in fds])
-    assert [len(r.unacked) for r in routes] == [0, 4, 3]
-    assert loads(d) == [4, 4, 4]
+    # The free ones first (routes[0] too: its 4 connections are idle), then the fewest connections, requests in
+    # hand weighing BUSY_COST connections (routes[0]'s 5 come after the others' 4 and 2 + 2).
+    assert [len(r.unacked) for r in routes] == [1, 4, 3, 1]
+    assert loads(d) == [5, 4, 4, 3]
+    assert all(r.queue for r in routes)  # handed over and not begun: busy until the board says otherwise
     release_all(d, routes)
+
+
+def running(link: Link, n: int) -> None:
+    """Make link's board say n requests are in their handlers."""
+    link.board[board.STARTED] += n
 
 
 @pytest.mark.parametrize("skip", ["busy", "draining", "lost", "booting", "blocked", "overdue", "resting", "gone"])
@@ -143,7 +155,7 @@ def test_survey_collects_and_names_the_least_busy_ready_worker():
 
 fill_cases = st.integers(1, 12).flatmap(lambda n: st.tuples(
     st.lists(st.integers(0, 40), min_size=n, max_size=n), st.lists(st.integers(0, 6), min_size=n, max_size=n),
-    st.integers(0, n), st.integers(0, 80)))
+    st.integers(0, n), st.integers(0, 80), st.lists(st.booleans(), min_size=n, max_size=n)))
 
 
 @settings(max_examples=300, deadline=None)
@@ -151,21 +163,24 @@ fill_cases = st.integers(1, 12).flatmap(lambda n: st.tuples(
 def test_fill_in_c_gives_what_python_gives(case):
     if _speedups is None:
         pytest.skip("balancer._speedups is not built")  # test_handoff's test_c_accelerator_is_built fails then
-    loads, rooms, start, count = case
+    loads, rooms, start, count, busy = case
     assert _speedups.fill(loads, rooms, start, count) == fill_py(loads, rooms, start, count)
+    keys = [pick_key(load, b) for load, b in zip(loads, busy)]
+    assert _speedups.fill(keys, rooms, start, count, BUSY_COST) == fill_py(keys, rooms, start, count, BUSY_COST)
 
 
 @settings(max_examples=60, deadline=None)
 @given(fill_cases)
 def test_a_batch_is_shared_as_one_pick_at_a_time_would(case):
-    loads, rooms, start, count = case
+    loads, rooms, start, count, busy = case
     cap = 50
 
     def dispatcher():
-        d = Dispatcher(cap=cap, max_unacked=8)
+        d = Dispatcher(cap=cap, max_unacked=8, hold=False)
         routes = ready_routes(d, len(loads))
-        for r, load, room in zip(routes, loads, rooms):
+        for r, load, room, b in zip(routes, loads, rooms, busy):
             r.open_conns = load
+            r.queue = int(b)  # a request running, or none
             if room == 0:
                 r.resting = True  # this one takes nothing
             else:  # room left under max_unacked
@@ -180,6 +195,7 @@ def test_a_batch_is_shared_as_one_pick_at_a_time_would(case):
         if link is None:
             break
         link.unacked[len(picked) + 1] = (-1, socket.AF_INET)  # what dispatch would record
+        link.queue += 1
         picked.append(link.slot)
     batch, batch_routes = dispatcher()
     before = [len(r.unacked) for r in batch_routes]

@@ -68,7 +68,7 @@ def serve(channel_fd: int, board_fd: int, master_pid: int, settings: dict) -> in
         return 3
     proctitle.title_worker(settings["slot"])  # `balancer: worker 0 [name]` in ps and top
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, channel_fd)
-    ack_board = board.attach(board_fd)
+    ack_board = board.attach(board_fd, channel_fd)  # IDLE, when the master asks, goes on the channel
     os.close(board_fd)
 
     from balancer_workers.worker import Worker

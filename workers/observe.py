@@ -11,7 +11,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from balancer_workers.aiohttp_compat import ServerProtocol, protocol_factory, queued
 from balancer_workers.connections import shutdown_quietly
-from balancer_workers.stats import BUCKET0, FIRST_BUCKET, later_bucket, tally
+from balancer_workers.stats import BUCKET0, FIRST_BUCKET, begin, later_bucket, tally
 
 # Counted for a request whose handler never finished: its client went away, or the graceful deadline cut it.
 GONE = 499
@@ -76,9 +76,10 @@ class Observer:
 
         def make_request(message, payload, protocol, writer, task):
             """aiohttp's request factory: the request starts here, its method and body (or none) at hand."""
-            if deadlines:  # (empty while no connection waits for its first request)
-                deadlines.pop(protocol, None)  # its headers are in: the header deadline is lifted
-            started[protocol] = (perf_counter(), message.method, payload)
+            # Its headers are in: the header deadline is lifted (empty while no connection waits for its first
+            # request); begin(): perf_counter(), the start counted on the board, as a first one if it was.
+            first = deadlines.pop(protocol, None) if deadlines else None
+            started[protocol] = (begin(words, first), message.method, payload)
             if payload is not EMPTY_PAYLOAD:
                 unwatched[protocol] = payload
             return make(message, payload, protocol, writer, task)
@@ -150,7 +151,7 @@ class Observer:
                 at = statuses.get(status)
                 if at is None:
                     at = add_pair(method, status, statuses)
-                tally(words, at, BUCKET0 if seconds <= FIRST_BUCKET else later_bucket(seconds), seconds)
+                tally(words, at, BUCKET0 if seconds <= FIRST_BUCKET else later_bucket(seconds), seconds, len(started))
                 if access is not None:
                     access.log(request, response, seconds)
                 if request_limit and stats.count >= request_limit:

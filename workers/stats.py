@@ -4,26 +4,105 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from bisect import bisect_left
+from time import perf_counter
 
-from balancer import board, speedups
+from balancer import board, speedups, wire
 from balancer.board import BUCKETS, METHODS
 
 log = logging.getLogger("balancer.worker")
 
 
-def tally_py(words: memoryview, pair: int, bucket: int, seconds: float) -> None:
-    """Count one finished request on a board: its (method, status) word, its bucket, the sum and the count."""
+def tally_py(words: memoryview, pair: int, bucket: int, seconds: float, running: int = -1) -> None:
+    """Count one finished request on a board: its (method, status) word, its bucket, the sum and the count.
+
+    running >= 0: the requests still running; FINISHED follows, and an ask the master made is answered.
+    """
     words[pair] += 1
     words[bucket] += 1
     if seconds > 0:
         words[board.SUM_NS] += int(seconds * 1e9)
     words[board.COUNT] += 1
+    if running >= 0:
+        if not words[board.COUNT] % board.WINDOW or not words[board.WINDOW_CPU]:
+            close_window_py(words)
+        words[board.FINISHED] = words[board.STARTED] - running
+        answer_py(words, running)
 
 
-tally = speedups.MODULE.tally if speedups.MODULE is not None else tally_py  # C when built
+_schedstat: list[int] = []  # this thread's /proc/thread-self/schedstat, opened at the first window (or -1)
 
+
+def runnable_ns() -> tuple[int, int]:
+    """Nanoseconds this thread has been on a CPU, and waiting for one (schedstat); the CPU time alone without it."""
+    if not _schedstat:
+        try:
+            _schedstat.append(os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            _schedstat.append(-1)
+    if _schedstat[0] >= 0:
+        try:
+            on_cpu, waiting = os.pread(_schedstat[0], 96, 0).split()[:2]
+            return int(on_cpu), int(waiting)
+        except (OSError, ValueError):
+            pass
+    return time.thread_time_ns(), 0
+
+
+def close_window_py(words: memoryview) -> None:
+    """Every board.WINDOW requests: their mean duration and CPU time, and the time runnable per 1000 of it."""
+    on_cpu, waiting = runnable_ns()
+    count, total = words[board.COUNT], words[board.SUM_NS]
+    n, duration = count - words[board.WINDOW_COUNT], total - words[board.WINDOW_SUM]
+    if words[board.WINDOW_CPU] and n and duration:
+        cpu = on_cpu - words[board.WINDOW_CPU]
+        words[board.SERVICE_NS] = duration // n
+        words[board.CPU_NS] = cpu // n
+        words[board.RUNNABLE_PER_MILLE] = (cpu + waiting - words[board.WINDOW_WAITING]) * 1000 // duration
+    words[board.WINDOW_CPU], words[board.WINDOW_WAITING] = on_cpu, waiting
+    words[board.WINDOW_COUNT], words[board.WINDOW_SUM] = count, total
+
+
+def answer_py(words: memoryview, running: int) -> None:
+    """Tell the master (IDLE) if it asked and nothing runs (or FINISHED reached its count); as _speedups.c does.
+
+    Without C's memory fence a worker going idle just as the master asks may be missed; the master's hold
+    bounds then end the wait.
+    """
+    asked = words[board.ASK]
+    if asked == words[board.ANSWERED]:
+        return
+    at = words[board.ASK_FINISHED]
+    if running and not (at and words[board.FINISHED] >= at):
+        return
+    words[board.ANSWERED] = asked
+    channel = words[board.CHANNEL_FD]
+    if channel:
+        try:
+            os.write(channel, IDLE)
+        except OSError:  # full: lost, and the master's hold bounds end its wait; gone: nobody to tell
+            pass
+
+
+def begin_py(words: memoryview, first=None) -> float:
+    """A request's handler begins: count it on the board (a first one on its connection too: first is not None)
+    and return perf_counter()."""
+    now = perf_counter()
+    words[board.STARTED] += 1
+    words[board.STARTED_AT] = int(now * 1e9)
+    if first is not None:
+        words[board.FIRSTS] += 1
+    return now
+
+
+# C when built
+tally = speedups.MODULE.tally if speedups.MODULE is not None else tally_py
+begin = speedups.MODULE.begin if speedups.MODULE is not None else begin_py
+
+IDLE = bytes((wire.IDLE,))
 FIRST_BUCKET = BUCKETS[0]
 BUCKET0 = board.BUCKET0
 
@@ -67,6 +146,7 @@ class RequestStats:
     tls_handshake_errors = _event("tls_handshake_errors")  # handshakes refused (deadline cuts are header timeouts)
 
     def __init__(self, words: memoryview | None = None) -> None:
+        # A request is added with begin(self.words) as its start, which counts it on the board (STARTED).
         self.words = words if words is not None else board.private()  # private: a worker without a master
         # method -> status -> the board word counting it; a method outside METHODS counts under "other".
         # Per method, so no key tuple per request.
@@ -90,8 +170,10 @@ class RequestStats:
         at = statuses.get(status)
         if at is None:
             at = self.add_pair(method, status, statuses)
-        # Most requests finish within the first bucket: one comparison instead of a search.
-        tally(self.words, at, BUCKET0 if seconds <= FIRST_BUCKET else later_bucket(seconds), seconds)
+        # Most requests finish within the first bucket: one comparison instead of a search. A finish (or a cut-
+        # off) comes after its request left self.started: what is left there still runs.
+        tally(self.words, at, BUCKET0 if seconds <= FIRST_BUCKET else later_bucket(seconds), seconds,
+              len(self.started))
 
     def add_pair(self, method: str, status: int, statuses: dict[int, int]) -> int:
         """The board word that will count (method, status): a new pair, or the overflow once the table is full."""
