@@ -21,7 +21,11 @@ A connection is held only where holding pays:
   or waiting for one (preempted) for at least HOLD_MIN_RUNNABLE of their duration (RUNNABLE_PER_MILLE). A
   worker whose handlers await I/O can start another request at once, and its requests end in no order, so
   holding would only delay the connection.
-Past HOLD_MAX held connections the oldest go out as least-connections places them.
+Past HOLD_PER_WORKER held connections per worker the oldest go out as least-connections places them: a
+longer central queue means connections arrive faster than the workers finish them, and then each one handed
+over only as a worker goes free leaves that worker idle for the round trip (its IDLE message, the master's
+wake-up, the hand-off), which costs throughput when it counts most; least-connections keeps a queue at each
+worker instead, and the deeper queues turn holding off until they drain (HOLD_DEPTH).
 
 And never longer than it would have waited at that worker: each held connection notes the worker and the
 FINISHED count at which its turn would have come there (the requests that worker had in hand, and those held
@@ -53,7 +57,7 @@ HOLD_MIN_SERVICE = 0.00025  # seconds: ... and its recent requests cost at least
 # await I/O a few percent (up to 10% measured on a 2-core machine with a load average of 10: the wake-ups wait).
 HOLD_MIN_RUNNABLE = 0.3
 HOLD_CAP = 2.0  # seconds: no connection is held longer, whatever the board says (a bound of last resort)
-HOLD_MAX = 64  # connections held at once at most; past that, new ones are dispatched as before
+HOLD_PER_WORKER = 2  # connections held at once at most, per worker; past that the oldest are dispatched as before
 PENDING_EXPIRY = 1.0  # seconds after a hand-off with no request begun: the connection is idle, not queued
 
 
@@ -169,7 +173,7 @@ class Holding:
             if link is not None and link.queue + added[links.index(link)] <= HOLD_DEPTH \
                     and worth_holding_for(link.board):
                 self._hold(links, keys, rooms, start, rest, now, added)
-                while len(held) > HOLD_MAX:  # the queue overflows from its front: the oldest go as before
+                while len(held) > HOLD_PER_WORKER * len(links):  # overflow from the front: the oldest go as before
                     item = held.popleft()
                     out.append((item.fd, item.family))
             else:  # holding does not pay (any more): what was held goes first, as least-connections places it

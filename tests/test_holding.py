@@ -350,7 +350,7 @@ def test_no_connection_is_held_past_the_cap(two, monkeypatch):
 
 def test_past_the_most_held_the_oldest_go_as_least_connections_places_them(two, monkeypatch):
     a, b = two.all_busy()
-    monkeypatch.setattr(holding, "HOLD_MAX", 2)
+    monkeypatch.setattr(holding, "HOLD_PER_WORKER", 1)  # 2 workers: 2 held at most
     items = two.new(3)
     two.dispatch(items)
     assert [h.fd for h in two.d.holding.items] == [items[1][0], items[2][0]]
