@@ -19,7 +19,6 @@ A model, not a measurement: no preemption, no master or client CPU, workers neve
 from __future__ import annotations
 
 import argparse
-import heapq
 import random
 from collections import deque
 
