@@ -77,7 +77,7 @@ def test_a_file_written_again_and_again_is_one_change_once_quiet(tmp_path):
 
     from balancer.devreload import DEBOUNCE_MS, QUIET_MS, DevReloader
 
-    async def scenario() -> tuple[list, float, float]:
+    async def scenario() -> tuple[list, list[float]]:
         loop = asyncio.get_running_loop()
         calls: list = []
         got = asyncio.Event()
@@ -90,17 +90,23 @@ def test_a_file_written_again_and_again_is_one_change_once_quiet(tmp_path):
         await watcher.start()
         await asyncio.sleep(0.3)  # the watcher thread is up (watchfiles gives no ready signal)
         target = tmp_path / "mod0.py"
-        began = loop.time()
-        for i in range(10):  # every 0.1 s for 1 s: never quiet for QUIET_MS
+        writes = []
+        for i in range(25):  # every 0.04 s for 1 s: never quiet for QUIET_MS
             with open(target, "a") as f:
                 f.write(f"x{i} = {i}\n")
-            await asyncio.sleep(0.1)
-        last_write = loop.time()
+            writes.append(loop.time())
+            await asyncio.sleep(0.04)
         await asyncio.wait_for(got.wait(), 5)
         await asyncio.sleep(2 * QUIET_MS / 1000 + 0.3)  # room for a second batch, had the writes made two
         await watcher.close()
-        return calls, began, last_write
+        return calls, writes
 
-    calls, began, last_write = asyncio.run(scenario())
-    assert [paths for _, paths in calls] == [["mod0.py"]], calls
-    assert calls[0][0] >= min(last_write, began + DEBOUNCE_MS / 1000) - 0.15, "handed over while still written"
+    calls, writes = asyncio.run(scenario())
+    assert calls and all(paths == ["mod0.py"] for _, paths in calls), calls
+    # The promise holds for writes closer than QUIET_MS (200 ms). An overloaded machine can stall this loop
+    # between two writes for longer: then that gap may end a batch, and only such a gap.
+    stalls = sum(b - a > 0.1 for a, b in zip(writes, writes[1:]))
+    assert len(calls) <= 1 + stalls, (calls, writes)
+    if not stalls:
+        began, last_write = writes[0], writes[-1]
+        assert calls[0][0] >= min(last_write, began + DEBOUNCE_MS / 1000) - 0.15, "handed over while still written"

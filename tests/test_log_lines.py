@@ -23,6 +23,11 @@ PRINTED = (r"print slot=\d i=\d+ x*", r"stderr slot=\d i=\d+", r"\{", r' "slot":
 WHOLE = re.compile("|".join(f"(?:{p})" for p in (RECORD, *PRINTED)))
 
 
+def reopened(lines: list[str]) -> int:
+    """The master's lines for a SIGUSR1 so far."""
+    return sum("SIGUSR1: log files reopened" in line for line in list(lines))
+
+
 def get(b: Balancer, target: str) -> int:
     with urllib.request.urlopen(f"{b.url}{target}", timeout=30) as resp:
         return resp.status
@@ -42,9 +47,14 @@ def test_every_line_of_the_shared_stream_is_whole(unbuffered):
 
         talker = threading.Thread(target=master_talks, daemon=True)
         talker.start()
+        sent = 0
         try:
             with ThreadPoolExecutor(REQUESTS) as pool:
-                assert list(pool.map(lambda _: get(b, f"/?n={ROUNDS}"), range(REQUESTS))) == [200] * REQUESTS
+                # Batches until the master has talked over the workers' prints (signals that arrive together are
+                # one line; a loaded machine may need several batches), bounded.
+                while sent < 20 * REQUESTS and (sent == 0 or reopened(b.lines) <= 10):
+                    assert list(pool.map(lambda _: get(b, f"/?n={ROUNDS}"), range(REQUESTS))) == [200] * REQUESTS
+                    sent += REQUESTS
         finally:
             done.set()
             talker.join(5)
@@ -52,12 +62,12 @@ def test_every_line_of_the_shared_stream_is_whole(unbuffered):
         assert b.wait(30) == 0
     broken = [line for line in b.lines if not WHOLE.fullmatch(line)]
     assert not broken, "\n".join(broken[:20])
-    assert sum(line.startswith("print slot=") for line in b.lines) == ROUNDS * REQUESTS
-    assert sum(line == "{" for line in b.lines) == ROUNDS * REQUESTS
-    assert sum("SIGUSR1: log files reopened" in line for line in b.lines) > 10  # the master did talk meanwhile
+    assert sum(line.startswith("print slot=") for line in b.lines) == ROUNDS * sent
+    assert sum(line == "{" for line in b.lines) == ROUNDS * sent
+    assert reopened(b.lines) > 10  # the master did talk meanwhile
     # The app's own records name their logger; balancer's own lines stay as they were.
     assert sum(bool(re.search(r"\] INFO printapp\.talk: log slot=\d i=\d+$", line)) for line in b.lines) == (
-        ROUNDS * REQUESTS)
+        ROUNDS * sent)
     assert any(re.search(r"\[balancer master pid=\d+\] INFO balancer 2 workers serving on ", line) for line in b.lines)
 
 
