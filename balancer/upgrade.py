@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from balancer import upgrade_state
+from balancer import upgrade_bridge, upgrade_state
 from balancer.backoff import Backoff
 from balancer.board import HANDLED, attach, unpack
 from balancer.dispatch import Link
@@ -49,7 +49,10 @@ class Upgrader:
         self.state: dict | None = None  # what the previous image handed over, until adopted
         self.metrics_bases: dict | None = None  # the exited workers' counters, for the metrics endpoint once it runs
         self.paused_ms = 0.0  # how long the upgrade that started this image kept accepting paused
-        self.paused_cpu_ms = 0.0  # and the CPU time this process spent meanwhile (exec, imports, adoption)
+        self.exec_ms = 0.0  # how long from the quiesce to accepting again in this image (the bridge accepted meanwhile)
+        self.exec_cpu_ms = 0.0  # and the CPU time this process spent meanwhile (exec, imports, adoption)
+        self.bridged = 0  # connections the bridge accepted meanwhile (balancer/upgrade_bridge.py)
+        self.bridge: dict | None = None  # the previous image's bridge: its pid and control socket's fd
 
     # ---- the new image --------------------------------------------------------------------------
 
@@ -63,6 +66,9 @@ class Upgrader:
                   (time.monotonic() - state.get("paused_at", time.monotonic())) * 1000,
                   (cpu_seconds() - state.get("paused_cpu", cpu_seconds())) * 1000)
         self.children.update(w["pid"] for w in state["carried"]["workers"])
+        self.bridge = state["carried"].get("bridge")
+        if self.bridge is not None:
+            self.children.add(self.bridge["pid"])  # ours to reap once it reported, not the orphan reaper's
         return state
 
     def adopt_listeners(self) -> list[Listener]:
@@ -88,6 +94,11 @@ class Upgrader:
     def adopt_pool(self) -> None:
         """Put the previous image's workers in the table and continue its counters; a foreign state rolls them."""
         master, state = self.master, self.state
+        report, fds, why = None, [], "no bridge"
+        if self.bridge is not None:
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, self.bridge["fd"])
+            report, fds, why = upgrade_bridge.stop(self.bridge["pid"], control)
+            self.bridge = None
         if adopt_pool(master.supervisor, state):
             self._continue_counters(state["detail"])
             self.metrics_bases = state["detail"].get("metrics")
@@ -95,12 +106,29 @@ class Upgrader:
             log.warning("upgrade: state version %s from the previous image, this one reads %d: listeners "
                         "adopted, its %d workers rolled as the previous generation", state.get("version"),
                         upgrade_state.VERSION, len(state["carried"]["workers"]))
+        if report is not None:  # on top of the counters the state carried
+            self.bridged = self.take_back(report, fds)
+        elif why != "no bridge":
+            log.warning("upgrade: %s; its hand-offs are taken as acknowledged", why)
         self.children.clear()
         master.booted = True
         master.supervisor.changed()
-        self.paused_ms = (time.monotonic() - state["paused_at"]) * 1000 if "paused_at" in state else 0.0
-        # CPU time goes on across execve: what the pause cost this process, whatever else the machine runs.
-        self.paused_cpu_ms = (cpu_seconds() - state["paused_cpu"]) * 1000 if "paused_cpu" in state else 0.0
+        now = time.monotonic()
+        paused_at = state.get("paused_at", now)
+        self.paused_ms = upgrade_bridge.paused_seconds(report, paused_at, now) * 1000
+        self.exec_ms = (now - paused_at) * 1000
+        # CPU time goes on across execve: what the exec cost this process, whatever else the machine runs.
+        self.exec_cpu_ms = (cpu_seconds() - state["paused_cpu"]) * 1000 if "paused_cpu" in state else 0.0
+
+    def take_back(self, report: dict, fds: list[int]) -> int:
+        """The bridge's hand-offs in flight and counters, into the adopted links; the connections it accepted."""
+        master = self.master
+        links = {w.pid: w.link for w in master.supervisor.records()}
+        accepted = upgrade_bridge.take_back(report, fds, master.dispatcher, links)
+        master.accepted += accepted
+        for name, count in report["accept_errors"].items():
+            master.accept_errors[name] = master.accept_errors.get(name, 0) + count
+        return accepted
 
     def _continue_counters(self, detail: dict) -> None:
         """The previous image's counters, so that no counter goes back across the exec."""
@@ -125,11 +153,13 @@ class Upgrader:
         self.metrics_bases = None
         paused_ms = self.paused_ms
         self.upgrades += 1
-        log.info("upgrade: master re-executed in place (pid %d, upgrade %d); accepting paused %.1f ms "
-                 "(%.1f ms of CPU)", os.getpid(), self.upgrades, paused_ms, self.paused_cpu_ms)
+        log.info("upgrade: master re-executed in place (pid %d, upgrade %d); accepting paused %.1f ms; the exec "
+                 "took %.1f ms (%.1f ms of CPU), %d connections handed out meanwhile", os.getpid(), self.upgrades,
+                 paused_ms, self.exec_ms, self.exec_cpu_ms, self.bridged)
         for fd in state["carried"].get("replies", ()):
             reply = {"ok": True, "pid": os.getpid(), "upgrades": self.upgrades, "paused_ms": round(paused_ms, 1),
-                     "paused_cpu_ms": round(self.paused_cpu_ms, 1)}
+                     "exec_ms": round(self.exec_ms, 1), "exec_cpu_ms": round(self.exec_cpu_ms, 1),
+                     "bridged": self.bridged}
             try:
                 os.write(fd, json.dumps(reply).encode() + b"\n")
             except OSError:
@@ -281,6 +311,9 @@ class Upgrader:
             pending.append(master.signals.get_nowait())
         reply_fd = os.dup(reply.fileno()) if reply is not None else -1
         state = capture(master, self, paused_at, pending, [reply_fd] if reply_fd >= 0 else [])
+        bridge = self.start_bridge(paused_at)
+        if bridge is not None:
+            state["carried"]["bridge"] = {"pid": bridge[0], "fd": bridge[1].fileno()}
         fds = survivors(state)
         state_fd = upgrade_state.write_memfd(upgrade_state.encode(state))
         env = dict(os.environ, **{upgrade_state.ENV: str(state_fd)}, **notify_env(master.notifier))
@@ -303,7 +336,24 @@ class Upgrader:
             os.close(reply_fd)
         for sig in pending:
             master.signals.put_nowait(sig)
+        if bridge is not None:  # the old image takes back what the bridge did
+            report, fds, lost = upgrade_bridge.stop(*bridge)
+            self.children.discard(bridge[0])
+            if report is not None:
+                self.take_back(report, fds)
+            else:
+                log.warning("upgrade: %s; its hand-offs are taken as acknowledged", lost)
         return why
+
+    def start_bridge(self, paused_at: float) -> tuple[int, socket.socket] | None:
+        """Fork the bridge that accepts while the exec runs; None when no process could be made (none then)."""
+        try:
+            bridge = upgrade_bridge.start(self.master, paused_at)
+        except OSError as exc:
+            log.warning("upgrade: no bridge (%s): connections wait in the backlog during the exec", exc)
+            return None
+        self.children.add(bridge[0])  # ours to reap once it reported, not the orphan reaper's
+        return bridge
 
 
 def adopt_pool(sup, state: dict, process=ForkedChild, exit_fd=os.pidfd_open) -> bool:
@@ -387,6 +437,8 @@ def survivors(state: dict) -> list[int]:
         fds.append(w["board_fd"])
         if w.get("channel_fd") is not None:
             fds.append(w["channel_fd"])
+    if carried.get("bridge") is not None:
+        fds.append(carried["bridge"]["fd"])
     return fds + list(carried.get("replies", ()))
 
 

@@ -19,11 +19,11 @@ from tests.test_systemd import NotifySocket
 
 pytestmark = pytest.mark.timeout(240)
 PAUSED = re.compile(r"upgrade: master re-executed in place \(pid (\d+), upgrade (\d+)\); accepting paused "
-                    r"([\d.]+) ms \(([\d.]+) ms of CPU\)")
-# The pause is the new interpreter's start-up and imports: its CPU time must stay under MAX_PAUSE, and so must
-# the wall time unless the machine is overloaded (load average above its cores), when it may take LOADED_PAUSE.
+                    r"([\d.]+) ms; the exec took ([\d.]+) ms \(([\d.]+) ms of CPU\), (\d+) connections handed out")
+# The pause is the fork of the bridge, and its stop once the new image has imported everything (the exec's
+# start-up and imports are not in it: the bridge accepts meanwhile): at most MAX_PAUSE, unless the machine is
+# overloaded (load average above its cores), when it may take LOADED_PAUSE.
 MAX_PAUSE, LOADED_PAUSE = 0.150, 2.0
-CPU_TICK = 1 / os.sysconf("SC_CLK_TCK")  # os.times() counts CPU time in clock ticks
 
 
 def scrape(b: Balancer) -> dict[str, float]:
@@ -58,7 +58,7 @@ def test_ten_upgrades_under_load_lose_nothing(tmp_path):
         before = scrape(b)
         started = before["balancer_start_time_seconds"]
         exec_started = before["balancer_master_start_time_seconds"]
-        pauses, cpu = [], []
+        pauses, execs, cpu, bridged = [], [], [], []
         for i in range(1, 11):
             mark, seen = b.mark(), len(kept) + len(fresh)
             r = upgrade(sock, "--wait")
@@ -68,7 +68,9 @@ def test_ten_upgrades_under_load_lose_nothing(tmp_path):
             m = b.wait_for(PAUSED.pattern, 30, start=mark)
             assert int(m.group(1)) == b.pid and int(m.group(2)) == i
             pauses.append(float(m.group(3)) / 1000)
-            cpu.append(float(m.group(4)) / 1000)
+            execs.append(float(m.group(4)) / 1000)
+            cpu.append(float(m.group(5)) / 1000)
+            bridged.append(int(m.group(6)))
             wait_until(lambda: len(kept) + len(fresh) > seen + 100, 30, "requests after an upgrade")
             after = scrape(b)
             assert after["balancer_master_upgrades_total"] == i
@@ -88,9 +90,12 @@ def test_ten_upgrades_under_load_lose_nothing(tmp_path):
         assert all(ok for ok, _ in fresh), f"{sum(not ok for ok, _ in fresh)} new-connection requests failed"
         assert not [k for k, v in before.items() if k.startswith("balancer_worker_restarts_total") and v]
         assert before["balancer_connections_accepted_total"] >= len(fresh)
-        print(f"accepting paused per upgrade (s): {pauses}, CPU (s): {cpu}; load average {os.getloadavg()[0]:.1f}")
-        assert max(cpu) <= MAX_PAUSE + CPU_TICK, cpu
+        print(f"accepting paused per upgrade (s): {pauses}; exec (s): {execs}, its CPU (s): {cpu}; connections "
+              f"the bridge handed out: {bridged}; load average {os.getloadavg()[0]:.1f}")
         assert max(pauses) <= pause_allowed(), pauses
+        # The bridge served while the exec ran: with 4 clients opening a connection per request, it handed
+        # some out in most upgrades (the new-connection client may be between requests for a short exec).
+        assert sum(bridged) > 0, bridged
         assert ctl("status", "--control-socket", str(sock), "--json", "--interval", "0").returncode == 0
         b.signal(signal.SIGTERM)
         assert b.wait(30) == 0
