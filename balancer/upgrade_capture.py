@@ -61,8 +61,6 @@ def capture_pool(sup) -> tuple[list[dict], dict]:
 
 def upgrader_cpu() -> float:
     """This process's CPU seconds as the state is written (the new image subtracts it from its own)."""
-    from balancer.upgrade import cpu_seconds
-
     return cpu_seconds()
 
 
@@ -88,3 +86,34 @@ def listening_socket(service):
     server = getattr(server, "server", server)  # the metrics endpoint wraps its asyncio server
     sockets = getattr(server, "sockets", None) or ()
     return sockets[0] if len(sockets) == 1 else None
+
+
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process so far (they go on across execve)."""
+    times = os.times()
+    return times.user + times.system
+
+
+def survivors(state: dict) -> list[int]:
+    """Every fd the state names: these must survive the exec."""
+    carried = state["carried"]
+    fds = [item["fd"] for item in carried["listeners"]]
+    fds += [item["fd"] for item in carried.get("services", {}).values()]
+    for w in carried["workers"]:
+        fds.append(w["board_fd"])
+        if w.get("channel_fd") is not None:
+            fds.append(w["channel_fd"])
+    if carried.get("bridge") is not None:
+        fds.append(carried["bridge"]["fd"])
+    return fds + list(carried.get("replies", ()))
+
+
+def notify_env(notifier) -> dict:
+    """NOTIFY_SOCKET and the watchdog for the new image, which speaks for the same service (same MAINPID)."""
+    if not notifier.address:
+        return {}
+    address = notifier.address
+    out = {"NOTIFY_SOCKET": "@" + address[1:].decode() if isinstance(address, bytes) else address}
+    if notifier.watchdog_every:
+        out.update(WATCHDOG_USEC=str(int(notifier.watchdog_every * 2e6)), WATCHDOG_PID=str(os.getpid()))
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from balancer import upgrade_state
 from balancer.dispatch import Dispatcher
 from balancer.supervisor import Supervisor
-from balancer.upgrade import adopt_pool
+from balancer.upgrade_adopt import adopt_pool
 from balancer.upgrade_capture import capture_pool
 from tests import poolmodel
 from tests.poolmodel import PoolModel
