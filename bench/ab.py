@@ -52,6 +52,19 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str], list[str]]:
     return tokens[0], env, args
 
 
+def handoff_of(log: Path, wait: float = 10.0) -> str:
+    """C or Python, from the serving line of a balancer's log (a worker answers before that line is written)."""
+    deadline = time.monotonic() + wait
+    while True:
+        text = log.read_text()
+        found = re.search(r"hand-off in (\w+)", text)
+        if found:
+            return found.group(1)
+        if " workers serving on " in text or time.monotonic() > deadline:
+            return "Python"  # revisions before 2a2b00c do not say, and have no C module
+        time.sleep(0.05)
+
+
 class Build:
     """One spec (a revision, maybe with environment and options): its worktree and its running balancer."""
 
@@ -166,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             b.start(avoid={other.port for other in builds[:i]})  # none has bound its port yet
         for b in builds:
             b.wait_ready()
-            found = re.search(r"hand-off in (\w+)", b.log.read_text())  # revisions before 2a2b00c do not say
-            print(f"{b.label}: hand-off in {found.group(1) if found else 'Python'}", file=sys.stderr, flush=True)
+            print(f"{b.label}: hand-off in {handoff_of(b.log)}", file=sys.stderr, flush=True)
         for i in range(opts.rounds):
             order = builds if i % 2 == 0 else builds[::-1]
             for b in order:
