@@ -14,20 +14,20 @@ from balancer import wire
 from balancer.backoff import Backoff
 from balancer.config import Config
 from balancer.dispatch import Dispatcher
-from balancer.errnos import PEER_GONE_ERRNOS
 from balancer.pool import Wanted, plan
-from balancer.process import BootError, Phase, WorkerProcess, describe_exit, rss_bytes, spawn_process, worker_env
+from balancer.process import BootError, Phase, WorkerProcess, describe_exit, spawn_process, worker_env
+from balancer.supervisor_channel import WorkerChannels
+from balancer.supervisor_ends import KILL_GRACE, WorkerEnds  # noqa: F401 (KILL_GRACE: read from here too)
 
 log = logging.getLogger("balancer")
 
-KILL_GRACE = 2.0  # seconds between SIGABRT/graceful deadline and SIGKILL
 # Leaving on purpose: an exit for one of these reasons is neither a crash nor a failed boot.
 DISMISSED = frozenset(("scale", "shutdown"))
 
 Spawn = Callable[[int, int], WorkerProcess]  # (slot, generation) -> a started worker's record
 
 
-class Supervisor:
+class Supervisor(WorkerChannels, WorkerEnds):
     """Keeps `target` slots served by ready workers of the newest generation, replacing them without a gap.
 
     Every worker process has one record in `table` (pid -> WorkerProcess) with an explicit phase; everything
@@ -156,95 +156,6 @@ class Supervisor:
         if not w.pending:
             self._watch(w)
         self.dispatcher.set_links([r.link for r in self.records()])
-
-    def _read_channel(self, w: WorkerProcess) -> bool:
-        """Act on every message waiting on w's channel; False once the channel has ended.
-
-        A worker that died with handoffs unread still left its REFUSEs here: wire.receive reads past the reset
-        to them, or fds it refused and fds it served could not be told apart.
-        """
-        if w.channel.fileno() < 0:
-            return False
-        while True:
-            try:
-                got = wire.receive(w.channel, self._inbox)
-            except OSError as exc:
-                log.warning("worker slot=%d pid=%d channel: %s", w.slot, w.pid, exc)
-                return False
-            if got is None:
-                return True
-            msg, fds, _ = got
-            if fds:  # workers never send fds; never let one leak into the master
-                wire.close_all(fds)
-            if not msg:
-                return False
-            try:
-                self._on_message(w, msg)
-            except wire.ProtocolError as exc:
-                log.error("worker slot=%d pid=%d sent a bad message (%s); killing it", w.slot, w.pid, exc)
-                w.reason = w.reason or "crash"
-                w.signal(signal.SIGKILL)
-                return False
-
-    def _on_channel(self, w: WorkerProcess) -> None:
-        """The channel is readable."""
-        if not self._read_channel(w):
-            self._close_channel(w)
-
-    def _on_message(self, w: WorkerProcess, msg: bytes) -> None:
-        """Update w's record from one message."""
-        kind = msg[0]
-        if kind == wire.BEAT:
-            w.last_beat = self.clock()
-            body = wire.decode_json(msg)
-            if isinstance(body, dict):
-                w.beat = body
-                if body.get("recycle") and not w.recycle and w.phase is Phase.READY:
-                    w.recycle = True
-                    self.changed()
-        elif kind == wire.READY:
-            w.last_beat = self.clock()
-            if w.phase is Phase.BOOTING:
-                w.phase = Phase.READY
-                if not w.ready.done():
-                    w.ready.set_result(True)
-                log.info("worker slot=%d pid=%d ready", w.slot, w.pid)
-                self.changed()
-        elif kind == wire.IDLE:  # asked while connections are held: it has nothing running now
-            self.dispatcher.on_idle(w.link)
-            self.on_capacity()
-        elif kind == wire.REFUSE:
-            self.dispatcher.on_refuse(w.link, wire.decode_refuse(msg))
-            self.on_capacity()
-        elif kind == wire.BOOT_ERROR:
-            text = str(wire.decode_json(msg))
-            if not w.ready.done():
-                w.ready.set_exception(BootError(text))
-                w.ready.exception()  # mark retrieved: a respawn may have nobody awaiting it
-            # At the first boot the master's exit line says it once; after that, the log is the only report.
-            log.log(logging.ERROR if self.started_up else logging.DEBUG, "worker slot=%d pid=%d failed to boot: %s",
-                    w.slot, w.pid, text)
-        else:
-            raise wire.ProtocolError(f"unknown message type {kind:#x}")
-
-    def _close_channel(self, w: WorkerProcess) -> None:
-        """The worker's end is gone: hand the fds it never took to others now, before the reap."""
-        if w.channel.fileno() < 0:
-            return
-        self.loop.remove_reader(w.channel.fileno())
-        self.loop.remove_writer(w.channel.fileno())
-        w.link.channel_lost = True
-        pending = self.dispatcher.evict(w.link)  # counted after its last messages are read: acked fds stay its own
-        if pending:
-            log.info("re-dispatched %d unacknowledged connections of worker slot=%d pid=%d", pending, w.slot, w.pid)
-        w.channel.close()
-        if not w.exited and w.phase is not Phase.DRAINING and not self.stopping:
-            # Supervised still: with no channel it sends no heartbeat, so --timeout aborts it if it lingers.
-            # Info, not a warning: a stop signalled to the whole process group (systemd's control-group kill,
-            # timeout(1), Ctrl-C) reaches the workers before the master's loop has acted on its own copy, and
-            # an exit that is a failure is logged as one when it is reaped.
-            log.info("worker slot=%d pid=%d closed its channel; waiting for it to exit", w.slot, w.pid)
-        self.on_capacity()
 
     def _on_exit(self, w: WorkerProcess) -> None:
         """Reap a worker: read what it left on its channel, drop its record, remember what its slot needs."""
@@ -464,90 +375,6 @@ class Supervisor:
         old, self.target = self.target, n
         log.info("scaling from %d to %d workers", old, n)
         self.changed()
-
-    def drain(self, w: WorkerProcess, reason: str) -> None:
-        """Stop giving w connections and tell it to finish in-flight requests and exit."""
-        w.reason = w.reason or reason
-        w.phase = Phase.DRAINING
-        w.kill_at = self.clock() + self.config.graceful_timeout + KILL_GRACE
-        if w.channel.fileno() < 0:
-            w.signal(signal.SIGTERM)
-            return
-        try:
-            wire.send_fds(w.channel, bytes((wire.DRAIN,)), [])
-        except OSError as exc:
-            if exc.errno not in PEER_GONE_ERRNOS:
-                w.signal(signal.SIGTERM)  # channel full or short of memory: the signal does the same
-
-    def _dismiss(self, w: WorkerProcess, reason: str, signum: int) -> None:
-        """End a worker that never served (scaled away or shutting down while it boots)."""
-        w.reason = reason
-        w.kill_at = self.clock() + KILL_GRACE
-        w.signal(signum)
-
-    # ---- periodic checks ----------------------------------------------------------------------
-
-    def tick(self) -> None:
-        """Heartbeat and boot deadlines, kill deadlines, memory recycling, then reconcile."""
-        now = self.clock()
-        for w in self.records():
-            if w.kill_at and now >= w.kill_at:
-                log.warning("worker slot=%d pid=%d did not exit in time; SIGKILL", w.slot, w.pid)
-                w.signal(signal.SIGKILL)
-                w.kill_at = now + 60  # don't repeat every tick while the kernel reaps it
-            elif w.kill_at:
-                continue
-            elif w.phase is Phase.READY and now - w.last_beat > self.config.timeout:
-                log.error("worker slot=%d pid=%d sent no heartbeat for %.1fs (--timeout %g); aborting it",
-                          w.slot, w.pid, now - w.last_beat, self.config.timeout)
-                self._abort(w, "timeout")
-            elif w.phase is Phase.BOOTING and now - w.started > self.config.boot_timeout:
-                log.error("worker slot=%d pid=%d not ready within --boot-timeout; killing it", w.slot, w.pid)
-                w.reason = "timeout"
-                w.kill_at = now + KILL_GRACE
-                w.signal(signal.SIGKILL)
-        if self.config.max_memory and not self.stopping:
-            limit = self.config.max_memory * 1024 * 1024
-            for w in self.records():
-                if w.phase is Phase.READY and not w.recycle and rss_bytes(w.pid) > limit:
-                    log.warning("worker slot=%d pid=%d passed --max-memory %d MiB; recycling",
-                                w.slot, w.pid, self.config.max_memory)
-                    w.recycle = True
-        self.changed()
-
-    def _abort(self, w: WorkerProcess, reason: str) -> None:
-        """SIGABRT now (a traceback-worthy death), SIGKILL if that does not do it; its slot is refilled at once."""
-        w.reason = reason
-        w.phase = Phase.DRAINING  # its unacked fds are re-dispatched once its channel is read to the end
-        self.restarts[(w.slot, reason)] += 1
-        w.kill_at = self.clock() + KILL_GRACE
-        w.signal(signal.SIGABRT)
-
-    # ---- shutdown ---------------------------------------------------------------------------
-
-    def kill_all(self) -> None:
-        """SIGKILL every worker now (past the shutdown deadline, or a second stop signal)."""
-        for w in self.records():
-            w.signal(signal.SIGKILL)
-
-    async def shutdown(self) -> None:
-        """Drain every worker and wait for all to exit; SIGKILL the ones past the deadline."""
-        self.stopping = True
-        if self._wakeup is not None:
-            self._wakeup.cancel()
-            self._wakeup = None
-        self.changed()
-        if not self.table:
-            return
-        deadline = self.config.graceful_timeout + 2 * KILL_GRACE + 1
-        try:
-            await asyncio.wait_for(self._all_gone.wait(), deadline)
-        except asyncio.TimeoutError:
-            self.kill_all()
-            try:
-                await asyncio.wait_for(self._all_gone.wait(), 5)
-            except asyncio.TimeoutError:
-                log.error("workers %s did not exit after SIGKILL", sorted(self.table))
 
 
 def _settle_as(target: asyncio.Future, source: asyncio.Future) -> None:

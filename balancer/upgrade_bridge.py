@@ -119,6 +119,8 @@ def serve(master, control: socket.socket, parent: int, pids: dict[int, int], pau
                 dispatcher.dispatch([(fd, listener.family) for fd in fds], surveyed=True)
         if dispatcher.homeless:
             dispatcher.retry_homeless()
+        if room <= 0 or dispatcher.homeless:  # the listeners stay readable: wait for acks instead of spinning
+            time.sleep(POLL)
     stopped = time.monotonic()
     dispatcher.collect_all()
     report, fds = make_report(dispatcher, pids, accepted, errors, paused_at, started, stopped)
