@@ -24,6 +24,17 @@ SKIP_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EN
                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH))
 
 
+def accept_batch(sock, limit: int) -> tuple[list[int], int]:
+    """Accept up to limit connections, past ones gone before accept() (SKIP_ERRNOS): (fds, the errno it ended on)."""
+    fds, err = handoff.accept_many(sock, limit)
+    skipped = 0
+    while err in SKIP_ERRNOS and len(fds) + skipped < limit:  # that connection is gone; the next may be fine
+        skipped += 1
+        more, err = handoff.accept_many(sock, limit - len(fds) - skipped)
+        fds += more
+    return fds, err
+
+
 class AcceptPath:
     """The accept half of the Master (its state lives in Master.__init__); split out to keep each file readable."""
 
@@ -35,14 +46,7 @@ class AcceptPath:
             self._pause()
             self._watch_capacity()
             return
-        limit = min(room, ACCEPT_BATCH)
-        accept_many = handoff.accept_many
-        fds, err = accept_many(listener.sock, limit)
-        skipped = 0
-        while err in SKIP_ERRNOS and len(fds) + skipped < limit:  # that connection is gone; the next may be fine
-            skipped += 1
-            more, err = accept_many(listener.sock, limit - len(fds) - skipped)
-            fds += more
+        fds, err = accept_batch(listener.sock, min(room, ACCEPT_BATCH))
         if err and err != errno.EAGAIN and err not in SKIP_ERRNOS:
             self._accept_failed(OSError(err, os.strerror(err)))
         family = listener.family

@@ -91,11 +91,6 @@ class Upgrader:
     def adopt_pool(self) -> None:
         """Put the previous image's workers in the table and continue its counters; a foreign state rolls them."""
         master, state = self.master, self.state
-        report, fds, why = None, [], "no bridge"
-        if self.bridge is not None:
-            control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, self.bridge["fd"])
-            report, fds, why = upgrade_bridge.stop(self.bridge["pid"], control)
-            self.bridge = None
         if adopt_pool(master.supervisor, state):
             self._continue_counters(state["detail"])
             self.metrics_bases = state["detail"].get("metrics")
@@ -103,10 +98,11 @@ class Upgrader:
             log.warning("upgrade: state version %s from the previous image, this one reads %d: listeners "
                         "adopted, its %d workers rolled as the previous generation", state.get("version"),
                         upgrade_state.VERSION, len(state["carried"]["workers"]))
-        if report is not None:  # on top of the counters the state carried
-            self.bridged = self.take_back(report, fds)
-        elif why != "no bridge":
-            log.warning("upgrade: %s; its hand-offs are taken as acknowledged", why)
+        report = None
+        if self.bridge is not None:  # stopped only now: it accepted while this image built its table
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, self.bridge["fd"])
+            report, self.bridged = self.stop_bridge(self.bridge["pid"], control)  # on top of the carried counters
+            self.bridge = None
         self.children.clear()
         master.booted = True
         master.supervisor.changed()
@@ -117,15 +113,20 @@ class Upgrader:
         # CPU time goes on across execve: what the exec cost this process, whatever else the machine runs.
         self.exec_cpu_ms = (cpu_seconds() - state["paused_cpu"]) * 1000 if "paused_cpu" in state else 0.0
 
-    def take_back(self, report: dict, fds: list[int]) -> int:
-        """The bridge's hand-offs in flight and counters, into the adopted links; the connections it accepted."""
+    def stop_bridge(self, pid: int, control: socket.socket) -> tuple[dict | None, int]:
+        """Stop the bridge; its hand-offs in flight and counters into the links: (its report, connections it took)."""
         master = self.master
+        report, fds, why = upgrade_bridge.stop(pid, control)
+        self.children.discard(pid)
+        if report is None:
+            log.warning("upgrade: %s; its hand-offs are taken as acknowledged", why)
+            return None, 0
         links = {w.pid: w.link for w in master.supervisor.records()}
         accepted = upgrade_bridge.take_back(report, fds, master.dispatcher, links)
         master.accepted += accepted
         for name, count in report["accept_errors"].items():
             master.accept_errors[name] = master.accept_errors.get(name, 0) + count
-        return accepted
+        return report, accepted
 
     def _continue_counters(self, detail: dict) -> None:
         """The previous image's counters, so that no counter goes back across the exec."""
@@ -306,7 +307,7 @@ class Upgrader:
             pending.append(master.signals.get_nowait())
         reply_fd = os.dup(reply.fileno()) if reply is not None else -1
         state = capture(master, self, paused_at, pending, [reply_fd] if reply_fd >= 0 else [])
-        bridge = self.start_bridge(paused_at)
+        bridge = self.start_bridge()
         if bridge is not None:
             state["carried"]["bridge"] = {"pid": bridge[0], "fd": bridge[1].fileno()}
         fds = survivors(state)
@@ -332,18 +333,13 @@ class Upgrader:
         for sig in pending:
             master.signals.put_nowait(sig)
         if bridge is not None:  # the old image takes back what the bridge did
-            report, fds, lost = upgrade_bridge.stop(*bridge)
-            self.children.discard(bridge[0])
-            if report is not None:
-                self.take_back(report, fds)
-            else:
-                log.warning("upgrade: %s; its hand-offs are taken as acknowledged", lost)
+            self.stop_bridge(*bridge)
         return why
 
-    def start_bridge(self, paused_at: float) -> tuple[int, socket.socket] | None:
+    def start_bridge(self) -> tuple[int, socket.socket] | None:
         """Fork the bridge that accepts while the exec runs; None when no process could be made (none then)."""
         try:
-            bridge = upgrade_bridge.start(self.master, paused_at)
+            bridge = upgrade_bridge.start(self.master)
         except OSError as exc:
             log.warning("upgrade: no bridge (%s): connections wait in the backlog during the exec", exc)
             return None

@@ -27,13 +27,13 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
-from balancer import handoff
-from balancer.accepting import SKIP_ERRNOS
+from balancer.accepting import ACCEPT_BATCH, SKIP_ERRNOS, accept_batch
 from balancer.errnos import RESOURCE_ERRNOS
 from balancer.signals import HANDLED_SIGNALS
 
 if TYPE_CHECKING:
     from balancer.dispatch import Dispatcher, Link
+    from balancer.process import WorkerProcess
 
 STOP = b"stop"
 MAX_FDS = 250  # fds per report message (the kernel's SCM_MAX_FD is 253)
@@ -44,11 +44,10 @@ STOP_TIMEOUT = 5.0  # seconds the stopping image waits for the report
 _PR_SET_PDEATHSIG = 1
 
 
-def start(master, paused_at: float) -> tuple[int, socket.socket]:
+def start(master) -> tuple[int, socket.socket]:
     """Fork the bridge from the quiesced master; its pid and the master's end of its control socket."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     parent = os.getpid()
-    pids = {id(w.link): w.pid for w in master.supervisor.records()}
     with warnings.catch_warnings():  # a multi-threaded master: the child touches no lock another thread may hold
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
@@ -56,7 +55,7 @@ def start(master, paused_at: float) -> tuple[int, socket.socket]:
         code = 1
         try:
             mine.close()
-            code = serve(master, theirs, parent, pids, paused_at)
+            code = serve(master, theirs, parent)
         except BaseException as exc:  # noqa: BLE001 - the stopping image says the report is missing
             os.write(2, f"balancer upgrade bridge failed: {type(exc).__name__}: {exc}\n".encode())
         finally:
@@ -65,7 +64,7 @@ def start(master, paused_at: float) -> tuple[int, socket.socket]:
     return pid, mine
 
 
-def serve(master, control: socket.socket, parent: int, pids: dict[int, int], paused_at: float) -> int:
+def serve(master, control: socket.socket, parent: int) -> int:
     """The bridge's life: accept and dispatch until told to stop, then report; the exit code."""
     for sig in HANDLED_SIGNALS:  # the master's handlers write to its loop's wake-up fd: not ours
         signal.signal(sig, signal.SIG_DFL)
@@ -107,7 +106,7 @@ def serve(master, control: socket.socket, parent: int, pids: dict[int, int], pau
             listener = listeners.get(fd)
             if listener is None or room <= 0 or dispatcher.homeless:
                 continue
-            fds, err = handoff.accept_many(listener.sock, min(room, 64))
+            fds, err = accept_batch(listener.sock, min(room, ACCEPT_BATCH))
             if err and err != errno.EAGAIN and err not in SKIP_ERRNOS:
                 name = errno.errorcode.get(err, str(err))
                 errors[name] = errors.get(name, 0) + 1
@@ -123,20 +122,18 @@ def serve(master, control: socket.socket, parent: int, pids: dict[int, int], pau
             time.sleep(POLL)
     stopped = time.monotonic()
     dispatcher.collect_all()
-    report, fds = make_report(dispatcher, pids, accepted, errors, paused_at, started, stopped)
+    report, fds = make_report(dispatcher, master.supervisor.records(), accepted, errors, started, stopped)
     send_report(control, report, fds)
     return 0
 
 
-def make_report(dispatcher: Dispatcher, pids: dict[int, int], accepted: int, errors: dict[str, int], paused_at: float,
+def make_report(dispatcher: Dispatcher, workers: list[WorkerProcess], accepted: int, errors: dict[str, int],
                 started: float, stopped: float) -> tuple[dict, list[int]]:
-    """What the next owner of the links needs (the fds go after the JSON, in the order it names them)."""
+    """What the next owner of the workers' links needs (the fds go after the JSON, in the order it names them)."""
     fds: list[int] = []
     links = []
-    for link in dispatcher.links:
-        pid = pids.get(id(link))
-        if pid is None:
-            continue
+    for w in workers:
+        link, pid = w.link, w.pid
         unacked = []
         for conn_id, (fd, family) in link.unacked.items():
             unacked.append([conn_id, family])
@@ -153,7 +150,7 @@ def make_report(dispatcher: Dispatcher, pids: dict[int, int], accepted: int, err
         fds.append(fd)
     report = {"links": links, "homeless": homeless, "next_id": dispatcher._next_id,
               "redispatched": dispatcher.redispatched, "accepted": accepted, "accept_errors": errors,
-              "paused_at": paused_at, "started": started, "stopped": stopped, "fds": len(fds)}
+              "started": started, "stopped": stopped, "fds": len(fds)}
     return report, fds
 
 

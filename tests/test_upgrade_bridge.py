@@ -89,7 +89,7 @@ def peer(fd: int) -> tuple:
 
 def test_connections_go_out_while_bridged_and_the_unacknowledged_come_back_once():
     pool = Pool()
-    pid, control = upgrade_bridge.start(pool.master, time.monotonic())
+    pid, control = upgrade_bridge.start(pool.master)
     clients = connect(pool, 120)
     pool.wait_handed(120, ack=(0,))  # worker 0 acknowledges, worker 1 never does
     report, fds, why = upgrade_bridge.stop(pid, control)
@@ -123,7 +123,7 @@ def test_connections_go_out_while_bridged_and_the_unacknowledged_come_back_once(
 def test_a_worker_whose_channel_is_gone_gets_nothing_and_its_share_goes_to_the_other():
     pool = Pool()
     pool.ends[1].close()  # worker 1 died: sends to it fail, and what they carried goes to worker 0
-    pid, control = upgrade_bridge.start(pool.master, time.monotonic())
+    pid, control = upgrade_bridge.start(pool.master)
     clients = connect(pool, 40)
     deadline = time.monotonic() + 20
     while len(pool.got[0]) < 40:
@@ -145,7 +145,7 @@ def test_a_report_longer_than_a_message_with_more_fds_than_one_message_carries()
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(2 * upgrade_bridge.MAX_FDS + 7)]
     report = {"links": [], "homeless": [socket.AF_INET] * len(opened), "next_id": 9, "redispatched": 0,
-              "accepted": len(opened), "accept_errors": {}, "paused_at": 0.0, "started": 0.0, "stopped": 0.0,
+              "accepted": len(opened), "accept_errors": {}, "started": 0.0, "stopped": 0.0,
               "fds": len(opened), "padding": "x" * (3 * upgrade_bridge.CHUNK)}
     child = subprocess.Popen([sys.executable, "-c", "pass"])  # the pid stop() reaps
 
