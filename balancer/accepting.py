@@ -65,6 +65,24 @@ class AcceptPath:
                   and dispatcher.min_open_ready >= COALESCE_BUSY):  # every ready worker is busy
                 self._coalesce()
 
+    def _on_return(self, link: Link, fd: int, family: int, peer: bytes) -> None:
+        """A worker gave back an idle keep-alive connection: watch it, or close it if the workers are draining."""
+        if self.draining:  # no worker takes connections any more: closed idle, as at the keep-alive timeout
+            self.parking.refuse(fd)
+            return
+        self.parking.park(fd, family, peer)
+
+    def _dispatch_resumed(self, items: list[tuple[int, int]]) -> None:
+        """Parked connections whose next request came: to a free worker first, as new ones go."""
+        dispatcher = self.dispatcher
+        dispatcher.survey()
+        dispatcher.dispatch(items, surveyed=True)
+        if dispatcher.holding is not None and dispatcher.holding.items:
+            self._arm_hold_timer()
+        if dispatcher.homeless:
+            self._pause()
+            self._watch_capacity()
+
     def _coalesce(self) -> None:
         """Every worker is busy: let connections gather in the backlog for a moment, then take them as one batch.
 

@@ -83,6 +83,8 @@ class Link:
         self.channel_lost = False  # a send found its end closed: it is dying, the reap follows
         self.ack_progress = 0.0  # monotonic time of the last ack, or of the first fd sent since
         self.dispatched = 0  # connections handed to this worker, for metrics
+        self.returned = 0  # idle keep-alive connections it gave back (balancer/parking.py), for metrics
+        self.resumed = 0  # of those handed to it, connections that served elsewhere before, for metrics
         # What it is doing, from its board (STARTED, FINISHED and FIRSTS) at the last look:
         self.handed = 0  # connections handed over (less those refused or taken back)
         self.unbegun = 0  # of those, connections whose first request never began (closed first, or silent)
@@ -128,6 +130,8 @@ class Dispatcher:
         self.max_unacked = max_unacked
         self.links: list[Link] = []  # every live worker's link, in slot order: a view of the supervisor's table
         self.homeless: deque[tuple[int, int]] = deque()  # accepted fds no worker could take yet
+        # fd -> its PROXY client's address, for connections given back by a worker (family has wire.RESUMED)
+        self.peers: dict[int, bytes] = {}
         self.redispatched = 0
         self._next = 0
         self._next_id = 0
@@ -342,8 +346,14 @@ class Dispatcher:
 
     def _send(self, link: Link, ids: list[int], fds: list[int], families: list[int]) -> bool:
         """Send one handoff message; False when the channel is full or broken (the caller takes the fds back)."""
+        resumed = 0
         try:
-            handoff.send_handoff(link.channel, ids, families, fds)
+            if self.peers and any(family & wire.RESUMED for family in families):
+                peers = [self.peers.get(fd, b"") for fd, family in zip(fds, families) if family & wire.RESUMED]
+                resumed = len(peers)
+                wire.send_fds(link.channel, wire.encode_handoff(ids, families, peers), fds)
+            else:
+                handoff.send_handoff(link.channel, ids, families, fds)
         except BlockingIOError:
             link.send_blocked = True
             self._on_blocked(link)
@@ -355,6 +365,7 @@ class Dispatcher:
                 link.resting = True  # ENOBUFS, ENOMEM: the kernel is short for a moment, the worker is fine
             return False
         link.dispatched += len(ids)
+        link.resumed += resumed
         link.sent_msgs = seq = (link.sent_msgs + 1) & HANDLED_MASK
         link.sent.append((seq, ids))
         return True
@@ -403,6 +414,9 @@ class Dispatcher:
                         done.append(item[0])
             link.ack_progress = time.monotonic()
             if done:
+                if self.peers:
+                    for fd in done:
+                        self.peers.pop(fd, None)
                 if closing is None:
                     handoff.close_fds(done)  # the worker holds its own copies
                 else:
@@ -464,5 +478,6 @@ class Dispatcher:
         """At shutdown, close the fds no worker will ever take."""
         wire.close_all([fd for fd, _ in self.homeless])
         self.homeless.clear()
+        self.peers.clear()
         if self.holding is not None:
             wire.close_all([fd for fd, _ in self.holding.release_all()])

@@ -19,6 +19,7 @@ from balancer.config import Config, ConfigError, parse_octal
 from balancer.dispatch import Dispatcher
 from balancer.eventloop import loop_factory
 from balancer.listeners import Listener, open_listeners
+from balancer.parking import Parking
 from balancer.process import BootError, spawn_process, worker_env
 from balancer.reaper import OrphanReaper
 from balancer.signals import HANDLED_SIGNALS, IGNORED_SIGNALS, STOP_SIGNALS, UPGRADE_SIGNAL, why_ignored
@@ -42,6 +43,7 @@ class Master(AcceptPath, MasterCommands):
         self.listeners: list[Listener] = []
         self.dispatcher = Dispatcher(config.worker_connections, on_blocked=self._on_blocked, hold=config.dispatch_hold)
         self.supervisor: Supervisor | None = None
+        self.parking: Parking | None = None  # idle keep-alive connections the workers gave back
         self.zygotes = None  # --preload: the zygotes that fork the workers (balancer/zygote.py)
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.paused = True  # not reading the listeners: no worker ready yet, or all at their caps
@@ -107,6 +109,8 @@ class Master(AcceptPath, MasterCommands):
         spawn = self.zygotes.spawn if self.zygotes is not None else (
             lambda slot, generation: spawn_process(slot, generation, self.config.worker_settings(), env))
         self.supervisor = Supervisor(self.config, self.dispatcher, self._on_capacity, spawn=spawn)
+        self.parking = Parking(loop, self._dispatch_resumed, self.dispatcher.peers, self.config.keepalive_timeout)
+        self.supervisor.on_return = self._on_return
         self.supervisor.on_reload_hooks.append(self.reload_over)  # READY=1 for systemd
         if self.zygotes is not None:
             self.zygotes.bind(self.supervisor)
@@ -351,6 +355,7 @@ class Master(AcceptPath, MasterCommands):
                          self.reaper.reap,  # SIGCHLDs coalesce; what one pass missed, the tick gets
                          self.forward_reopen,  # SIGUSR1 for workers that were booting when it came
                          self.notifier.watchdog,  # WATCHDOG=1 from the loop itself: a hung loop stops it
+                         self.parking.expire,  # parked connections idle past --keepalive-timeout
                          *([self.zygotes.tick] if self.zygotes is not None else []))
 
     def _every_tick(self, *steps: Callable[[], object]) -> None:
@@ -378,6 +383,8 @@ class Master(AcceptPath, MasterCommands):
         """Stop accepting, drain every worker, close what is left."""
         if self.draining:
             return
+        if self.parking is not None:  # to the workers before DRAIN reaches them: they answer what comes next
+            self.parking.release_all()  # (before the pause, which places whatever the hold keeps)
         self._pause()
         self.stopping = self.draining = True
         if self._tick is not None:
@@ -396,6 +403,8 @@ class Master(AcceptPath, MasterCommands):
             await self.supervisor.shutdown()
         if self.zygotes is not None:
             await self.zygotes.close()
+        if self.parking is not None:
+            self.parking.close_all()
         self.dispatcher.close_homeless()
         for service in self.services:
             await service.close()

@@ -82,6 +82,8 @@ class SlotFigures:
 
     def __init__(self) -> None:
         self.dispatched = 0
+        self.returned = 0  # idle keep-alive connections given back to the master (keep-alive rebalancing)
+        self.resumed = 0  # connections that served elsewhere before, handed to this slot again
         self.requests: dict[tuple[str, str], int] = {}
         self.buckets = [0] * len(LE)
         self.duration_sum = 0.0
@@ -101,6 +103,7 @@ class SlotFigures:
         """A fresh figures object starting from these counters (a base is never changed by a scrape)."""
         out = SlotFigures()
         out.dispatched, out.duration_sum = self.dispatched, self.duration_sum
+        out.returned, out.resumed = self.returned, self.resumed
         out.cpu = self.cpu
         out.events = dict(self.events)
         out.requests = dict(self.requests)
@@ -108,9 +111,11 @@ class SlotFigures:
         out.user = {name: dict(samples) for name, samples in self.user.items()}
         return out
 
-    def add(self, stats: dict, dispatched: int, cpu: float, families: dict, live: bool) -> None:
+    def add(self, stats: dict, link, cpu: float, families: dict, live: bool) -> None:
         """Add one worker's counters (and its gauges when live) to the slot; families learns type and help."""
-        self.dispatched += dispatched
+        self.dispatched += link.dispatched
+        self.returned += link.returned
+        self.resumed += link.resumed
         self.cpu += cpu
         requests = self.requests
         for method, status, n in stats.get("requests", ()):
@@ -204,7 +209,7 @@ class MetricsServer:
         """A worker was reaped: keep its last counters in its slot's base so the slot never goes back."""
         cpu = self._cpu_seen.pop(w.pid, 0.0)
         base = self.bases.setdefault(w.slot, SlotFigures())
-        base.add(w.stats, w.link.dispatched, cpu, self.families, live=False)
+        base.add(w.stats, w.link, cpu, self.families, live=False)
 
     def figures(self) -> dict[int, SlotFigures]:
         """Every slot's figures now: its base plus its live workers (two of them during a reload)."""
@@ -224,7 +229,7 @@ class MetricsServer:
                 fig.rss += proc[1]
                 fig.fds += proc[2]
             seen[w.pid] = cpu
-            fig.add(w.stats, w.link.dispatched, cpu, self.families, live=True)
+            fig.add(w.stats, w.link, cpu, self.families, live=True)
             fig.open += w.link.open_conns
             if w.phase is Phase.READY:
                 fig.up = 1
@@ -253,6 +258,15 @@ class MetricsServer:
         yield counter("balancer_accept_coalesced",
                       "Times the master waited --accept-coalesce before accepting again, every worker being busy.",
                       master.coalesced)
+        parking = getattr(master, "parking", None)  # None until the loop runs
+        yield GaugeMetricFamily("balancer_parked_connections",
+                                "Idle keep-alive connections the master watches for their next request.",
+                                value=len(parking.parked) if parking is not None else 0)
+        for name, doc, field in (
+                ("balancer_parked_connections_expired", "Parked connections closed idle at --keepalive-timeout.",
+                 "expired"),
+                ("balancer_parked_connections_ended", "Parked connections their client closed.", "ended")):
+            yield counter(name, doc, getattr(parking, field) if parking is not None else 0)
         yield counter("balancer_connections_redispatched",
                       "Handed-off connections given to another worker after a refusal, full channel or death.",
                       master.dispatcher.redispatched)
@@ -281,6 +295,12 @@ class MetricsServer:
                        lambda f: f.up, wanted_only=True)
         yield per_slot(CounterMetricFamily, "balancer_worker_connections_dispatched",
                        "Connections handed to the slot's workers.", lambda f: f.dispatched)
+        yield per_slot(CounterMetricFamily, "balancer_worker_connections_returned",
+                       "Idle keep-alive connections the slot's workers gave back to the master (rebalancing).",
+                       lambda f: f.returned)
+        yield per_slot(CounterMetricFamily, "balancer_worker_connections_resumed",
+                       "Kept-alive connections handed to the slot's workers again for their next request, "
+                       "after a worker gave them back.", lambda f: f.resumed)
         yield per_slot(GaugeMetricFamily, "balancer_worker_open_connections",
                        "Connections the slot's workers hold open.", lambda f: f.open)
         yield per_slot(GaugeMetricFamily, "balancer_worker_requests_in_flight",

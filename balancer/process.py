@@ -45,6 +45,7 @@ class WorkerProcess:
         self.link = link
         self.exit_fd = exit_fd  # readable once the process has exited: a pidfd (-1 until a fork's pid is known)
         self.board_fd = -1  # the ack board's memfd, kept for a master upgrade to carry (closed when reaped)
+        self.rebalances = False  # its READY said it gives back idle keep-alive connections: it gets PEERS
         self.started = time.monotonic() if now is None else now
         self.started_wall = time.time()
         self.last_beat = self.started

@@ -41,6 +41,9 @@ class Supervisor(WorkerChannels, WorkerEnds):
         self.config = config
         self.dispatcher = dispatcher
         self.on_capacity = on_capacity  # a worker became ready or freed a connection
+        # A worker gave back an idle keep-alive connection: on_return(link, fd, family, client address) owns the
+        # fd from then on (balancer/parking.py); None closes it (tests without a master).
+        self.on_return: Callable | None = None
         self.loop = asyncio.get_running_loop()
         self.clock = clock
         self.table: dict[int, WorkerProcess] = {}  # pid -> record, for every process not yet reaped
@@ -68,6 +71,7 @@ class Supervisor(WorkerChannels, WorkerEnds):
             spawn = lambda slot, generation: spawn_process(slot, generation, settings, env)  # noqa: E731
         self._spawn = spawn
         self._inbox = wire.inbox()  # one receive buffer for every worker's channel
+        self._peers_told: tuple | None = None  # the ready workers (pids) the last PEERS messages named
 
     # ---- views of the table -------------------------------------------------------------------
 
@@ -176,6 +180,9 @@ class Supervisor(WorkerChannels, WorkerEnds):
     def _gone(self, w: WorkerProcess, code: int | None) -> None:
         """Drop w's record (its process reaped, or never there): fds it never took go elsewhere, its slot is seen to."""
         self._close_channel(w)
+        if w.board_fd >= 0:  # a fork that never was (unforked) kept its board's fd too
+            os.close(w.board_fd)
+            w.board_fd = -1
         was, slot = w.phase, w.slot
         w.exited = True
         w.phase = Phase.EXITED
@@ -257,6 +264,7 @@ class Supervisor(WorkerChannels, WorkerEnds):
         finally:
             self._reconciling = False
             self.dispatcher.set_links([w.link for w in self.records()])
+        self.tell_peers()
         self.on_capacity()
 
     def reconcile(self) -> None:

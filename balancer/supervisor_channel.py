@@ -1,4 +1,4 @@
-"""What the workers say on their channels (READY, heartbeats, IDLE, REFUSE, boot errors), read for the supervisor."""
+"""What the workers say on their channels (READY, heartbeats, IDLE, REFUSE, RETURN, boot errors), read for the supervisor."""
 
 from __future__ import annotations
 
@@ -31,18 +31,59 @@ class WorkerChannels:
                 return False
             if got is None:
                 return True
-            msg, fds, _ = got
-            if fds:  # workers never send fds; never let one leak into the master
-                wire.close_all(fds)
+            msg, fds, truncated = got
+            if fds and not (msg and msg[0] == wire.RETURN and len(fds) == 1 and not truncated):
+                wire.close_all(fds)  # only a RETURN brings an fd, one; never let another leak into the master
+                fds = []
             if not msg:
                 return False
             try:
+                if msg[0] == wire.RETURN:
+                    self._on_return(w, msg, fds)
+                    continue
                 self._on_message(w, msg)
             except wire.ProtocolError as exc:
                 log.error("worker slot=%d pid=%d sent a bad message (%s); killing it", w.slot, w.pid, exc)
                 w.reason = w.reason or "crash"
                 w.signal(signal.SIGKILL)
                 return False
+
+    def _on_return(self, w: WorkerProcess, msg: bytes, fds: list[int]) -> None:
+        """An idle keep-alive connection the worker gave back: the master's now (balancer/parking.py)."""
+        try:
+            family, peer = wire.decode_return(msg)
+        except wire.ProtocolError:
+            wire.close_all(fds)
+            raise
+        if not fds:  # its fd did not make it through: nothing to keep
+            return
+        w.link.returned += 1
+        if self.on_return is None:
+            wire.close_all(fds)
+        else:
+            self.on_return(w.link, fds[0], family, peer)
+
+    def tell_peers(self) -> None:
+        """Send each ready worker that rebalances the boards of the other ready ones, when that set changed.
+
+        With them a busy worker sees whether another is free before it gives a connection back
+        (workers/rebalance.py): a free worker's STARTED equals its FINISHED, no message needed.
+        """
+        ready = [w for w in self.records() if w.phase is Phase.READY and w.board_fd >= 0]
+        key = tuple(w.pid for w in ready)
+        if key == self._peers_told:
+            return
+        self._peers_told = key
+        for w in ready:
+            if not w.rebalances or w.channel.fileno() < 0:
+                continue
+            fds = [other.board_fd for other in ready if other is not w]
+            for at in range(0, max(len(fds), 1), wire.MAX_FDS_PER_MSG):
+                try:
+                    wire.send_fds(w.channel, bytes((wire.PEERS, at == 0)), fds[at:at + wire.MAX_FDS_PER_MSG])
+                except OSError:  # full (it is not reading) or gone: the tick tries again
+                    self._peers_told = None
+                    break
 
     def _on_channel(self, w: WorkerProcess) -> None:
         """The channel is readable."""
@@ -63,6 +104,8 @@ class WorkerChannels:
         elif kind == wire.READY:
             w.last_beat = self.clock()
             if w.phase is Phase.BOOTING:
+                body = wire.decode_json(msg)
+                w.rebalances = isinstance(body, dict) and body.get("peers") is True
                 w.phase = Phase.READY
                 if not w.ready.done():
                     w.ready.set_result(True)

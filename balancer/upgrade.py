@@ -284,6 +284,10 @@ class Upgrader:
         dispatcher = master.dispatcher
         deadline = time.monotonic() + QUIESCE_TIMEOUT
         while True:
+            # Parked keep-alive connections go to the workers, not across the exec (those given back after the
+            # last turn wait in the channels); before the pause, which places whatever the hold keeps.
+            if master.parking is not None:
+                master.parking.release_all()
             # Again at every turn: a worker's READY, or the tick, resumes accepting when there is room.
             master._pause()
             for name in ("_coalesce_timer", "_capacity_poll"):
@@ -293,7 +297,8 @@ class Upgrader:
                     setattr(master, name, None)
             dispatcher.collect_all()
             dispatcher.retry_homeless()
-            if not dispatcher.homeless and all(not link.unacked and not link.sent for link in dispatcher.links):
+            held = dispatcher.holding is not None and dispatcher.holding.items
+            if not held and not dispatcher.homeless and all(not link.unacked and not link.sent for link in dispatcher.links):
                 return True
             if time.monotonic() >= deadline:
                 return False

@@ -67,9 +67,11 @@ def adopt_worker(item: dict, detail: dict, generation: int | None, proc, exit_fd
     # Its channel ended (or a send found it gone) before the exec: nothing may be sent to it; its reap follows.
     link.channel_lost = bool(item.get("channel_lost")) or item.get("channel_fd") is None
     link.dispatched = detail.get("dispatched", 0)
+    link.returned, link.resumed = detail.get("returned", 0), detail.get("resumed", 0)
     w = WorkerProcess(item["slot"], detail.get("generation", generation if generation is not None else 0),
                       proc, channel, link, exit_fd, now=detail.get("started", now))
     w.board_fd = board_fd
+    w.rebalances = detail.get("rebalances", False)  # told its peers again once the new image's table is whole
     w.started_wall = detail.get("started_wall", w.started_wall)
     w.beat = detail.get("beat", {})
     w.reason, w.recycle, w.kill_at = detail.get("reason", ""), detail.get("recycle", False), detail.get("kill_at", 0.0)

@@ -54,7 +54,9 @@ def capture_pool(sup) -> tuple[list[dict], dict]:
                        "redispatched": sup.dispatcher.redispatched},
         "workers": [{"pid": w.pid, "generation": w.generation, "started": w.started, "started_wall": w.started_wall,
                      "beat": w.beat, "last_beat": w.last_beat, "reason": w.reason, "recycle": w.recycle, "kill_at": w.kill_at,
-                     "dispatched": w.link.dispatched} for w in workers],
+                     "dispatched": w.link.dispatched, "returned": w.link.returned, "resumed": w.link.resumed,
+                     "rebalances": w.rebalances}
+                    for w in workers],
     }
     return carried, detail
 

@@ -8,7 +8,7 @@ def dump_bases(metrics) -> dict:
     bases = {}
     for slot, fig in metrics.bases.items():
         bases[str(slot)] = {
-            "dispatched": fig.dispatched, "duration_sum": fig.duration_sum, "cpu": fig.cpu,
+            "dispatched": fig.dispatched, "returned": fig.returned, "resumed": fig.resumed, "duration_sum": fig.duration_sum, "cpu": fig.cpu,
             "events": fig.events, "buckets": fig.buckets,
             "requests": [[method, code, n] for (method, code), n in fig.requests.items()],
             "user": [[family, sample, [list(pair) for pair in labels], value]
@@ -24,6 +24,7 @@ def load_bases(metrics, data: dict) -> None:
     for slot, item in data.get("bases", {}).items():
         fig = SlotFigures()
         fig.dispatched, fig.duration_sum, fig.cpu = item["dispatched"], item["duration_sum"], item["cpu"]
+        fig.returned, fig.resumed = item.get("returned", 0), item.get("resumed", 0)
         fig.events.update(item["events"])
         if len(item["buckets"]) == len(fig.buckets):
             fig.buckets = list(item["buckets"])

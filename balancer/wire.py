@@ -22,6 +22,13 @@ IDLE = 0x49  # 'I' worker->master: asked to, says it has nothing running now (ba
 FORK = 0x46  # 'F' master->zygote: fork a worker (JSON: token, settings), its channel end and board attached
 FORKED = 0x50  # 'P' zygote->master: the worker's pid (JSON: token, pid, or token, error)
 FORK_REFUSED = 0x4E  # 'N' zygote->master: not safe to fork (JSON: token, reason); the master spawns instead
+# Keep-alive rebalancing (workers/rebalance.py, balancer/parking.py): an idle keep-alive connection goes back to
+# the master, which hands its next request to a free worker.
+RETURN = 0x4B  # 'K' worker->master: one idle keep-alive connection, its fd attached (family, client address)
+RESUMED = 0x80  # set in a handoff's family byte: a connection that served before; no PROXY header comes again
+# master->worker: the ack boards of the other ready workers (fds attached, at most MAX_FDS_PER_MSG a message;
+# body: 1 when the first of a set, which replaces the last), so a worker sees which of them is free
+PEERS = 0x57  # 'W'
 
 # Both ends size their buffers from these; the receiver's fd room must cover the sender's batch,
 # otherwise the kernel truncates (MSG_CTRUNC) and closes the surplus fds.
@@ -51,23 +58,70 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return master_end, worker_end
 
 
-def encode_handoff(ids: list[int], families: list[int]) -> bytes:
-    """Pack the ids and address families of a batch of fds."""
+def encode_handoff(ids: list[int], families: list[int], peers: list[bytes] | None = None) -> bytes:
+    """Pack the ids and address families of a batch of fds; peers: one client address per RESUMED family."""
     n = len(ids)
-    return _COUNT.pack(HANDOFF, n) + array.array("I", ids).tobytes() + bytes(families)
+    body = _COUNT.pack(HANDOFF, n) + array.array("I", ids).tobytes() + bytes(families)
+    if peers:  # each a length byte and the address text (b"" when the connection has no PROXY client)
+        body += b"".join(bytes((len(peer),)) + peer for peer in peers)
+    return body
 
 
-def decode_handoff(msg: bytes) -> tuple[list[int], list[int]]:
-    """Unpack a handoff body into ids and families."""
+def decode_handoff(msg: bytes) -> tuple[list[int], list[int], list[bytes]]:
+    """Unpack a handoff body into ids, families and the client address of each RESUMED one, in order.
+
+    A handoff with RESUMED families and no address bytes at all (the C path sends none) gives b"" for each.
+    """
     if len(msg) < _COUNT.size:
         raise ProtocolError("short handoff")
     _, n = _COUNT.unpack_from(msg)
     end = _COUNT.size + 4 * n
-    if len(msg) != end + n:
+    if len(msg) < end + n:
         raise ProtocolError(f"handoff of {n} ids has {len(msg)} bytes")
     ids = array.array("I")
     ids.frombytes(msg[_COUNT.size:end])
-    return ids.tolist(), list(msg[end:])
+    families = list(msg[end:end + n])
+    at = end + n
+    if at == len(msg):  # the common case: new connections only (max(): C speed), or resumed without addresses
+        if not n or max(families) < RESUMED:
+            return ids.tolist(), families, []
+        return ids.tolist(), families, [b""] * sum(1 for family in families if family & RESUMED)
+    peers: list[bytes] = []
+    for _ in range(sum(1 for family in families if family & RESUMED)):
+        if at >= len(msg) or at + 1 + msg[at] > len(msg):
+            raise ProtocolError("handoff's client addresses are cut short")
+        peers.append(msg[at + 1:at + 1 + msg[at]])
+        at += 1 + msg[at]
+    if at != len(msg):
+        raise ProtocolError(f"handoff of {n} ids has {len(msg) - at} bytes too many")
+    return ids.tolist(), families, peers
+
+
+def encode_return(family: int, peer: bytes = b"") -> bytes:
+    """Pack a RETURN message: the returned fd's family and its PROXY client's address (b"": none)."""
+    return bytes((RETURN, family)) + peer
+
+
+def decode_return(msg: bytes) -> tuple[int, bytes]:
+    """Unpack a RETURN message into (family, client address)."""
+    if len(msg) < 2 or msg[1] & RESUMED or len(msg) > 2 + 255:
+        raise ProtocolError("bad return message")
+    return msg[1], msg[2:]
+
+
+def pack_peer(peer) -> bytes:
+    """A PROXY client's (host, port) as a handoff carries it; b"" for none."""
+    if not peer:
+        return b""
+    return f"{peer[0]} {peer[1]}".encode()[:255]
+
+
+def unpack_peer(text: bytes) -> tuple[str, int] | None:
+    """The (host, port) pack_peer() made; None for none."""
+    if not text:
+        return None
+    host, _, port = text.decode(errors="replace").rpartition(" ")
+    return host, int(port) if port.isdigit() else 0
 
 
 def encode_refuse(ids: list[int]) -> bytes:

@@ -335,13 +335,17 @@ class Zygotes:
             wire.send_fds(z.channel, request, [worker_end.fileno(), board_fd])
         except OSError as exc:  # its queue is full (it is hung) or it is gone
             master_end.close()
+            os.close(board_fd)
             self._hung(z, f"cannot send it a fork request: {exc}")
             return None
+        except BaseException:
+            os.close(board_fd)
+            raise
         finally:
             worker_end.close()
-            os.close(board_fd)  # the mapping outlives it; the zygote got its own copy
         w = WorkerProcess(slot, generation, PendingFork(token), master_end, Link(slot, master_end, board), -1,
                           now=self.clock())
+        w.board_fd = board_fd  # kept, as for a spawned worker: its peers map it (PEERS), closed when reaped
         z.pending[token] = (w, self.loop.call_later(FORK_TIMEOUT, self._no_answer, z))
         return w
 

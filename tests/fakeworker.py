@@ -4,7 +4,9 @@ The supervisor's model test (tests/test_supervisor_model.py) drives these instea
 speaks the real protocol exactly as workers/channel.py does: it acks a handoff with one board store, sends a
 REFUSE before the store that counts it, serves what it acked, reports closes on the board, and dies the way a
 process does: the kernel closes its channel end (unread handoffs make the master's next recvmsg fail with
-ECONNRESET first) and its held fds, then the pidfd (here a pipe) becomes readable.
+ECONNRESET first) and its held fds, then the pidfd (here a pipe) becomes readable. Like a worker that rebalances
+keep-alive connections (workers/rebalance.py), a fake may give an idle connection back to the master: a RETURN
+with a copy of its fd, sent only when no report waits, then its own copy closed and counted closed on the board.
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class FakeWorker:
         self.closed = 0
         self.acked = 0  # connections acked
         self.conns: dict[int, int] = {}  # inode -> our fd of each connection we serve
+        self.returned = 0  # connections given back to the master (RETURN sent)
+        self.give_back_next = 0  # connections to give back at its next loop turn, before it reads its channel
+        self.on_give_back: Callable[["FakeWorker", int, bytes], None] | None = None  # the model's record of each
+        self.last_handoff: dict[int, tuple[int, bytes | None]] = {}  # inode -> (family, client address) as handed
         self.outbox: deque[bytes] = deque()
         self.returncode: int | None = None
         self.ever_ready = False
@@ -185,8 +191,10 @@ class FakeWorker:
 
     def _on_handoff(self, msg: bytes, fds: list[int], truncated: bool, verdict: str) -> None:
         self.handled += 1
-        ids, _families = wire.decode_handoff(msg)
+        ids, families, peers = wire.decode_handoff(msg)
         assert len(fds) == len(ids) and not truncated, f"handoff of {len(ids)} ids carried {len(fds)} fds"
+        resumed = iter(peers)
+        handed = [(family, next(resumed) if family & wire.RESUMED else None) for family in families]
         if verdict == "refuse" or self.state == "draining":
             wire.close_all(fds)
             self.send(wire.encode_refuse(ids))  # the ids first, then the count that says so
@@ -196,13 +204,21 @@ class FakeWorker:
             return
         self.publish()  # the ack, before a byte is read
         inodes = []
-        for fd in fds:
+        self.last_handoff = {}
+        for fd, info in zip(fds, handed):
             inode = os.fstat(fd).st_ino
             self.conns[inode] = fd
+            self.last_handoff[inode] = info
             inodes.append(inode)
         self.acked += len(fds)
         self.events.append(f"acked {len(fds)}")
         self.on_serve(self, inodes)
+
+    def _give_back_due(self) -> None:
+        """The connections it decided to give back go at this loop turn (before it reads a DRAIN waiting for it)."""
+        if self.give_back_next:
+            count, self.give_back_next = self.give_back_next, 0
+            self.give_back(count)
 
     def start_draining(self, why: str) -> None:
         if self.state in ("ready", "booting"):
@@ -215,6 +231,34 @@ class FakeWorker:
         self.start_draining("master gone")
 
     # ---- connections --------------------------------------------------------------------------
+
+    def give_back(self, count: int) -> int:
+        """Give up to count idle connections back to the master, as workers/rebalance.py's Mover does; how many.
+
+        Only from a worker that takes connections (not draining) whose channel has no report waiting (a RETURN must
+        not overtake them); a copy of the fd goes in the RETURN, then ours is closed without a shutdown and counted
+        closed. A full channel keeps the connection here.
+        """
+        if not self.running or self.state != "ready" or not self.channel_open or self.outbox:
+            return 0
+        given = 0
+        for inode in list(self.conns)[:count]:
+            fd = self.conns[inode]
+            peer = peer_of(inode)
+            try:
+                wire.send_fds(self.sock, wire.encode_return(socket.AF_UNIX, peer), [fd])
+            except OSError:
+                break  # full, or the master's end is gone: it stays here
+            del self.conns[inode]
+            os.close(fd)
+            self.closed += 1
+            self.board[board.CLOSED] = self.closed
+            self.returned += 1
+            given += 1
+            self.events.append(f"gave back {inode}")
+            if self.on_give_back is not None:
+                self.on_give_back(self, inode, peer)
+        return given
 
     def close_conns(self, count: int) -> None:
         """Clients went away: close up to count connections and report them on the board."""
@@ -257,6 +301,7 @@ class FakeWorker:
             if self.boot_hang:
                 return
             self.ready()
+        self._give_back_due()
         self.read()
         self.flush()
         if self.state == "draining":
@@ -267,6 +312,7 @@ class FakeWorker:
         self.react()
         if not self.running or self.state == "booting":
             return
+        self._give_back_due()
         self.read()
         if self.channel_open:
             self.beat()
@@ -317,6 +363,11 @@ class FakeWorker:
         if self.exit_w >= 0:
             os.close(self.exit_w)
             self.exit_w = -1
+
+
+def peer_of(inode: int) -> bytes:
+    """The PROXY client address a fake gives with a connection it returns (b"" for every third: no PROXY client)."""
+    return b"" if inode % 3 == 0 else f"198.51.100.{inode % 251} {inode % 65536}".encode()
 
 
 def make_worker(slot: int, generation: int, pid: int, now: float,

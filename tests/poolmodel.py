@@ -10,7 +10,12 @@ reconcile pass raises; once faults stop the pool converges to its target on the 
 the graceful timeout plus a small bound and leaves nothing open. With `preload`, the real Zygotes forks the
 workers through fake zygotes (tests/fakezygote.py), and the zygotes' promises join in: a failed import touches no
 worker, a worker forked but never answered for is no one's only with its channel closed, no zygote outlives its
-generation, and the pool converges with a ready zygote of the newest code.
+generation, and the pool converges with a ready zygote of the newest code. Keep-alive rebalancing joins in as
+balancer/master.py wires it (a Parking whose dispatch is the dispatcher, the supervisor's RETURNs parked, released
+before a stop's drain and an upgrade's exec): a connection is the worker's that acked it, or in a RETURN on that
+worker's channel, or parked in the master, or in flight to a worker, or homeless or held in the master, and only
+one of these at a time; a returned one comes back flagged RESUMED with its client's address, served by one worker
+at a time; a parked one whose client sent is dispatched at once; parking's counters add up.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import types
 from collections import Counter
 
 from balancer import dispatch, wire
+from balancer import parking as parking_module
 from balancer import zygote as zygotes_module
+from balancer.accepting import AcceptPath
 from balancer.config import Config
 from balancer.dispatch import Dispatcher
 from balancer.master import STALL_AFTER, TICK
+from balancer.parking import Parking
 from balancer.process import Phase
 from balancer.supervisor import KILL_GRACE, Supervisor
 from balancer.zygote import Zygotes
@@ -46,11 +54,31 @@ FIRST_PID = 1 << 30  # above any real pid: a stray signal could never reach a re
 
 
 class Conn:
-    """One accepted connection: the client's end, and the worker (pid) that acked it."""
+    """One accepted connection: the client's end, and where it is (the worker that acked it, or its RETURN's)."""
 
     def __init__(self, client: socket.socket) -> None:
         self.client = client
-        self.served_by: int | None = None
+        self.served_by: int | None = None  # the worker that acked it and serves it (kept once that worker died)
+        self.acked: set[tuple[int, int]] = set()  # (id(link), conn id) of hand-offs of it a worker acked
+        self.returning: int | None = None  # the worker whose RETURN of it the master has not read yet
+        self.returns = 0  # times a worker gave it back
+        self.peer = b""  # the client address its last RETURN carried
+        self.parked_turn = 0  # the model's loop turn at which the master parked it
+        self.closed_by_master = ""  # why the master closed it (expired, ended, returned at a stop, ...)
+        self.client_closed = False  # the client closed its end (a peek reads nothing)
+        self.sent = 0  # next requests its client sent
+
+
+class ModelParking(Parking):
+    """The product's Parking, telling the model which connections it closes (it counts them itself)."""
+
+    def __init__(self, model: PoolModel, *args) -> None:
+        super().__init__(*args)
+        self.model = model
+
+    def _close(self, fd: int) -> None:
+        self.model._master_closes(fd, "closed parked")
+        super()._close(fd)
 
 
 class RaisedErrors(logging.Handler):
@@ -92,6 +120,15 @@ class PoolModel:
         self.config = Config(workers=WORKERS, worker_connections=CAP, graceful_timeout=GRACEFUL, timeout=TIMEOUT,
                              boot_timeout=BOOT_TIMEOUT)
         self.dispatcher = Dispatcher(CAP, on_blocked=self._on_blocked)
+        self._real_parking_time = parking_module.time
+        parking_module.time = types.SimpleNamespace(monotonic=self.clock)  # Parked.since, expire()
+        self.draining = False  # Master.draining: a stop began, RETURNs are closed
+        self.upgrading = False  # an upgrade quiesces: parked connections are released at every turn
+        self.turns = 0  # loop steps so far
+        self.last_tick = self.clock()  # the master's last tick (its expire())
+        self.released = 0  # parked connections handed out by release_all() (Parking counts them resumed)
+        self.closed_all = 0  # ... and closed by close_all() (Parking counts them expired)
+        self.closed_at_stop = 0  # RETURNs closed because the master was draining
         self.zygote_fakes: list[FakeZygote] = []
         self.import_failures = 0
         self.zygotes: Zygotes | None = None
@@ -105,6 +142,9 @@ class PoolModel:
         self.sup: Supervisor = self.call(lambda: Supervisor(self.config, self.dispatcher, self._on_capacity,
                                                             spawn=spawn, clock=self.clock))
         self.sup.on_reload_hooks.append(self.check_reload_done)  # as the master's READY=1 for systemd
+        self.parking = ModelParking(self, self.loop, self._dispatch_resumed, self.dispatcher.peers,
+                                    self.config.keepalive_timeout)
+        self.sup.on_return = self._on_return
         if self.zygotes is not None:
             self.zygotes.bind(self.sup)
             self.zygotes.on_import_failed.append(self.check_import_failed)
@@ -142,6 +182,7 @@ class PoolModel:
 
     def _on_fork(self, fake: FakeWorker) -> None:
         self.fakes[fake.pid] = fake
+        fake.on_give_back = self._on_give_back
 
     def call(self, fn, *args):
         """Run fn inside the loop (the supervisor asks for the running loop)."""
@@ -174,8 +215,76 @@ class PoolModel:
             raise OSError(errno.EMFILE, "Too many open files")
         pid = self._new_pid()
         record, fake = make_worker(slot, generation, pid, self.clock(), self._on_serve)
+        fake.on_give_back = self._on_give_back
         self.fakes[pid] = fake
         return record
+
+    # ---- keep-alive rebalancing, as balancer/master.py wires it (balancer/accepting.py) ----------------
+
+    def _on_return(self, link, fd: int, family: int, peer: bytes) -> None:
+        """The supervisor's on_return: the master's own (AcceptPath._on_return parks it, or closes it once the
+        workers drain), watched by the model."""
+        self._note_return(link, fd, family, peer)
+        if self.draining:
+            self._master_closes(fd, "returned during a stop")
+            self.closed_at_stop += 1
+        AcceptPath._on_return(self, link, fd, family, peer)
+
+    def _dispatch_resumed(self, items: list[tuple[int, int]]) -> None:
+        """The Parking's dispatch: the master's own (parked connections whose next request came go out as new
+        ones do)."""
+        AcceptPath._dispatch_resumed(self, items)
+
+    def _pause(self) -> None:
+        """AcceptPath's pause for room: arrive() stops accepting while connections are homeless."""
+
+    def _watch_capacity(self) -> None:
+        """AcceptPath's capacity poll: the model's ticks and the workers' messages retry the homeless."""
+
+    def _arm_hold_timer(self) -> None:
+        raise AssertionError("the fake workers' boards never make the dispatcher hold a connection")
+
+    def release_parked(self) -> None:
+        """Parking.release_all(), counted (before a stop's drain, at each turn of an upgrade's quiesce)."""
+        self.released += len(self.parking.parked)
+        self.parking.release_all()
+
+    def _note_return(self, link, fd: int, family: int, peer: bytes) -> None:
+        """The master read a RETURN: it must come from the worker that gave the connection back, as it was sent."""
+        inode = os.fstat(fd).st_ino
+        conn = self.conns.get(inode)
+        record = next((w for w in self.sup.table.values() if w.link is link), None)
+        owner = record and record.pid
+        if record is not None and record.pending:  # --preload: the zygote has not said its pid yet
+            owner = next((f.pid for f in self.fakes.values() if getattr(f, "token", None) == -record.pid), owner)
+        if conn is None:
+            self.violations.append(f"pid={owner} returned fd inode {inode} nobody accepted")
+            return
+        if conn.returning is None or conn.returning != owner:
+            self.violations.append(f"connection {inode} came back from pid={owner}, given back by "
+                                   f"{conn.returning} (served by {conn.served_by})")
+        if family != socket.AF_UNIX or peer != conn.peer:
+            self.violations.append(f"connection {inode} came back as family {family}, client {peer!r}: sent as "
+                                   f"{socket.AF_UNIX}, {conn.peer!r}")
+        conn.returning = None
+        conn.parked_turn = self.turns
+
+    def _master_closes(self, fd: int, why: str) -> None:
+        conn = self.conns.get(os.fstat(fd).st_ino)
+        if conn is not None:
+            conn.closed_by_master = why
+
+    def _on_give_back(self, fake: FakeWorker, inode: int, peer: bytes) -> None:
+        """A fake sent a RETURN: the connection is in its channel, no longer its own."""
+        conn = self.conns.get(inode)
+        if conn is None or conn.served_by != fake.pid:
+            self.violations.append(f"pid={fake.pid} gave back connection {inode} it did not serve: "
+                                   f"{conn and conn.served_by}")
+            return
+        conn.served_by = None
+        conn.returning = fake.pid
+        conn.returns += 1
+        conn.peer = peer
 
     def _on_serve(self, fake: FakeWorker, inodes: list[int]) -> None:
         for inode in inodes:
@@ -185,8 +294,34 @@ class PoolModel:
             elif conn.served_by is not None:
                 self.violations.append(f"connection {inode} served twice: by pid={conn.served_by}, then by "
                                        f"pid={fake.pid} ({self.fakes[conn.served_by].events} / {fake.events})")
+            elif conn.returning is not None:
+                self.violations.append(f"connection {inode} served by pid={fake.pid} while its RETURN from "
+                                       f"pid={conn.returning} is unread")
+            elif conn.closed_by_master:
+                self.violations.append(f"connection {inode} served by pid={fake.pid} after the master closed it "
+                                       f"({conn.closed_by_master})")
             else:
+                also = [f.pid for f in self.fakes.values() if f is not fake and f.alive and inode in f.conns]
+                if also:
+                    self.violations.append(f"connection {inode} served by pid={fake.pid} and at once by {also}")
+                family, peer = fake.last_handoff.get(inode, (None, None))
+                want = (socket.AF_UNIX | wire.RESUMED, conn.peer) if conn.returns else (socket.AF_UNIX, None)
+                if (family, peer) != want:
+                    self.violations.append(f"connection {inode} (returned {conn.returns} times) handed to "
+                                           f"pid={fake.pid} as family {family}, client {peer!r}: wanted {want}")
                 conn.served_by = fake.pid
+                conn.acked |= self._entries_of(inode, fake.pid)
+
+    def _entries_of(self, inode: int, pid: int) -> set[tuple[int, int]]:
+        """(id(link), conn id) of the master's copy of a connection pid just acked, kept until it collects the ack
+        (conn ids are never reused)."""
+        found = set()
+        for w in self.sup.table.values():
+            if w.pid == pid or w.pending:
+                for conn_id, (fd, _family) in w.link.unacked.items():
+                    if os.fstat(fd).st_ino == inode:
+                        found.add((id(w.link), conn_id))
+        return found
 
     def pump(self, rounds: int = 4) -> None:
         """Let fakes act on signals (and behave, in auto mode) and the loop run, a few times over."""
@@ -201,6 +336,9 @@ class PoolModel:
             for zygote in self.zygote_fakes:
                 zygote.behave(import_ok=self.auto)  # a running zygote answers forks at once
             step(self.loop)
+            self.turns += 1
+        if self.upgrading:  # Upgrader.quiesce, at its next turn: what was parked meanwhile goes out
+            self.release_parked()
         self.check_no_gap()
 
     def master_tick(self) -> None:
@@ -211,6 +349,8 @@ class PoolModel:
         self.check_no_gap()
         self.call(self.dispatcher.collect_all)
         self.call(self.dispatcher.mark_overdue, self.clock(), STALL_AFTER)
+        self.call(self.parking.expire)  # parked connections idle past --keepalive-timeout
+        self.last_tick = self.clock()
         self.call(self._on_capacity)
 
     def advance(self, dt: float) -> None:
@@ -312,40 +452,96 @@ class PoolModel:
             if w.generation > zg.current.generation:
                 self.violations.append(f"worker slot={w.slot} runs generation {w.generation} of a failed import")
 
-    def master_held(self) -> dict[int, list[str]]:
-        """inode -> where the master holds a copy: 'homeless' or 'pid=N'."""
-        held: dict[int, list[str]] = {}
-        places = [("homeless", list(self.dispatcher.homeless))]
+    def master_places(self) -> list[tuple[str, int, int, tuple[int, int] | None]]:
+        """Every copy of a connection the master holds: (where, fd, family, (id(link), conn id) when in flight).
+
+        where: 'homeless', 'held' (the dispatcher's hold), 'parked', or 'pid=N' (handed over, not yet collected).
+        """
+        places = [("homeless", fd, family, None) for fd, family in self.dispatcher.homeless]
+        if self.dispatcher.holding is not None:
+            places += [("held", item.fd, item.family, None) for item in self.dispatcher.holding.items]
+        places += [("parked", fd, parked.family, None) for fd, parked in self.parking.parked.items()]
         links = {id(link): link for link in self.dispatcher.links}
         owner = {}
         for w in self.sup.table.values():
             links[id(w.link)] = w.link
             owner[id(w.link)] = w.pid
         for key, link in links.items():
-            places.append((f"pid={owner.get(key, '?')}", list(link.unacked.values())))
-        for where, items in places:
-            for fd, _family in items:
-                try:
-                    inode = os.fstat(fd).st_ino
-                except OSError:
-                    raise AssertionError(f"the master lists fd {fd} ({where}) but it is closed") from None
+            places += [(f"pid={owner.get(key, '?')}", fd, family, (key, conn_id))
+                       for conn_id, (fd, family) in link.unacked.items()]
+        return places
+
+    def master_held(self) -> dict[int, list[str]]:
+        """inode -> where the master holds a live copy (not one of a hand-off already acked, not yet collected)."""
+        held: dict[int, list[str]] = {}
+        for where, fd, _family, key in self.master_places():
+            try:
+                inode = os.fstat(fd).st_ino
+            except OSError:
+                raise AssertionError(f"the master lists fd {fd} ({where}) but it is closed") from None
+            conn = self.conns.get(inode)
+            assert conn is not None, f"the master holds inode {inode} ({where}) that was never accepted"
+            if key is None or key not in conn.acked:
                 held.setdefault(inode, []).append(where)
         return held
 
     def check_connections(self) -> None:
-        """Every connection is held by the master until one worker acks it, and then only by that worker."""
+        """Every connection is in exactly one place: the worker that acked it, a RETURN on that worker's channel,
+        or the master (parked, in flight to a worker, homeless or held); or closed by the master (parked and idle
+        past the timeout, its client gone, or given back during a stop), and then nowhere."""
         held = self.master_held()
         for inode, where in held.items():
-            assert inode in self.conns, f"the master holds inode {inode} ({where}) that was never accepted"
             assert len(where) == 1, f"connection {inode} held twice by the master: {where}"
             conn = self.conns[inode]
-            if conn.served_by is not None:
-                assert where == [f"pid={conn.served_by}"], \
-                    f"connection {inode} acked by pid={conn.served_by} is queued again ({where[0]}): " \
-                    f"{self.fakes[conn.served_by].events}"
+            assert conn.served_by is None, \
+                f"connection {inode} acked by pid={conn.served_by} is queued again ({where[0]}): " \
+                f"{self.fakes[conn.served_by].events}"
+            assert conn.returning is None, \
+                f"connection {inode} in a RETURN from pid={conn.returning} is also in the master ({where[0]})"
+            assert not conn.closed_by_master, \
+                f"connection {inode} the master closed ({conn.closed_by_master}) is still in the master ({where[0]})"
         for inode, conn in self.conns.items():
-            if conn.served_by is None:
+            if conn.served_by is None and conn.returning is None and not conn.closed_by_master:
                 assert inode in held, f"connection {inode} was dropped: no worker took it and the master let go"
+            owners = [f.pid for f in self.fakes.values() if f.alive and inode in f.conns]
+            assert len(owners) <= 1, f"connection {inode} served at once by {owners}"
+            assert not owners or (owners == [conn.served_by] and conn.returning is None), \
+                f"connection {inode} served by {owners}, the model says {conn.served_by} / RETURN {conn.returning}"
+
+    def check_parking(self) -> None:
+        """Parked connections are idle and watched; a resumed one carries its client's address until acked; the
+        counters add up: every connection returned was resumed, is parked, expired or ended."""
+        lot = self.parking
+        # A release (stop, upgrade) counts as resumed; a close at the end, or of one returned during a stop, as
+        # expired: the identity the README gives for the metrics holds at all times.
+        assert lot.returned == lot.resumed + len(lot.parked) + lot.expired + lot.ended, \
+            f"parking counts {lot.returned} returned: {lot.resumed} resumed ({self.released} by releases), " \
+            f"{len(lot.parked)} parked, {lot.expired} expired ({self.closed_all} closed at the end, " \
+            f"{self.closed_at_stop} returned during the stop), {lot.ended} ended"
+        for fd, parked in lot.parked.items():
+            conn = self.conns[os.fstat(fd).st_ino]
+            assert self.loop._selector.get_map().get(fd) is not None, f"parked fd {fd} is not watched"
+            assert parked.since > self.last_tick - lot.idle_timeout, \
+                f"parked connection {os.fstat(fd).st_ino} idle since {parked.since}, past --keepalive-timeout " \
+                f"({lot.idle_timeout}s) at the tick at {self.last_tick}"
+            if self.turns - conn.parked_turn >= 2:
+                try:
+                    waiting = parked.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    waiting = b""
+                raise AssertionError(f"parked connection {os.fstat(fd).st_ino} has "
+                                     f"{'a request' if waiting else 'its end'} waiting, not acted on since "
+                                     f"turn {conn.parked_turn} (now {self.turns})")
+        watched = self.loop._selector.get_map()
+        for where, fd, _family, _key in self.master_places():
+            assert where == "parked" or watched.get(fd) is None, f"fd {fd} ({where}) is still watched by the loop"
+        resumed = {fd for _where, fd, family, _key in self.master_places() if family & wire.RESUMED}
+        stale = set(self.dispatcher.peers) - resumed
+        assert not stale, f"the dispatcher keeps client addresses of fds {stale} it no longer hands out"
+        unknown = resumed - set(self.dispatcher.peers)
+        assert not unknown, f"resumed fds {unknown} go out without their client address"
 
     def check_no_gap(self) -> None:
         """A worker drained for reload or recycle has a replacement in its slot that already reported READY."""
@@ -457,6 +653,7 @@ class PoolModel:
             self.advance(TICK)
             self.check_table()
             self.check_connections()
+            self.check_parking()
             self.check_no_gap()
             why = self.converged()
             if not why:
@@ -468,6 +665,9 @@ class PoolModel:
             self.advance(TICK)
         why = self.converged()
         assert not why, f"the pool left its converged state: {why}"
+        for inode, conn in self.conns.items():  # every live worker's channel is read: its RETURNs were acted on
+            assert conn.returning is None or not self.fakes[conn.returning].alive, \
+                f"connection {inode} given back by pid={conn.returning}, which lives on: the master never took it"
         failed = self.sup.failed_generation
         for generation, future in self.reloads:
             assert future.done(), f"reload to generation {generation} never answered"
@@ -483,10 +683,14 @@ class PoolModel:
         self.auto = True
         start = self.clock()
 
-        async def master_shutdown():
+        async def master_shutdown():  # Master.shutdown
+            self.draining = True
+            self.release_parked()  # to the workers before DRAIN reaches them
             await self.sup.shutdown()
             if self.zygotes is not None:
                 await self.zygotes.close()
+            self.closed_all += len(self.parking.parked)
+            self.parking.close_all()
             self.dispatcher.close_homeless()
 
         task = self.loop.create_task(master_shutdown())
@@ -496,6 +700,8 @@ class PoolModel:
                 break
             assert self.clock() - start <= SHUTDOWN_BOUND + (STOP_GRACE + TICK if self.zygotes else 0), \
                 f"shutdown still running after {self.clock() - start:.2f}s: {self.sup.records()} {self.live()}"
+            self.check_connections()  # also while the workers drain
+            self.check_parking()
             self.clock.advance(TICK)
             self.call(self.sup.tick)
             self.check_no_gap()
@@ -507,20 +713,29 @@ class PoolModel:
         assert not [z for z in self.zygote_fakes if z.alive], f"zygotes alive after shutdown: {self.zygote_fakes}"
         assert not self.dispatcher.homeless
         assert not any(link.unacked for link in self.dispatcher.links)
+        assert not self.parking.parked and not self.dispatcher.peers
+        self.check_parking()
         for generation, future in self.reloads:
             assert future.done(), f"reload to generation {generation} never answered"
         for inode, conn in self.conns.items():
+            if conn.client_closed:
+                continue
             try:
                 data = conn.client.recv(1)
             except BlockingIOError:
                 raise AssertionError(f"connection {inode} still open after shutdown "
                                      f"(served by {conn.served_by})") from None
+            except ConnectionResetError:
+                data = b""  # closed with its client's next request unread
             assert data == b"", data
         assert not self.violations, self.violations
 
     def cleanup(self) -> None:
         """Close everything an example opened, whether it passed or not."""
         dispatch.time = self._real_time
+        parking_module.time = self._real_parking_time
+        for fd in list(self.parking.parked):  # a failed example's
+            self.parking._unwatch(fd).sock.close()
         if self.preload:
             zygotes_module.is_subreaper = self._real_is_subreaper
             for z in self.zygotes.zygotes():  # never reaped (a failed example)

@@ -90,7 +90,7 @@ def test_send_handoff_writes_the_wire_format_with_the_fds(impl):
         impl.send_handoff(master_end, ids, families, files)
         msg, fds, truncated = wire.recv_message(worker_end)
         assert not truncated and msg[0] == wire.HANDOFF
-        assert wire.decode_handoff(msg) == (ids, families)
+        assert wire.decode_handoff(msg) == (ids, families, [])
         assert [os.fstat(fd).st_ino for fd in fds] == [os.fstat(fd).st_ino for fd in files]
         assert fds != files  # the receiver got its own copies
         wire.close_all(fds)

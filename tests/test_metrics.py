@@ -224,6 +224,7 @@ class FakeWorker:
         self.slot, self.pid, self.exited, self.started_wall = slot, pid, False, time.time()
         self.link = type("Link", (), {})()
         self.phase, self.link.open_conns, self.link.dispatched = Phase.READY, 2, dispatched
+        self.link.returned = self.link.resumed = 0
         buckets = [0] * (len(BUCKETS) + 1)
         buckets[0] = requests
         self.stats = {"requests": [["GET", 200, requests]], "buckets": buckets, "sum": 0.001 * requests,

@@ -2,13 +2,15 @@
 
 Hypothesis generates interleavings of hand-offs, acks, refusals, closes, deaths with and without unread
 hand-offs, boot failures and hangs, stalls, external signals, spawn failures, reloads (also during a reload),
-scaling (also during a reload), time passing and shutdown. The master side is the real Supervisor and
-Dispatcher on a real asyncio loop (stepped by hand, its timers on a fake clock); the workers are fakes from
-tests/fakeworker.py on real SEQPACKET socketpairs and memfd ack boards. The invariants are the product's
-promises: one connection, one worker; no record for a reaped process; the pool converges to its target on the
-newest code once faults stop; a rolling reload never drains a worker before its replacement is ready, and says
-done only once every slot serves the newest generation asked for;
-shutdown is bounded by the graceful timeout and leaves nothing behind.
+scaling (also during a reload), time passing and shutdown, and keep-alive rebalancing: workers giving idle
+connections back (also just before a DRAIN or an upgrade), their clients sending the next request or closing
+while parked. The master side is the real Supervisor, Dispatcher and Parking on a real asyncio loop (stepped by
+hand, its timers on a fake clock); the workers are fakes from tests/fakeworker.py on real SEQPACKET socketpairs
+and memfd ack boards. The invariants are the product's promises: one connection, one place (a worker, a RETURN
+on its way, the master), one worker at a time; a returned connection comes back RESUMED with its client's
+address; no record for a reaped process; the pool converges to its target on the newest code once faults stop;
+a rolling reload never drains a worker before its replacement is ready, and says done only once every slot
+serves the newest generation asked for; shutdown is bounded by the graceful timeout and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -24,6 +27,7 @@ from hypothesis import Phase as HypothesisPhase
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from balancer import wire
 from balancer.master import TICK
 from balancer.process import Phase
 from tests.fakezygote import FakeZygote
@@ -143,6 +147,61 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
             fake.send(b"\xff")
         self.pump()
 
+    @rule(i=st.integers(0, 15), count=st.integers(1, 3), now=st.booleans(),
+          then=st.sampled_from(["idle", "idle", "request", "close"]))
+    @precondition(lambda self: not self.done)
+    @guarded
+    def give_back(self, i, count, now, then):
+        """A worker gives idle keep-alive connections back to the master (workers/rebalance.py): at once, or at its
+        next loop turn, before it reads what waits on its channel (a hand-off, a DRAIN); then their clients wait,
+        send their next request or close, maybe before the master has read the RETURN."""
+        fake = self.pick(i, lambda f: f.running and f.state == "ready" and f.conns)
+        if fake is None:
+            return
+        given = list(fake.conns)[:count]
+        if now:
+            given = given[:fake.give_back(count)]
+        else:
+            fake.give_back_next = count
+        for inode in given if then != "idle" else []:
+            conn = self.conns[inode]
+            try:
+                if then == "request":
+                    conn.client.send(b"GET /next HTTP/1.1\r\n\r\n")
+                    conn.sent += 1
+                else:
+                    conn.client.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self.pump()
+
+    @rule(i=st.integers(0, 63), parked=st.booleans(),
+          what=st.sampled_from(["request", "request", "request", "close", "half-close"]))
+    @precondition(lambda self: not self.done and self.conns)
+    @guarded
+    def client(self, i, parked, what):
+        """A client sends its next request on a connection (a parked one goes out again, RESUMED), or closes it
+        (a parked one is closed and counted ended)."""
+        conns = [c for c in self.conns.values() if not c.client_closed]
+        if parked:
+            watched = {os.fstat(fd).st_ino for fd in self.parking.parked}
+            conns = [c for inode, c in self.conns.items() if inode in watched and not c.client_closed] or conns
+        if not conns:
+            return
+        conn = conns[i % len(conns)]
+        try:
+            if what == "request":
+                conn.client.send(b"GET /next HTTP/1.1\r\n\r\n")
+                conn.sent += 1
+            elif what == "half-close":
+                conn.client.shutdown(socket.SHUT_WR)
+            else:
+                conn.client.close()
+                conn.client_closed = True
+        except OSError:
+            pass  # its server end is gone, or the buffer is full
+        self.pump()
+
     @rule(dt=st.sampled_from([0.05, TICK, 1.0, 2.0]), boots=st.booleans(),
           arrivals=st.lists(st.integers(1, 3), max_size=3))
     @precondition(lambda self: not self.done)
@@ -179,8 +238,18 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
     @guarded
     def upgrade(self):
         """SIGUSR2 or `balancer upgrade` (refused while a worker boots, and under --preload, as the real master
-        refuses it): the table crosses an exec as JSON."""
-        upgrade_pool(self)
+        refuses it): the table crosses an exec as JSON. Parked connections go to the workers at every turn of the
+        quiesce, none across the exec; the new image parks what is given back after it."""
+        self.release_parked()
+        self.upgrading = True
+        try:
+            upgraded = upgrade_pool(self)
+        finally:
+            self.upgrading = False
+        if upgraded:
+            assert not self.parking.parked, "parked connections crossed the exec"
+            self.parking.peers = self.dispatcher.peers  # the new image's dispatcher (one Parking: its counters go on)
+            self.sup.on_return = self._on_return
         self.pump()
 
     @rule()
@@ -206,6 +275,7 @@ class SupervisorModel(PoolModel, RuleBasedStateMachine):
             return
         self.check_table()
         self.check_connections()
+        self.check_parking()
         self.check_no_gap()
         self.check_reloads()
         self.check_monotonic()
@@ -433,4 +503,71 @@ def test_a_worker_whose_channel_ended_before_an_upgrade_gets_nothing_after_it():
         m.upgrade()
         m.promises()
         m.accept(sizes=[1])
+        m.promises()
+
+
+def served_now(m, inode: int) -> None:
+    """Every running worker reads its channel (acking what it was handed); the master's loop turns."""
+    for fake in m.live(lambda f: f.running and f.state == "ready"):
+        fake.read()
+    m.pump()
+
+
+def test_a_returned_connection_whose_client_sends_is_served_again_resumed_with_its_client():
+    """A worker gives a connection back, its client sends the next request: the master hands it out once, flagged
+    RESUMED with the address the RETURN carried, and one worker serves it; its peers entry goes with the ack."""
+    with model() as m:
+        m.accept(sizes=[2])
+        served_now(m, 0)
+        fake = m.pick(0, lambda f: f.conns)
+        inode = next(iter(fake.conns))
+        assert fake.give_back(1) == 1
+        m.pump()
+        assert m.conns[inode].served_by is None and len(m.parking.parked) == 1
+        m.promises()
+        m.conns[inode].client.send(b"GET /next HTTP/1.1\r\n\r\n")
+        m.pump()
+        assert not m.parking.parked and (m.parking.returned, m.parking.resumed) == (1, 1)
+        m.promises()
+        served_now(m, inode)
+        server = m.fakes[m.conns[inode].served_by]
+        assert server.last_handoff[inode][0] == socket.AF_UNIX | wire.RESUMED
+        assert server.last_handoff[inode][1] == m.conns[inode].peer
+        m.time_passes(dt=TICK, boots=False, arrivals=[])  # the tick collects the ack
+        m.promises()
+        assert not m.dispatcher.peers
+
+
+def test_a_connection_given_back_just_before_the_drain_is_closed_and_one_parked_is_served_first():
+    """One connection parked, another given back at the worker's next turn, which comes after the stop began: the
+    parked one is handed out before the DRAIN (and acked), the late one is closed by the draining master."""
+    with model() as m:
+        m.accept(sizes=[3])
+        served_now(m, 0)
+        fake = m.pick(0, lambda f: len(f.conns) >= 2)
+        parked, late = list(fake.conns)[:2]
+        assert fake.give_back(1) == 1
+        m.pump()
+        fake.give_back_next = 1
+        m.shut_down()
+        assert m.released == 1 and m.closed_at_stop == 1
+        assert m.conns[parked].served_by is not None and m.conns[late].closed_by_master == "returned during a stop"
+
+
+def test_a_parked_connection_idle_past_the_keepalive_timeout_is_closed_by_the_tick():
+    """Parked and silent: the master's tick closes it once --keepalive-timeout has passed, not before."""
+    with model() as m:
+        m.accept(sizes=[1])
+        served_now(m, 0)
+        fake = m.pick(0, lambda f: f.conns)
+        inode = next(iter(fake.conns))
+        assert fake.give_back(1) == 1
+        m.pump()
+        for _ in range(2):
+            m.time_passes(dt=2.0, boots=False, arrivals=[])
+        assert m.parking.parked and m.parking.expired == 0
+        m.promises()
+        m.time_passes(dt=2.0, boots=False, arrivals=[])
+        assert not m.parking.parked and m.parking.expired == 1
+        assert m.conns[inode].client.recv(1) == b""
         m.promises()

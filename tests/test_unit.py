@@ -212,7 +212,7 @@ def test_a_batch_is_shared_as_one_pick_at_a_time_would(case):
         for r in batch_routes:  # what each worker receives is what the master holds for it, fd for fd
             got_ids, got_files = [], []
             while (msg := wire.receive(r.peer)) is not None:
-                ids, _ = wire.decode_handoff(msg[0])
+                ids, _, _ = wire.decode_handoff(msg[0])
                 got_ids += ids
                 got_files += [os.fstat(fd).st_ino for fd in msg[1]]
                 received += msg[1]
@@ -492,7 +492,7 @@ def test_one_loop_chooser_for_master_and_workers(monkeypatch):
 
 def test_wire_codecs_roundtrip_and_reject_garbage():
     ids, fams = [1, 2, 4_000_000_000], [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX]
-    assert wire.decode_handoff(wire.encode_handoff(ids, fams)) == (ids, fams)
+    assert wire.decode_handoff(wire.encode_handoff(ids, fams)) == (ids, fams, [])
     assert wire.decode_refuse(wire.encode_refuse(ids)) == ids
     assert wire.decode_json(wire.encode_json(wire.BEAT, {"a": 1})) == {"a": 1}
     for bad in (b"H", wire.encode_handoff(ids, fams)[:-1], b"H\x05\x00"):

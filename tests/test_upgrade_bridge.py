@@ -50,7 +50,7 @@ class Pool:
         """Take in what reached one worker (its hand-off messages), without acknowledging."""
         while (msg := wire.receive(self.ends[slot])) not in (None, wire.END):
             payload, fds, _ = msg
-            ids, _ = wire.decode_handoff(payload)
+            ids, _, _ = wire.decode_handoff(payload)
             self.got[slot].update(zip(ids, fds))
             self.messages[slot] += 1
 

@@ -46,9 +46,10 @@ class Channel:
         self.sock = sock
         self.loop = loop
         self.board = ack_board  # the handled/refused word; read by the master (balancer/board.py)
-        self.serve = serve  # serve(fds, families): attach acked fds to aiohttp
+        self.serve = serve  # serve(fds, families, peers): attach acked fds to aiohttp
         self.on_drain = on_drain  # the master sent DRAIN
         self.on_gone = on_gone  # the master's end closed
+        self.on_peers = None  # on_peers(fds, first): the other ready workers' boards (workers/rebalance.py)
         self.handled = 0  # handoff messages handled: acked or refused
         self.refused = 0
         self.refusing = False  # set when the worker starts draining: every later handoff is refused
@@ -96,7 +97,7 @@ class Channel:
         if kind == wire.HANDOFF:
             self.handled += 1  # every handoff counts, so the master's numbering of them stays in step
             try:
-                ids, families = wire.decode_handoff(msg)
+                ids, families, peers = wire.decode_handoff(msg)
             except wire.ProtocolError:
                 self.publish()  # acked and closed: the master must not give these half-seen fds to anyone else
                 raise
@@ -109,13 +110,25 @@ class Channel:
                 self.publish()
                 return
             self.publish()  # the ack
-            self.serve(fds, families)
+            if peers:  # connections given back by a worker: their PROXY clients' addresses
+                self.serve(fds, families, peers)
+            else:
+                self.serve(fds, families)
         elif kind == wire.DRAIN:
             wire.close_all(fds)
             self.on_drain()
+        elif kind == wire.PEERS:
+            if self.on_peers is None or truncated or len(msg) != 2:
+                wire.close_all(fds)
+            else:
+                self.on_peers(fds, bool(msg[1]))
         else:
             wire.close_all(fds)
             raise wire.ProtocolError(f"unknown message type {kind:#x}")
+
+    def idle(self) -> bool:
+        """True when no report waits to go: a message sent now goes in order."""
+        return not self._outbox
 
     def publish(self) -> None:
         """Store the handled and refused counts on the board: the master's ack, one 8-byte store.
