@@ -140,6 +140,94 @@ def test_queued_counts_the_requests_received_behind_the_current_one():
     assert queued == [2, 1, 0]
 
 
+def test_idle_between_requests_is_true_only_while_start_waits_with_nothing_of_a_request_held():
+    """Keep-alive rebalancing moves a connection only when this says so (workers/rebalance.py)."""
+    seen = []
+
+    async def handler(request):
+        seen.append(("in handler", compat.idle_between_requests(request.protocol)))
+        return web.Response(text="i")
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        holder = {}
+
+        def make_cls(base):
+            class Noting(base):
+                __slots__ = ()
+
+                async def serve_request(self, request):
+                    holder["p"] = self
+                    return await handler(request)
+
+            return Noting
+
+        async with connected(app_with(), make_cls=make_cls, early=GET * 2) as client:
+            got = b""
+            while got.count(b"HTTP/1.1 ") < 2:
+                got += await asyncio.wait_for(loop.sock_recv(client, 65536), 10)
+            for _ in range(20):  # start() gets to its wait within a few turns
+                if compat.idle_between_requests(holder["p"]):
+                    break
+                await asyncio.sleep(0)
+            seen.append(("idle", compat.idle_between_requests(holder["p"])))
+            await loop.sock_sendall(client, GET[:10])  # part of a request: the parser holds it, a buffer does not
+            await asyncio.sleep(0.05)
+            seen.append(("partial", compat.idle_between_requests(holder["p"])))
+            await loop.sock_sendall(client, b"Connection: close\r\n" + GET[10:] )
+            await asyncio.wait_for(loop.sock_recv(client, 65536), 10)
+            seen.append(("closing", compat.idle_between_requests(holder["p"])))
+
+    asyncio.run(scenario())
+    # The first handler runs with the pipelined second queued; then idle; a partial request is not seen here
+    # (the C parser's own state), which is why the worker counts reads as well; a closing one is not idle.
+    assert seen[0] == ("in handler", False) and ("idle", True) in seen and seen[-1] == ("closing", False), seen
+
+
+def test_resumed_protocols_start_between_requests_and_proxied_ones_say_so():
+    async def scenario():
+        runner = web.AppRunner(app_with(), handle_signals=False, access_log=None)
+        await runner.setup()
+        cls = type("P", (compat.ServerProtocol,), {"__slots__": ()})
+        make = compat.protocol_factory(runner.server, asyncio.get_running_loop(), cls)
+        made = [make(), make(("192.0.2.1", 1)), make(None, True), make(("192.0.2.1", 1), True)]
+        await runner.cleanup()
+        return made
+
+    plain, proxied, resumed, both = asyncio.run(scenario())
+    assert [p.resumed for p in (plain, proxied, resumed, both)] == [False, False, True, True]
+    assert [p.from_proxy for p in (plain, proxied, resumed, both)] == [False, True, False, True]
+    assert proxied.peername == both.peername == ("192.0.2.1", 1)
+
+
+def test_a_resumed_connection_left_idle_closes_at_the_keepalive_timeout():
+    """A connection given back by another worker is between requests already: the keep-alive timer runs."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        runner = web.AppRunner(app_with(), handle_signals=False, access_log=None, keepalive_timeout=0.3)
+        await runner.setup()
+        cls = type("P", (compat.ServerProtocol,), {"__slots__": ()})
+        make = compat.protocol_factory(runner.server, loop, cls)
+        ends = []
+        for resume in (True, False):
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            theirs.setblocking(False)
+            await loop.connect_accepted_socket(lambda resume=resume: make(None, resume), ours)
+            ends.append(theirs)
+        started = loop.time()
+        assert await asyncio.wait_for(loop.sock_recv(ends[0], 100), 10) == b""
+        closed_after = loop.time() - started
+        with pytest.raises(asyncio.TimeoutError):  # a new one waits for its first request (the header deadline)
+            await asyncio.wait_for(loop.sock_recv(ends[1], 100), 0.5)
+        for end in ends:
+            end.close()
+        await runner.cleanup()
+        return closed_after
+
+    assert 0.2 <= asyncio.run(scenario()) < 3
+
+
 def test_the_keepalive_timer_spares_the_first_requests_headers_and_times_the_idle_after_it():
     """aiohttp's keep-alive timer runs from connection start; held off until the first response."""
     async def handler(request):

@@ -12,10 +12,10 @@ The hot path (each keep-alive request) pays nothing here: the per-request hooks 
 (protocol_factory), not looked up through a helper per request. A request's method and body stream come from
 the request factory's arguments, not from request properties (each one a Python call per request).
 
-Handing an idle keep-alive connection back to the master (keep-alive rebalancing) belongs here too, when it
-comes: pause the connection's reading (transport.pause_reading(), public), check that aiohttp holds no byte of
-a next request (the _messages queue, _message_tail and the parser's own buffer: internals, to be checked like
-the others), and detach the transport's socket without shutdown() (a FIN would end the client's connection).
+Handing an idle keep-alive connection back to the master (keep-alive rebalancing, workers/rebalance.py) reads
+internals too: whether start() waits for the next request with nothing of one held (idle_between_requests()),
+and that every byte read reaches the protocol through data_received() (not a buffered protocol's get_buffer),
+where the worker notes whether the parser may hold part of a request (the C parser's state is not readable).
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class ServerProtocol(RequestHandler):
     """
 
     __slots__ = ()
+    from_proxy = False  # its peer is the transport's; with_peer()'s classes say True
+    resumed = False  # a kept-alive connection another worker gave back (resumed()'s classes say True)
 
     def connection_made(self, transport) -> None:
         """aiohttp's, with its keep-alive timer held off until the first response.
@@ -66,7 +68,8 @@ class ServerProtocol(RequestHandler):
         public, does the same but cancels and re-arms the timer: 2% more instructions per connection.)
         """
         RequestHandler.connection_made(self, transport)
-        self._keepalive = False
+        # A resumed connection is between requests already: idle, it closes at the keep-alive timeout.
+        self._keepalive = self.resumed
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -86,26 +89,37 @@ def with_peer(cls: type) -> type:
     """cls, reporting a peer address set on it (the PROXY header's client) instead of the transport's."""
     # RequestHandler.peername is a cached property that each request reads (request.remote, the access log);
     # a slot of the same name in a subclass comes first, and holds the address given.
-    return type(f"{cls.__name__}WithPeer", (cls,), {"__slots__": ("peername",), "__doc__": with_peer.__doc__})
+    return type(f"{cls.__name__}WithPeer", (cls,), {"__slots__": ("peername",), "__doc__": with_peer.__doc__,
+                                                    "from_proxy": True})
 
 
-def protocol_factory(server: Server, loop, cls: type, request_factory=None):
+def resumed(cls: type) -> type:
+    """cls, for a kept-alive connection another worker gave back (keep-alive rebalancing)."""
+    return type(f"{cls.__name__}Resumed", (cls,), {"__slots__": (), "__doc__": resumed.__doc__, "resumed": True})
+
+
+def protocol_factory(server: Server, loop, cls: type, request_factory=None, resumed_wrap=None):
     """What makes each connection's protocol for aiohttp's Server: a cls, with the Server's handler options.
 
-    Called with no argument, the connection's peer is the transport's; with an address, that address (PROXY).
-    request_factory, when given, makes the connection's requests instead of the Server's.
+    Called with no argument, the connection's peer is the transport's; with an address, that address (PROXY);
+    resumed=True for a connection that served in another worker before (its class resumed_wrap(class), when
+    given). request_factory, when given, makes the connection's requests instead of the Server's.
     """
     # As aiohttp's Server.__call__ does, with the options the Server was given (there is no public way to give
     # Server a RequestHandler class); the Server stays the manager of each connection.
     options = server._kwargs
     peer_cls = with_peer(cls)
+    wrap = resumed_wrap or (lambda c: c)
+    classes = {(False, False): cls, (True, False): peer_cls, (False, True): wrap(resumed(cls)),
+               (True, True): wrap(resumed(peer_cls))}
 
-    def make_protocol(peername=None) -> ServerProtocol:
-        if peername is None:
+    def make_protocol(peername=None, resume: bool = False) -> ServerProtocol:
+        if peername is None and not resume:
             protocol = cls(server, loop=loop, **options)
         else:
-            protocol = peer_cls(server, loop=loop, **options)
-            protocol.peername = peername
+            protocol = classes[peername is not None, resume](server, loop=loop, **options)
+            if peername is not None:
+                protocol.peername = peername
         # Read by RequestHandler.start() for each request; aiohttp clears both when the connection is lost.
         protocol._request_handler = protocol.serve_request
         if request_factory is not None:
@@ -118,6 +132,17 @@ def protocol_factory(server: Server, loop, cls: type, request_factory=None):
 def queued(protocol: RequestHandler) -> int:
     """Requests received in full on this connection and waiting behind the one being handled."""
     return len(protocol._messages)
+
+
+def idle_between_requests(protocol: RequestHandler) -> bool:
+    """True when start() waits for the connection's next request, keep-alive, and aiohttp holds no part of one.
+
+    The parser's own partial bytes are not visible here: the caller knows from data_received() (rebalance.py).
+    """
+    waiter = protocol._waiter
+    return (waiter is not None and not waiter.done() and not protocol._messages and not protocol._message_tail
+            and protocol._keepalive and not protocol._force_close and not protocol._close
+            and protocol._payload_parser is None and not protocol._upgraded)
 
 
 # ---- request bodies -----------------------------------------------------------------------------
@@ -336,10 +361,25 @@ def _check_match_info() -> str | None:
     return None
 
 
+def _check_idle() -> str | None:
+    protocol = RequestHandler(Server(_probe_handler, loop=_ProbeLoop()), loop=_ProbeLoop())
+    for name, kind in (("_waiter", type(None)), ("_message_tail", bytes), ("_force_close", bool), ("_close", bool),
+                       ("_payload_parser", type(None)), ("_upgraded", bool)):
+        if not isinstance(getattr(protocol, name, 0), kind):
+            return f"RequestHandler no longer keeps {name} as the worker reads it"
+    if not _reads(RequestHandler.start, "_waiter", "_messages", "_force_close") or \
+            not _reads(RequestHandler.data_received, "_parser", "_messages", "_message_tail", "_payload_parser"):
+        return "RequestHandler.start() no longer waits on _waiter for the requests data_received() queues"
+    if hasattr(RequestHandler, "get_buffer") or hasattr(RequestHandler, "buffer_updated"):
+        return "RequestHandler is a buffered protocol: reads no longer all go through data_received()"
+    return None
+
+
 CHECKS = {
     "Server._kwargs": _check_server_options,
     "RequestHandler._request_handler/_request_factory": _check_request_hooks,
     "RequestHandler._messages": _check_queue,
+    "RequestHandler._waiter/_message_tail/_payload_parser": _check_idle,
     "RequestHandler._keepalive": _check_keepalive,
     "RequestHandler.log_access": _check_log_access,
     "RequestHandler.peername": _check_peername,

@@ -9,7 +9,7 @@ import os
 import socket
 import _socket
 
-from balancer import board
+from balancer import board, wire
 
 log = logging.getLogger("balancer.worker")
 
@@ -51,20 +51,27 @@ class Connections:
         """Count the handed-over fds open and wrap each (family known, so no getsockopt probing).
 
         An fd that cannot be wrapped is closed and counted closed at once: the master is told through the board.
+        A RESUMED family (a kept-alive connection another worker gave back) is wrapped as the family it flags.
         """
         self.open += len(fds)
         socks = []
         for fd, family in zip(fds, families):
             try:
-                socks.append(AcceptedSocket(family, socket.SOCK_STREAM, 0, fd))
+                socks.append(AcceptedSocket(family & ~wire.RESUMED, socket.SOCK_STREAM, 0, fd))
             except OSError:
                 os.close(fd)
                 self.count_closed()
         return socks
 
-    def serve(self, fds: list[int], families: list[int]) -> None:
-        """Wrap each fd and attach it to aiohttp's protocol."""
+    def serve(self, fds: list[int], families: list[int], peers=()) -> None:
+        """Wrap each fd and attach it to aiohttp's protocol (peers: PROXY clients of resumed ones, unused here)."""
         connect, server = self.loop.connect_accepted_socket, self.protocol_factory
+        if peers:  # some were given back by a worker: those resume as kept-alive connections
+            for fd, family in zip(fds, families):
+                factory = functools.partial(server, None, True) if family & wire.RESUMED else server
+                for sock in self.adopt([fd], [family]):
+                    self.drive(connect(factory, sock), sock)
+            return
         for sock in self.adopt(fds, families):
             self.drive(connect(server, sock), sock)
 

@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 
+from balancer import wire
 from balancer.tls import TLSError, context_from_settings
 from balancer.trusted import TrustedPeers
 from balancer_workers.connections import shutdown_quietly
@@ -57,11 +58,31 @@ class Edge:
             return None
         return cls(loop, connections, stats, settings, tls)
 
-    def serve(self, fds: list[int], families: list[int]) -> None:
+    def serve(self, fds: list[int], families: list[int], peers=()) -> None:
         """Like Connections.serve, with a PROXY header read from trusted peers and TLS before aiohttp."""
         deadline = self.loop.time() + self.timeout
+        if peers:
+            self.resume(fds, families, peers, deadline)
+            return
         for sock in self.connections.adopt(fds, families):
             if self.proxy and self._from_proxy(sock):
+                ProxyHeader(self, sock, deadline).start()
+            else:
+                self.attach(sock, deadline)
+
+    def resume(self, fds: list[int], families: list[int], peers: list[bytes], deadline: float) -> None:
+        """A batch with kept-alive connections another worker gave back: those come with their PROXY client's
+        address (no header again) and never get TLS (a TLS connection never moves: these were plain)."""
+        resumed = iter(peers)
+        for fd, family in zip(fds, families):
+            peer = next(resumed, b"") if family & wire.RESUMED else None
+            socks = self.connections.adopt([fd], [family])
+            if not socks:
+                continue  # closed and counted
+            sock = socks[0]
+            if peer is not None:
+                self.attach(sock, deadline, wire.unpack_peer(peer), resume=True)
+            elif self.proxy and self._from_proxy(sock):
                 ProxyHeader(self, sock, deadline).start()
             else:
                 self.attach(sock, deadline)
@@ -74,14 +95,15 @@ class Edge:
             return False  # gone already: attaching fails and counts it closed
         return self.trusted.peer_trusted(peer)
 
-    def attach(self, sock: socket.socket, deadline: float, address: tuple[str, int] | None = None) -> None:
+    def attach(self, sock: socket.socket, deadline: float, address: tuple[str, int] | None = None,
+               resume: bool = False) -> None:
         """Hand sock to aiohttp's protocol, through a TLS handshake bounded by what is left of the deadline."""
         server = self.connections.protocol_factory
         # With the PROXY header's client as the connection's peer: request.remote and the access log read it.
         # The transport still tells the real peer (the proxy): request.transport.get_extra_info("peername").
-        factory = server if address is None else functools.partial(server, address)
+        factory = server if address is None and not resume else functools.partial(server, address, resume)
         connect = self.loop.connect_accepted_socket
-        if self.tls is None:
+        if self.tls is None or resume:  # a resumed connection was plain: TLS ones never move
             self.connections.drive(connect(factory, sock), sock)
             return
         self.connections.drive(self._handshake(factory, sock, deadline), sock)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from time import perf_counter
 
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
 
+from balancer.board import CPU_NS
 from balancer_workers.aiohttp_compat import ServerProtocol, protocol_factory, queued
 from balancer_workers.connections import shutdown_quietly
+from balancer_workers.rebalance import MOVE_MIN_CPU_NS
 from balancer_workers.stats import BUCKET0, FIRST_BUCKET, begin, later_bucket, tally
 
 # Counted for a request whose handler never finished: its client went away, or the graceful deadline cut it.
@@ -55,11 +58,12 @@ class Observer:
         """
         self.draining = True
 
-    def protocol_factory(self, server, loop, handler=None, request_factory=None, connections=None):
+    def protocol_factory(self, server, loop, handler=None, request_factory=None, connections=None, mover=None):
         """What makes each connection's protocol: aiohttp's RequestHandler, observed, serving handler.
 
         handler defaults to the Server's (the Application's); request_factory to the Server's too. connections
-        (workers/connections.py), when given, is told of each connection that closes.
+        (workers/connections.py), when given, is told of each connection that closes. mover
+        (workers/rebalance.py), when given, may take an idle keep-alive connection back to the master.
         """
         inner = handler or server.request_handler
         make = request_factory or server.request_factory
@@ -71,6 +75,9 @@ class Observer:
         socks = connections.socks if connections is not None else {}
         count_closed = connections.count_closed if connections is not None else lambda: None
         made, lost = ServerProtocol.connection_made, RequestHandler.connection_lost
+        # Keep-alive rebalancing (workers/rebalance.py): offered each clean response while the gate is open.
+        after_response = mover.after_response if mover is not None else None
+        min_cpu = MOVE_MIN_CPU_NS
 
         unwatched = {}  # protocol -> the body stream of its request, until serve_request watches it
 
@@ -85,9 +92,11 @@ class Observer:
             return make(message, payload, protocol, writer, task)
 
         class ObservedRequestHandler(ServerProtocol):
-            __slots__ = ()
+            __slots__ = ("fed",)  # see movable()
+            tracks_reads = False  # movable()'s classes say True
 
             def connection_made(protocol, transport) -> None:
+                protocol.fed = 0
                 made(protocol, transport)  # aiohttp's keep-alive timer held off until the first response
                 deadlines[protocol] = time() + header_timeout  # its first request's headers: Limits.sweep
 
@@ -156,6 +165,19 @@ class Observer:
                     access.log(request, response, seconds)
                 if request_limit and stats.count >= request_limit:
                     observer.on_limit()
+                # Keep-alive rebalancing's gate first (rebalance.MOVE_MIN_CPU_NS): an app whose requests are cheap
+                # stops here, and its connections never pay for watching their reads.
+                if after_response is not None and words[CPU_NS] >= min_cpu:
+                    if protocol.tracks_reads:
+                        fed, protocol.fed = protocol.fed, 0
+                        if fed == 1 and begun is not None and begun[2] is EMPTY_PAYLOAD:
+                            after_response(protocol, response)
+                    elif protocol.transport is not None:  # watched from its next read on (not movable yet)
+                        protocol.__class__ = tracking(type(protocol))
+                        protocol.fed = 0
+                        # The transport calls the data_received it looked up when it got its protocol (uvloop
+                        # keeps the bound method): giving it the protocol again makes it look again.
+                        protocol.transport.set_protocol(protocol)
 
             def log_exception(protocol, *args, **kwargs) -> None:
                 """A handler failing because its client left (a body read cut off) is no server error."""
@@ -164,7 +186,11 @@ class Observer:
                     return
                 super().log_exception(*args, **kwargs)
 
-        return protocol_factory(server, loop, ObservedRequestHandler, make_request)
+        tracking = functools.lru_cache(maxsize=None)(movable)  # one watching twin per class, made once
+        # Resumed connections (given back by a worker) are watched from their first read: they moved because
+        # the gate was open.
+        return protocol_factory(server, loop, ObservedRequestHandler, make_request,
+                                resumed_wrap=tracking if mover is not None else None)
 
     def lost(self, protocol) -> None:
         """A connection closed: a request still running on it is counted as cut off."""
@@ -178,6 +204,29 @@ class Observer:
         """At the final report: count every request still without a response."""
         for protocol in list(self.started):
             self.lost(protocol)
+
+
+def movable(cls: type) -> type:
+    """cls, noting in fed whether its parser may hold part of a request (log_access() reads and resets it).
+
+    A connection's protocol becomes its class's twin (__class__, same layout) once its worker's requests pass
+    keep-alive rebalancing's gate: until then no read pays for the watching.
+
+    fed counts the reads since the last response: 1 means one read that ended with the blank line ending a
+    request's headers (nothing of a next request can be in the parser), 2 anything else. The C parser's own
+    state is not readable, so this is what tells a connection that may move (workers/rebalance.py).
+    """
+    received = cls.data_received
+
+    class Movable(cls):
+        __slots__ = ()
+        tracks_reads = True
+
+        def data_received(protocol, data: bytes) -> None:
+            protocol.fed = 1 if not protocol.fed and data[-4:] == b"\r\n\r\n" else 2
+            received(protocol, data)
+
+    return Movable
 
 
 def end_after(response, protocol) -> None:

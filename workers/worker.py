@@ -24,6 +24,7 @@ from balancer_workers.forwarded import ProxyHeaders
 from balancer_workers.heartbeat import Heartbeat
 from balancer_workers.limits import Limits
 from balancer_workers.observe import Observer
+from balancer_workers.rebalance import Mover
 from balancer_workers.stats import RequestStats
 from balancer_workers.tuning import tune_gc
 
@@ -68,6 +69,7 @@ class Worker:
         self.heartbeat = Heartbeat(self.loop, self.channel, self.stats, self.connections,
                                    settings.get("beat_interval", 1.0))
         self.stopped = self.loop.create_future()  # set when it is time to drain
+        self.mover: Mover | None = None  # gives idle keep-alive connections back (--keepalive-rebalance)
         self.runner: web.AppRunner | None = None
         self.limits = Limits(settings, self.stats, self.loop)  # header and body deadlines, body size, bad requests
         limit = settings.get("max_requests", 0)
@@ -106,6 +108,9 @@ class Worker:
         except Exception as exc:  # on_startup hooks are the user's code too
             log.debug("backend startup failed", exc_info=True)
             return self._boot_failed(f"backend startup failed: {type(exc).__name__}: {exc}")
+        if self.settings.get("keepalive_rebalance", True) and (edge is None or edge.tls is None):
+            self.mover = Mover(self.loop, self.channel, self.connections, self.observer.started)  # never TLS
+            self.channel.on_peers = self.mover.set_peers
         self._hook_server(self.runner.server, skip_router(backend) if backend.route else None)
         if edge is not None:  # PROXY header and TLS handshake before aiohttp; without them the plain path
             self.channel.serve = edge.serve
@@ -115,7 +120,8 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         if not c_parser_in_use():
             log.warning("aiohttp's C HTTP parser is not in use; the pure-Python parser is slower and laxer")
-        self.channel.send(wire.encode_json(wire.READY, {"pid": os.getpid(), "c_parser": c_parser_in_use()}))
+        self.channel.send(wire.encode_json(wire.READY, {"pid": os.getpid(), "c_parser": c_parser_in_use(),
+                                                        "peers": self.mover is not None}))
         self.heartbeat.start()
         self.limits.sweep()
         await self.stopped
@@ -143,7 +149,7 @@ class Worker:
             proxy = ProxyHeaders(self.settings["forwarded_allow_ips"], self.settings.get("forwarded_host", False))
             request_factory = proxy.wrap(server.request_factory)
         self.connections.protocol_factory = self.observer.protocol_factory(server, self.loop, dispatch, request_factory,
-                                                                 self.connections)
+                                                                 self.connections, self.mover)
 
     # ---- leaving -------------------------------------------------------------------------------
 
