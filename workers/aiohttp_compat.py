@@ -70,6 +70,11 @@ class ServerProtocol(RequestHandler):
         RequestHandler.connection_made(self, transport)
         # A resumed connection is between requests already: idle, it closes at the keep-alive timeout.
         self._keepalive = self.resumed
+        if self.resumed and self._keepalive_handle is None and self._keepalive_timeout:
+            # aiohttp before 3.14.5 arms the timer only after a response: without this, never.
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -289,6 +294,13 @@ def _check_keepalive() -> str | None:
             not _reads(RequestHandler.start, "_keepalive", "keep_alive"):
         return ("RequestHandler's keep-alive timer no longer heeds _keepalive, or start() no longer sets it from "
                 "each response")
+    # A resumed connection arms the timer itself where aiohttp does not at connection start (connection_made).
+    if getattr(protocol, "_keepalive_handle", 0) is not None or \
+            not isinstance(getattr(protocol, "_next_keepalive_close_time", None), float) or \
+            getattr(protocol, "_keepalive_timeout", None) != protocol.keepalive_timeout or \
+            not _reads(RequestHandler._process_keepalive, "_next_keepalive_close_time", "_keepalive_handle"):
+        return ("RequestHandler's keep-alive timer is no longer the _keepalive_handle that _process_keepalive() "
+                "re-arms for _next_keepalive_close_time")
     return None
 
 
