@@ -49,8 +49,6 @@ class Mover:
         self.channel = channel  # workers/channel.py: the master's end
         self.connections = connections  # workers/connections.py: our socket object of each connection
         self.started = started  # protocol -> its running request (workers/observe.py): the requests in hand
-        self.moved = 0  # connections given back
-        self.kept = 0  # chosen to move, then kept (a byte came, the channel was full, the response not sent)
 
     def after_response(self, protocol, response) -> None:
         """A response on a clean connection ended (log_access): pause its reading now if it should move."""
@@ -109,7 +107,6 @@ class Mover:
         # The master has its copy: ours go without a FIN (no shutdown(), and the master's fd keeps it open).
         del self.connections.socks[protocol]
         transport.abort()  # aiohttp's connection_lost: counted closed on the board, its start() ends
-        self.moved += 1
 
     def send(self, protocol, sock) -> bool:
         """Send the master a copy of the connection's fd (wire.RETURN); False if it did not go."""
@@ -130,6 +127,5 @@ class Mover:
 
     def _keep(self, transport) -> None:
         """The connection stays: read on."""
-        self.kept += 1
         if not transport.is_closing():
             transport.resume_reading()
