@@ -18,6 +18,15 @@ close-heavy traffic (they idle) but still add capacity for keep-alive requests, 
 master (C * 1e6 / wk), and for CPU-heavy handlers: a connection that brings W us of worker CPU moves the
 point to (m + W) / m. Nothing here runs a load; kernel and NIC costs beyond what loopback charges to the
 processes are left out, so the figures are upper bounds of the model, not capacities.
+
+Holding and moving connections cost the master too. From a run with the tail cells (CPU-bound mix, at its
+highest load, 85% of gunicorn's capacity by default; the newest such run unless --tail names one):
+  mh = master CPU per new connection under the tail mix (us), holds included (tail-close);
+  mk = master CPU per keep-alive request under the tail mix (us), parked connections and their moves to another
+       worker included (tail-keepalive); with balancer-sticky in the run, the same without rebalancing.
+The master then caps CPU-bound keep-alive traffic at 1e6 / mk requests/s, and close-heavy CPU-bound traffic at
+1e6 / mh connections/s; a worker's share of a move (giving the connection back, taking it as a new one) is in
+its CPU per request, which the model does not split out.
 """
 
 from __future__ import annotations
@@ -44,6 +53,43 @@ def inputs(data: dict) -> dict[str, float]:
     return {"m": median("hello-close", "leader_us_per_request"),
             "wc": median("hello-close", "worker_us_per_request"),
             "wk": median("hello-keepalive", "worker_us_per_request")}
+
+
+def tail_inputs(data: dict) -> dict[str, float]:
+    """mh, mk (and mk of balancer-sticky when it ran) in us, as medians of the most loaded tail cells."""
+    def median(system: str, family: str) -> float | None:
+        names = sorted((w["name"] for w in data["workloads"] if w["name"].startswith(family + "-")),
+                       key=lambda name: int(name.rsplit("-", 1)[1]))
+        if not names:
+            return None
+        vals = [c["leader_us_per_request"] for c in data["cells"] if c["system"] == system
+                and c["workload"] == names[-1] and c["ok"] and c.get("leader_us_per_request") is not None]
+        return statistics.median(vals) if vals else None
+    out = {"mh": median(SUBJECT, "tail-close"), "mk": median(SUBJECT, "tail-keepalive"),
+           "mk_sticky": median("balancer-sticky", "tail-keepalive")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def tail_lines(got: dict[str, float]) -> str:
+    """What holding and moving connections cost the master, and the ceilings that follow."""
+    lines = []
+    if "mh" in got:
+        lines.append(f"CPU-bound mix, new connection per request: mh = {got['mh']:.1f} us of master CPU per connection "
+                     f"(holds included): at most {1e6 / got['mh']:,.0f} connections/s from one master.")
+    if "mk" in got:
+        sticky = (f" (without rebalancing, balancer-sticky: {got['mk_sticky']:.1f} us)"
+                  if "mk_sticky" in got else "")
+        lines.append(f"CPU-bound mix, keep-alive: mk = {got['mk']:.1f} us of master CPU per request, parked "
+                     f"connections and moves included{sticky}: the master caps it at {1e6 / got['mk']:,.0f} req/s.")
+    return "\n".join(lines)
+
+
+def newest_tail_run() -> Path | None:
+    for path in sorted(RAW.glob("full-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        data = json.loads(path.read_text())
+        if SUBJECT in data["systems"] and any(w["name"].startswith("tail-") for w in data["workloads"]):
+            return path
+    return None
 
 
 def model(m: float, wc: float, wk: float, cores: int) -> dict[str, float | str]:
@@ -84,11 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
     parser.add_argument("raw", nargs="?", type=Path, help="a full run's raw JSON (default: the newest)")
     parser.add_argument("--cores", default="8,16,32,64")
+    parser.add_argument("--tail", type=Path, help="a full run's raw JSON with the tail cells (default: the newest)")
     opts = parser.parse_args(argv)
     path = opts.raw or newest_run()
     got = inputs(json.loads(path.read_text()))
     print(f"From {path}:\n")
     print(table(got["m"], got["wc"], got["wk"], [int(c) for c in opts.cores.split(",")]))
+    tail = opts.tail or newest_tail_run()
+    if tail is not None:
+        text = tail_lines(tail_inputs(json.loads(tail.read_text())))
+        if text:
+            print(f"\nHolding and moving connections, from {tail}:\n\n{text}")
     return 0
 
 

@@ -40,14 +40,15 @@ class Spec:
     def command(self, port: int, workers: int, tls_files: tuple[Path, Path] | None = None) -> list[str]:
         py = sys.executable
         tls = ["--certfile", str(tls_files[0]), "--keyfile", str(tls_files[1])] if self.tls else []
-        if self.name in ("balancer", "balancer-https", "balancer-bare", "balancer-base"):
+        if self.name in ("balancer", "balancer-https", "balancer-bare", "balancer-base", "balancer-sticky"):
             # Like with like: the Application every Python peer serves, and balancer's defaults (metrics on,
             # on a port of its own so that runs side by side do not collide). balancer-bare is an extra row:
             # the bare handler (no router) and no metrics endpoint, never the basis of a target.
             app, metrics = ("handler", "none") if self.name == "balancer-bare" else ("create_app", "127.0.0.1:0")
             return [py, "-m", "balancer", "--backend", f"bench.apps:{app}", "--app-dir", str(REPO),
                     "--workers", str(workers), "--bind", f"{HOST}:{port}", "--metrics-bind", metrics,
-                    "--control-socket", str(REPO / "bench" / "results" / "tmp" / f"balancer-{port}.sock"), *tls]
+                    "--control-socket", str(REPO / "bench" / "results" / "tmp" / f"balancer-{port}.sock"), *tls,
+                    *(["--no-keepalive-rebalance"] if self.name == "balancer-sticky" else [])]
         if self.name == "single":
             return [py, "-m", "bench.aiohttp_server", "--host", HOST, "--port", str(port)]
         if self.name == "reuseport":
@@ -71,6 +72,8 @@ SPECS = {s.name: s for s in [
          "same Application as every Python peer, fds handed over SCM_RIGHTS", ready_line="workers serving on"),
     Spec("balancer-bare", "master", "extra row, not a target basis: balancer serving the bare handler (no "
          "router) with --metrics-bind none", ready_line="workers serving on"),
+    Spec("balancer-sticky", "master", "extra row, not a target basis: balancer on its defaults but "
+         "--no-keepalive-rebalance (a kept-alive connection stays on its worker)", ready_line="workers serving on"),
     Spec("balancer-base", "master", "balancer at the --baseline revision (default main: least-connections "
          "dispatch), run like balancer", ready_line="workers serving on"),
     Spec("single", "server", "one aiohttp process (uvloop), web.run_app"),

@@ -81,11 +81,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     # The scaling model takes its inputs from this run's raw JSON.
     raw = re.search(r"raw (\S+\.json)", proc.stderr).group(1)
-    model = subprocess.run([sys.executable, "-m", "bench.scaling", raw, "--cores", "8,64"], cwd=REPO,
+    model = subprocess.run([sys.executable, "-m", "bench.scaling", raw, "--cores", "8,64", "--tail", raw], cwd=REPO,
                            capture_output=True, text=True, timeout=20)
     assert model.returncode == 0, model.stderr
     rows = re.findall(r"^\| (8|64) \| ([\d,]+) \| (master|CPU) \|", model.stdout, re.M)
     assert [r[0] for r in rows] == ["8", "64"] and all(int(r[1].replace(",", "")) > 0 for r in rows), model.stdout
+    # ... and what holding and moving connections cost the master, from the same run's tail cells
+    assert re.search(r"mh = [\d.]+ us of master CPU per connection", model.stdout), model.stdout
     os.unlink(raw)
 
 
