@@ -84,6 +84,7 @@ class MasterCommands:
                  ", ".join("--" + name.replace("_", "-") for name in applied))
         old, self.config = self.config, config
         self.supervisor.config = config
+        self.parking.idle_timeout = config.keepalive_timeout  # a parked connection idles as its worker would
         try:  # as gunicorn does on SIGHUP: the log options anew (the new workers get them too)
             setup_master_logging(config)
         except LogSetupError as exc:

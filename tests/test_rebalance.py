@@ -358,6 +358,26 @@ def test_the_master_closes_a_parked_connection_its_client_closed_or_left_idle_pa
             assert balanced(after), after
 
 
+def test_a_keepalive_timeout_changed_by_a_reload_applies_to_parked_connections(tmp_path):
+    """SIGHUP re-reads --keepalive-timeout: the master's parking closes idle connections at the new value."""
+    conf = tmp_path / "balancer.toml"
+    conf.write_text('backend = "rebalanceapp:handler"\nworkers = 2\nkeepalive_timeout = 30\n')
+    with Balancer("-c", str(conf)) as b:
+        conf.write_text('backend = "rebalanceapp:handler"\nworkers = 2\nkeepalive_timeout = 1\n')
+        mark = b.mark()
+        b.signal(signal.SIGHUP)
+        b.wait_for(r"reload applies from the config file: --keepalive-timeout", start=mark)
+        b.wait_for(r"rolling reload done", start=mark)
+        with Load(b.port) as load:
+            c, parked = park_some(b, load)
+            idle = time.monotonic()
+            for conn in parked:
+                assert conn.read() == ("", {}, ""), "a parked connection got something other than EOF"
+            assert time.monotonic() - idle < 1 + 2, "parked connections kept the old 30 s timeout"
+            after = wait_until(lambda: none_parked(b), 5, "no connection parked")
+            assert after["expired"] - c["expired"] == len(parked), (c, after)
+
+
 def test_a_request_on_a_parked_connection_right_after_sigterm_is_answered():
     """SIGTERM with connections parked: their next requests answered, idle ones closed, the master exits 0 in time."""
     with Balancer(*APP, "--keepalive-timeout", "2") as b, Load(b.port) as load:
