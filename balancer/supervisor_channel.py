@@ -67,17 +67,20 @@ class WorkerChannels:
         """Send each ready worker that rebalances the boards of the other ready ones, when that set changed.
 
         With them a busy worker sees whether another is free before it gives a connection back
-        (workers/rebalance.py): a free worker's STARTED equals its FINISHED, no message needed.
+        (workers/rebalance.py): a free worker's STARTED equals its FINISHED, no message needed. While a ready
+        worker does not rebalance (one of an older release, kept by an in-place upgrade), every worker is told
+        none: a connection given back could be handed to that one, which cannot read a resumed hand-off.
         """
         ready = [w for w in self.records() if w.phase is Phase.READY and w.board_fd >= 0]
-        key = tuple(w.pid for w in ready)
+        key = tuple(w.pid for w in ready)  # a worker's rebalances is set as it turns ready
         if key == self._peers_told:
             return
         self._peers_told = key
+        everyone = all(w.rebalances for w in ready)
         for w in ready:
             if not w.rebalances or w.channel.fileno() < 0:
                 continue
-            fds = [other.board_fd for other in ready if other is not w]
+            fds = [other.board_fd for other in ready if other is not w] if everyone else []
             for at in range(0, max(len(fds), 1), wire.MAX_FDS_PER_MSG):
                 try:
                     wire.send_fds(w.channel, bytes((wire.PEERS, at == 0)), fds[at:at + wire.MAX_FDS_PER_MSG])

@@ -20,6 +20,7 @@ from balancer import board, parking, wire
 from balancer.config import Config
 from balancer.dispatch import Dispatcher, Link
 from balancer.parking import Parking
+from balancer.process import Phase
 from balancer.supervisor import Supervisor
 from tests.fakeworker import make_worker
 
@@ -383,6 +384,55 @@ def test_a_return_whose_fd_did_not_make_it_is_ignored(channel):
     worker_end.send(wire.encode_return(socket.AF_UNIX, PEER))
     assert sup._read_channel(record) is True
     assert not returns and record.link.returned == 0 and not record.proc.worker.signals
+
+
+def told(fake) -> list[int] | None:
+    """The number of boards in each PEERS message waiting for this fake worker (None: no message); fds closed."""
+    got = []
+    while True:
+        try:
+            msg, fds, _ = wire.recv_message(fake.sock)
+        except BlockingIOError:
+            return got or None
+        wire.close_all(fds)
+        assert msg[:1] == bytes((wire.PEERS,)), msg
+        got.append(len(fds))
+
+
+def test_peers_are_told_only_while_every_ready_worker_takes_a_resumed_handoff():
+    """Each rebalancing worker gets the other ready workers' boards; while one ready worker cannot read a resumed
+    hand-off (an older release's, kept by an in-place upgrade) every worker gets none, so none gives a connection
+    back that could be handed to it; once that one drains, the boards go out."""
+    loop = asyncio.new_event_loop()
+
+    async def make():
+        sup = Supervisor(Config(workers=3), Dispatcher(8), lambda: None, spawn=None)
+        return sup, [make_worker(slot, 0, 1000 + slot, 0.0, lambda fake, inodes: None) for slot in range(3)]
+
+    sup, made = loop.run_until_complete(make())
+    try:
+        for record, _ in made:
+            record.phase, record.rebalances = Phase.READY, True
+            sup.table[record.pid] = record
+        (_, fake0), (_, fake1), (old, old_fake) = made
+        old.rebalances = False
+        sup.tell_peers()
+        assert (told(fake0), told(fake1), told(old_fake)) == ([0], [0], None)
+        sup.tell_peers()  # nothing changed: nothing sent again
+        assert (told(fake0), told(fake1)) == (None, None)
+        old.phase = Phase.DRAINING
+        sup.tell_peers()
+        assert (told(fake0), told(fake1), told(old_fake)) == ([1], [1], None)
+        old.phase, old.rebalances = Phase.READY, True  # every ready one rebalances: each gets the two others'
+        sup.tell_peers()
+        assert (told(fake0), told(fake1), told(old_fake)) == ([2], [2], [2])
+    finally:
+        for record, fake in made:
+            fake.release()
+            record.channel.close()
+            os.close(record.exit_fd)
+            os.close(record.board_fd)
+        loop.close()
 
 
 # ---- the dispatcher carrying a resumed connection's client address ---------------------------------------------
