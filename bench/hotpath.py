@@ -63,7 +63,7 @@ async def serve(variant: str, connections: int, per_connection: int, sequential:
         from balancer_workers.rebalance import Mover
 
         observe.MOVE_MIN_CPU_NS = 1 << 62
-        mover = Mover(loop, None, None, observer.started)
+        mover = Mover(loop, None, None, observer.started, observer.arrived)
         factory = observer.protocol_factory(server, loop, request_factory=server.request_factory, mover=mover)
     for _ in range(connections):
         ours, theirs = socket.socketpair()

@@ -47,6 +47,10 @@ class Observer:
         # request; its size is the in-flight gauge. perf_counter, not aiohttp's loop.time(): uvloop's clock
         # has millisecond resolution.
         self.started = stats.started
+        # Connections whose next request's headers have arrived and not begun (watched ones only: movable()).
+        # Python 3.12+ runs each handler eagerly as its request begins, so a CPU-bound one ends before the
+        # requests read beside it begin: started alone would not show them waiting (workers/rebalance.py).
+        self.arrived: set = set()
 
     def drain(self) -> None:
         """From now on each connection ends after the response to the last request it has sent in full.
@@ -67,7 +71,7 @@ class Observer:
         """
         inner = handler or server.request_handler
         make = request_factory or server.request_factory
-        observer, started, stats, limits = self, self.started, self.stats, self.limits
+        observer, started, arrived, stats, limits = self, self.started, self.arrived, self.stats, self.limits
         deadlines, header_timeout, time = limits.deadlines, limits.header_timeout, loop.time
         watch_body, release_body = limits.watch_body, limits.release_body
         request_lost, access, request_limit = self.lost, self.access, self.request_limit
@@ -87,6 +91,8 @@ class Observer:
             # request); begin(): perf_counter(), the start counted on the board, as a first one if it was.
             first = deadlines.pop(protocol, None) if deadlines else None
             started[protocol] = (begin(words, first), message.method, payload)
+            if arrived:
+                arrived.discard(protocol)
             if payload is not EMPTY_PAYLOAD:
                 unwatched[protocol] = payload
             return make(message, payload, protocol, writer, task)
@@ -109,6 +115,7 @@ class Observer:
                     shutdown_quietly(sock)
                 lost(protocol, exc)
                 deadlines.pop(protocol, None)
+                arrived.discard(protocol)
                 unwatched.pop(protocol, None)
                 request_lost(protocol)
                 count_closed()
@@ -186,7 +193,7 @@ class Observer:
                     return
                 super().log_exception(*args, **kwargs)
 
-        tracking = functools.lru_cache(maxsize=None)(movable)  # one watching twin per class, made once
+        tracking = functools.lru_cache(maxsize=None)(lambda cls: movable(cls, arrived))  # one twin per class
         # Resumed connections (given back by a worker) are watched from their first read: they moved because
         # the gate was open.
         return protocol_factory(server, loop, ObservedRequestHandler, make_request,
@@ -206,7 +213,7 @@ class Observer:
             self.lost(protocol)
 
 
-def movable(cls: type) -> type:
+def movable(cls: type, arrived: set) -> type:
     """cls, noting in fed whether its parser may hold part of a request (log_access() reads and resets it).
 
     A connection's protocol becomes its class's twin (__class__, same layout) once its worker's requests pass
@@ -214,7 +221,8 @@ def movable(cls: type) -> type:
 
     fed counts the reads since the last response: 1 means one read that ended with the blank line ending a
     request's headers (nothing of a next request can be in the parser), 2 anything else. The C parser's own
-    state is not readable, so this is what tells a connection that may move (workers/rebalance.py).
+    state is not readable, so this is what tells a connection that may move (workers/rebalance.py). A read
+    ending with that blank line also puts the connection in arrived until its request begins.
     """
     received = cls.data_received
 
@@ -223,7 +231,11 @@ def movable(cls: type) -> type:
         tracks_reads = True
 
         def data_received(protocol, data: bytes) -> None:
-            protocol.fed = 1 if not protocol.fed and data[-4:] == b"\r\n\r\n" else 2
+            if data[-4:] == b"\r\n\r\n":
+                protocol.fed = 2 if protocol.fed else 1
+                arrived.add(protocol)
+            else:
+                protocol.fed = 2
             received(protocol, data)
 
     return Movable

@@ -43,22 +43,23 @@ MOVE_MIN_CPU_NS = int(HOLD_MIN_SERVICE * 1e9)
 class Mover:
     """Gives idle keep-alive connections back to the master when the move pays; counts them."""
 
-    def __init__(self, loop, channel, connections, started: dict) -> None:
+    def __init__(self, loop, channel, connections, started: dict, arrived: set) -> None:
         self.loop = loop
         self.peers: list[memoryview] = []  # the other ready workers' boards (wire.PEERS), read-only
         self.channel = channel  # workers/channel.py: the master's end
         self.connections = connections  # workers/connections.py: our socket object of each connection
         self.started = started  # protocol -> its running request (workers/observe.py): the requests in hand
+        self.arrived = arrived  # connections whose next request arrived and has not begun (workers/observe.py)
 
     def after_response(self, protocol, response) -> None:
         """A response on a clean connection ended (log_access): pause its reading now if it should move."""
         if not response.keep_alive or queued(protocol) or self.channel.refusing or self.channel.gone:
             return
-        # Only while other requests are in hand here (its next request would wait for them) and another worker
-        # is free now (it would not wait there). Moving whenever this worker is busy puts moved requests behind
-        # the ones that stayed (the master gives them to a free worker only); moving every connection costs
-        # each request a move (bench/keepalive_model.py shows both).
-        if not self.started or not self.peer_free():
+        # Only while other requests are in hand or arrived here (its next request would wait for them) and
+        # another worker is free now (it would not wait there). Moving whenever this worker is busy puts moved
+        # requests behind the ones that stayed (the master gives them to a free worker only); moving every
+        # connection costs each request a move (bench/keepalive_model.py shows both).
+        if not (self.started or self.arrived) or not self.peer_free():
             return
         transport = protocol.transport
         if transport is None or transport.is_closing():

@@ -109,7 +109,8 @@ class Worker:
             log.debug("backend startup failed", exc_info=True)
             return self._boot_failed(f"backend startup failed: {type(exc).__name__}: {exc}")
         if self.settings.get("keepalive_rebalance", True) and (edge is None or edge.tls is None):
-            self.mover = Mover(self.loop, self.channel, self.connections, self.observer.started)  # never TLS
+            self.mover = Mover(self.loop, self.channel, self.connections, self.observer.started,
+                               self.observer.arrived)  # never TLS
             self.channel.on_peers = self.mover.set_peers
         self._hook_server(self.runner.server, skip_router(backend) if backend.route else None)
         if edge is not None:  # PROXY header and TLS handshake before aiohttp; without them the plain path
