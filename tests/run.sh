@@ -40,7 +40,7 @@ print(platform.python_version(), aiohttp.__version__, os.path.realpath(sys.execu
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/balancer"
 worker_tests=()
 for f in test_protocol test_integration test_abuse test_limits test_worker_runtime test_tls test_proxy_protocol \
-         test_forwarded test_tuning test_aiohttp_compat; do
+         test_forwarded test_tuning test_aiohttp_compat test_rebalance; do
     [ -f "tests/$f.py" ] && worker_tests+=("tests/$f.py")
 done
 
