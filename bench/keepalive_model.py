@@ -42,23 +42,13 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import random
 from collections import deque
 
-SHORT, LONG, SHARE_LONG = 0.65e-3, 10.15e-3, 0.05
+from bench.dispatch_model import LONG, SHARE_LONG, SHORT, arrivals, percentiles
+
 WORKERS, POOL = 2, 16
 WAKE = 50e-6  # a held request reaches the worker that went free this long after (IDLE, wake-up, hand-off)
 LONG_AFTER = 5 * SHORT  # 5x the median service time
-
-
-def arrivals(rate: float, n: int, seed: int) -> list[tuple[float, float]]:
-    """(arrival time, service time) for n requests, Poisson arrivals, service times from the tail mix."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        out.append((t, LONG if rng.random() < SHARE_LONG else SHORT))
-    return out
 
 
 def never(queued: int, service: float, free: int) -> bool:
@@ -163,13 +153,6 @@ def simulate(reqs, park, move: float = 0.0, wake: float = WAKE, central: bool = 
             else:
                 queues[w].append((k, c))
     return lat, moved, other
-
-
-def percentiles(latencies: list[float], reqs) -> str:
-    """The short requests' p50, p99 and p99.9, ms."""
-    short = sorted(lat for lat, (_, s) in zip(latencies, reqs) if s < LONG)
-    at = lambda p: short[min(len(short) - 1, int(p / 100 * len(short)))] * 1e3  # noqa: E731
-    return f"{at(50):.2f} {at(99):.2f} {at(99.9):.2f}"
 
 
 def main() -> None:
