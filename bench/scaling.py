@@ -42,11 +42,16 @@ from bench.report import SUBJECT
 RAW = Path(__file__).resolve().parent / "results" / "tmp"
 
 
+def cell_values(data: dict, system: str, workload: str, key: str) -> list[float]:
+    """key of every ok cell of system under workload that has it."""
+    return [c[key] for c in data["cells"] if c["system"] == system and c["workload"] == workload
+            and c["ok"] and c.get(key) is not None]
+
+
 def inputs(data: dict) -> dict[str, float]:
     """m, wc, wk (us) as medians of the subject's ok cells."""
     def median(workload: str, key: str) -> float:
-        vals = [c[key] for c in data["cells"] if c["system"] == SUBJECT and c["workload"] == workload
-                and c["ok"] and c.get(key) is not None]
+        vals = cell_values(data, SUBJECT, workload, key)
         if not vals:
             raise SystemExit(f"bench.scaling: no {SUBJECT} {workload} cells with {key} in this run")
         return statistics.median(vals)
@@ -62,8 +67,7 @@ def tail_inputs(data: dict) -> dict[str, float]:
                        key=lambda name: int(name.rsplit("-", 1)[1]))
         if not names:
             return None
-        vals = [c["leader_us_per_request"] for c in data["cells"] if c["system"] == system
-                and c["workload"] == names[-1] and c["ok"] and c.get("leader_us_per_request") is not None]
+        vals = cell_values(data, system, names[-1], "leader_us_per_request")
         return statistics.median(vals) if vals else None
     out = {"mh": median(SUBJECT, "tail-close"), "mk": median(SUBJECT, "tail-keepalive"),
            "mk_sticky": median("balancer-sticky", "tail-keepalive")}
@@ -85,11 +89,8 @@ def tail_lines(got: dict[str, float]) -> str:
 
 
 def newest_tail_run() -> Path | None:
-    for path in sorted(RAW.glob("full-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        data = json.loads(path.read_text())
-        if SUBJECT in data["systems"] and any(w["name"].startswith("tail-") for w in data["workloads"]):
-            return path
-    return None
+    """The newest full run of the subject with tail cells, if any."""
+    return newest_with(lambda names: any(name.startswith("tail-") for name in names))
 
 
 def model(m: float, wc: float, wk: float, cores: int) -> dict[str, float | str]:
@@ -117,13 +118,21 @@ def table(m: float, wc: float, wk: float, cores: list[int]) -> str:
     return "\n".join(lines)
 
 
-def newest_run() -> Path:
-    runs = sorted(RAW.glob("full-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in runs:
+def newest_with(wanted) -> Path | None:
+    """The newest full run of the subject whose workload names wanted() accepts, if any."""
+    for path in sorted(RAW.glob("full-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         data = json.loads(path.read_text())
-        if SUBJECT in data["systems"] and {"hello-close", "hello-keepalive"} <= {w["name"] for w in data["workloads"]}:
+        if SUBJECT in data["systems"] and wanted({w["name"] for w in data["workloads"]}):
             return path
-    raise SystemExit(f"bench.scaling: no full run with {SUBJECT} hello-close and hello-keepalive in {RAW}")
+    return None
+
+
+def newest_run() -> Path:
+    """The newest full run of the subject with hello-close and hello-keepalive."""
+    path = newest_with(lambda names: {"hello-close", "hello-keepalive"} <= names)
+    if path is None:
+        raise SystemExit(f"bench.scaling: no full run with {SUBJECT} hello-close and hello-keepalive in {RAW}")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
